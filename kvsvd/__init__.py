@@ -1,0 +1,10 @@
+"""kvsvd: fast, measurable, reproducible SVD-based KV-cache compression."""
+
+from .orth import ORTH_METHODS, orthonormalise
+from .rsvd import (QR_METHODS, SVD_METHODS, full_svd, get_svd, lowrank_svd, optimal_error, rsvd,
+                   truncation_error)
+from .timing import StageTimer
+
+__all__ = ["rsvd", "full_svd", "lowrank_svd", "get_svd", "SVD_METHODS", "QR_METHODS", "ORTH_METHODS",
+           "orthonormalise", "StageTimer", "truncation_error", "optimal_error"]
+__version__ = "0.1.0"

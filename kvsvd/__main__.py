@@ -1,0 +1,34 @@
+"""Command line: ``python -m kvsvd bench kernels [--profile cpu|gpu|smoke] [--device ...] [--out ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvsvd")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="run a benchmark")
+    bench_sub = bench.add_subparsers(dest="which", required=True)
+    kern = bench_sub.add_parser("kernels", help="SVD kernels side by side on KV-shaped matrices")
+    kern.add_argument("--profile", default=None, help="smoke, cpu or gpu (default: gpu on CUDA, else cpu)")
+    kern.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    kern.add_argument("--out", default=None, help="output folder (default: results/kernels or results/gpu/kernels)")
+    kern.add_argument("--repeats", type=int, default=None, help="timed calls per method (after one warm-up)")
+    kern.add_argument("--force", action="store_true", help="recompute configurations already on disk")
+    args = parser.parse_args(argv)
+
+    import torch
+    from .bench import kernels
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    profile = args.profile or ("gpu" if device.startswith("cuda") else "cpu")
+    out = args.out or ("results/gpu/kernels" if device.startswith("cuda") else "results/kernels")
+    results = kernels.run(profile, device, out, force=args.force, repeats=args.repeats)
+    print(kernels.ratio_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Shared fixtures: matrices with controlled spectra, and the tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def controlled(m: int, n: int, singular_values: torch.Tensor, seed: int = 0,
+               dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A (m, n) matrix with the given singular values and Haar-random singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    return ((U * singular_values.double()) @ V.mT).to(dtype)
+
+
+def decaying(m: int, n: int, decay: float = 1.0, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    k = min(m, n)
+    return controlled(m, n, torch.arange(1, k + 1, dtype=torch.float64).pow(-decay), seed, dtype)
+
+
+def conditioned(m: int, n: int, kappa: float, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    """Geometrically spaced singular values from 1 to 1/kappa."""
+    k = min(m, n)
+    return controlled(m, n, torch.logspace(0, -torch.log10(torch.tensor(kappa)).item(), k, dtype=torch.float64),
+                      seed, dtype)
+
+
+def orth_error(U: torch.Tensor) -> float:
+    """max |UᵀU − I| in float64."""
+    U = U.double()
+    return float((U.mT @ U - torch.eye(U.shape[-1], dtype=torch.float64)).abs().max())
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    """A 4-layer random Llama (GQA, 2 KV heads × 16) for tests where any weights will do."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval()

@@ -1,0 +1,186 @@
+"""kvsvd.rsvd and the baselines: accuracy vs the Eckart–Young optimum, orthogonality, shapes,
+determinism, every qr method, and every bad input."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import kvsvd
+from kvsvd.rsvd import QR_METHODS, gram_path_is_cheaper
+from conftest import conditioned, decaying, orth_error
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+STABLE_QR = ["auto", "gram", "householder", "cholqr2", "shifted_cholqr3", "adaptive_cholqr", "cholqr_v2", "cholqr_v3"]
+
+
+def rel_excess(A, U, S, Vh, rank):
+    return float(kvsvd.truncation_error(A, U, S, Vh) / kvsvd.optimal_error(A, rank)) - 1.0
+
+
+@SETTINGS
+@given(m=st.integers(8, 120), n=st.integers(8, 120), frac=st.floats(0.05, 0.6),
+       decay=st.floats(1.0, 2.5), seed=st.integers(0, 2**16))
+def test_rsvd_is_near_optimal_on_decaying_spectra(m, n, frac, decay, seed):
+    A = decaying(m, n, decay, seed)
+    rank = max(1, int(frac * min(m, n)))
+    U, S, Vh = kvsvd.rsvd(A, rank, n_iter=2, generator=torch.Generator().manual_seed(seed))
+    assert U.shape == (m, rank) and S.shape == (rank,) and Vh.shape == (rank, n)
+    assert S.dtype == torch.float32 and U.dtype == A.dtype
+    assert rel_excess(A, U, S, Vh, rank) < 0.05
+    assert orth_error(U) < 1e-4 and orth_error(Vh.mT) < 1e-4
+    assert torch.all(S[:-1] >= S[1:])
+
+
+@SETTINGS
+@given(m=st.integers(4, 80), n=st.integers(4, 80), seed=st.integers(0, 2**16))
+def test_gram_path_is_exact(m, n, seed):
+    A = decaying(m, n, 0.5, seed)
+    rank = max(1, min(m, n) // 3)
+    U, S, Vh = kvsvd.rsvd(A, rank, qr="gram")
+    s_exact = torch.linalg.svdvals(A.double())[:rank]
+    assert torch.allclose(S.double(), s_exact, rtol=1e-4, atol=1e-6)
+    assert rel_excess(A, U, S, Vh, rank) < 1e-4
+
+
+@pytest.mark.parametrize("qr", [q for q in QR_METHODS if q not in ("cholqr_v1", "cholqr_v4")])
+def test_every_qr_method_runs_and_is_accurate_on_a_kv_like_matrix(qr):
+    A = decaying(300, 48, 1.2)
+    U, S, Vh = kvsvd.rsvd(A, 12, qr=qr, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()
+    assert rel_excess(A, U, S, Vh, 12) < 0.02
+
+
+@pytest.mark.parametrize("qr, worse_than", [("cholqr_v1", 0.3), ("cholqr_v4", 0.03)])
+def test_bf16_gram_legacy_variants_lose_the_subspace_at_n_iter_2(qr, worse_than):
+    """The failure behind the legacy kernels' RULER collapse at niter=2, on a KV-like spectrum."""
+    A = decaying(300, 48, 1.2)
+    U, S, Vh = kvsvd.rsvd(A, 12, qr=qr, n_iter=2, generator=torch.Generator().manual_seed(1))
+    assert torch.isfinite(U).all()
+    assert rel_excess(A, U, S, Vh, 12) > worse_than
+    exact = kvsvd.rsvd(A, 12, qr="gram")
+    assert rel_excess(A, *exact, 12) < 1e-4
+
+
+def test_batch_dims_and_wide_inputs():
+    A = torch.stack([torch.stack([decaying(40, 90, 1.5, seed=i + 3 * j) for i in range(3)]) for j in range(2)])
+    U, S, Vh = kvsvd.rsvd(A, 5, generator=torch.Generator().manual_seed(0))
+    assert U.shape == (2, 3, 40, 5) and S.shape == (2, 3, 5) and Vh.shape == (2, 3, 5, 90)
+    for j in range(2):
+        for i in range(3):
+            assert rel_excess(A[j, i], U[j, i], S[j, i], Vh[j, i], 5) < 0.02
+
+
+def test_full_rank_reconstructs():
+    A = torch.randn(30, 20)
+    for fn in (kvsvd.rsvd, kvsvd.full_svd, kvsvd.lowrank_svd):
+        U, S, Vh = fn(A, 20)
+        assert torch.allclose((U * S) @ Vh, A, atol=1e-4)
+
+
+def test_generator_makes_it_deterministic():
+    A = decaying(200, 64, 0.8)
+    r1 = kvsvd.rsvd(A, 10, qr="householder", generator=torch.Generator().manual_seed(7))
+    r2 = kvsvd.rsvd(A, 10, qr="householder", generator=torch.Generator().manual_seed(7))
+    r3 = kvsvd.rsvd(A, 10, qr="householder", generator=torch.Generator().manual_seed(8))
+    assert all(torch.equal(a, b) for a, b in zip(r1, r2))
+    assert not torch.equal(r1[0], r3[0])
+    l1 = kvsvd.lowrank_svd(A, 10, generator=torch.Generator().manual_seed(7))
+    l2 = kvsvd.lowrank_svd(A, 10, generator=torch.Generator().manual_seed(7))
+    assert all(torch.equal(a, b) for a, b in zip(l1, l2))
+
+
+def test_baselines_share_the_return_convention():
+    A = decaying(100, 30, 1.0)
+    for name, fn in kvsvd.SVD_METHODS.items():
+        U, S, Vh = fn(A, 7, n_iter=3, oversample=4)
+        assert (U.shape, S.shape, Vh.shape) == ((100, 7), (7,), (7, 30)), name
+        assert rel_excess(A, U, S, Vh, 7) < 0.02, name
+    assert kvsvd.get_svd("full_svd") is kvsvd.full_svd
+    with pytest.raises(ValueError, match="svd method 'eig'"):
+        kvsvd.get_svd("eig")
+
+
+def test_bf16_compute_keeps_an_fp32_core():
+    A = decaying(256, 64, 1.0)
+    U, S, Vh = kvsvd.rsvd(A, 16, compute_dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    assert S.dtype == torch.float32 and U.dtype == torch.float32
+    assert rel_excess(A, U, S, Vh, 16) < 0.02
+    Ub, Sb, Vhb = kvsvd.rsvd(A.bfloat16(), 16)
+    assert Ub.dtype == torch.bfloat16 and Sb.dtype == torch.float32
+
+
+def test_float64_input_stays_float64():
+    U, S, Vh = kvsvd.rsvd(decaying(60, 20, 1.0, dtype=torch.float64), 5)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float64
+
+
+def test_timer_reports_every_stage():
+    timer = kvsvd.StageTimer()
+    kvsvd.rsvd(decaying(500, 64, 1.0), 8, qr="householder", timer=timer)
+    bd = timer.breakdown_ms()
+    assert list(bd) == ["preparation", "projection", "power_iteration", "final_qr", "small_svd_fp32", "lift"]
+    assert all(v >= 0 for v in bd.values()) and timer.total_ms() > 0
+
+
+def test_cost_model_matches_the_textbook_rule_without_eigh_and_picks_gram_for_narrow_matrices():
+    assert gram_path_is_cheaper(8192, 192, 32, 8, 2)
+    assert not gram_path_is_cheaper(8192, 1536, 32, 8, 2)
+    assert gram_path_is_cheaper(65536, 512, 256, 8, 2)
+
+
+# --- degenerate and ill-conditioned inputs --------------------------------------------------
+
+@pytest.mark.parametrize("qr", ["auto", "gram", "householder", "shifted_cholqr3", "adaptive_cholqr"])
+@pytest.mark.parametrize("case", ["zero", "rank_deficient", "kappa_1e12"])
+def test_stable_methods_survive_degenerate_inputs(qr, case):
+    if case == "zero":
+        A = torch.zeros(120, 40)
+    elif case == "rank_deficient":
+        A = torch.randn(120, 3) @ torch.randn(3, 40)
+    else:
+        A = conditioned(120, 40, 1e12)
+    U, S, Vh = kvsvd.rsvd(A, 10, qr=qr, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(Vh).all()
+    assert orth_error(U) < 1e-4 and orth_error(Vh.mT) < 1e-4
+    scale = 1 + float(torch.linalg.matrix_norm(A))
+    assert float(kvsvd.truncation_error(A, U, S, Vh)) <= float(kvsvd.optimal_error(A, 10)) * 1.05 + 1e-5 * scale
+
+
+def test_plain_cholqr_breaks_on_an_ill_conditioned_input():
+    with pytest.raises(torch.linalg.LinAlgError, match="cholqr"):
+        kvsvd.rsvd(conditioned(120, 40, 1e12), 10, qr="cholqr")
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, exc, pattern", [
+    ({"rank": 0}, ValueError, r"rank=0 .*\[1, 20\]"),
+    ({"rank": 21}, ValueError, r"rank=21 .*\[1, 20\]"),
+    ({"rank": 2.5}, TypeError, "rank must be an int"),
+    ({"rank": 5, "n_iter": -1}, ValueError, r"n_iter=-1 .*>= 0"),
+    ({"rank": 5, "oversample": -2}, ValueError, r"oversample=-2 .*>= 0"),
+    ({"rank": 5, "qr": "qr"}, ValueError, r"qr='qr' is unknown; accepted: auto, gram"),
+    ({"rank": 5, "compute_dtype": torch.int32}, TypeError, "compute_dtype"),
+])
+@pytest.mark.parametrize("fn", [kvsvd.rsvd, kvsvd.full_svd, kvsvd.lowrank_svd])
+def test_bad_arguments_name_the_parameter(fn, kwargs, exc, pattern):
+    if fn is not kvsvd.rsvd and ("qr" in kwargs or "compute_dtype" in kwargs):
+        pytest.skip("baselines do not take qr/compute_dtype into account")
+    kwargs = dict(kwargs)
+    rank = kwargs.pop("rank")
+    with pytest.raises(exc, match=pattern):
+        fn(torch.randn(50, 20), rank, **kwargs)
+
+
+@pytest.mark.parametrize("A, exc, pattern", [
+    (torch.randint(0, 5, (10, 6)), TypeError, "dtype torch.int64"),
+    (torch.randn(10, 6, dtype=torch.complex64), TypeError, "complex64"),
+    (torch.tensor([[1.0, math.nan], [0.0, 1.0]]), ValueError, "NaN or Inf"),
+    (torch.tensor([[1.0, math.inf], [0.0, 1.0]]), ValueError, "NaN or Inf"),
+    (torch.randn(5), ValueError, r"shape \(\.\.\., m, n\)"),
+])
+def test_bad_matrices_are_rejected(A, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        kvsvd.rsvd(A, 1)
