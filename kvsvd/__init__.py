@@ -1,7 +1,7 @@
 """kvsvd: fast, measurable, reproducible SVD-based KV-cache compression."""
 
 from .orth import ORTH_METHODS, orthonormalise
-from .rsvd import (QR_METHODS, SVD_METHODS, full_svd, get_svd, lowrank_svd, optimal_error, rsvd,
+from .svd import (QR_METHODS, SVD_METHODS, full_svd, get_svd, lowrank_svd, optimal_error, rsvd,
                    truncation_error)
 from .timing import StageTimer
 

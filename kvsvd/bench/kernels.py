@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..rsvd import get_svd, optimal_error, truncation_error
+from ..svd import get_svd, optimal_error, truncation_error
 from ..timing import StageTimer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -159,32 +159,45 @@ def _configs(profile: Profile, device: torch.device) -> Iterator[tuple[str, call
                 yield f"smollm2_{kind}_G{G}_{profile.real_tokens}x{192 * G}", load
 
 
-def bench_one(A: torch.Tensor, spec: str, rank: int, n_iter: int, oversample: int, repeats: int,
-              opt: float) -> dict:
-    """Time ``repeats`` calls (after one warm-up) of one method; error from the first call."""
-    fn_name, kwargs = MethodSpec(spec).parse()
-    fn = get_svd(fn_name)
-    gen = lambda: torch.Generator(device=A.device).manual_seed(0)  # noqa: E731
-    U, S, Vh = fn(A, rank, n_iter=n_iter, oversample=oversample, generator=gen(), **kwargs)
-    err = float(truncation_error(A.float(), U, S, Vh))
-    Uf = U.double()
-    orth = float((Uf.mT @ Uf - torch.eye(rank, dtype=torch.float64, device=A.device)).abs().max())
-    records = []
-    for _ in range(repeats):
-        timer = StageTimer()
-        _sync(A.device)
-        t0 = time.perf_counter()
-        fn(A, rank, n_iter=n_iter, oversample=oversample, generator=gen(), timer=timer, **kwargs)
-        _sync(A.device)
-        records.append({"ms": (time.perf_counter() - t0) * 1e3, "breakdown_ms": timer.breakdown_ms()})
-    ms = [r["ms"] for r in records]
-    stages = {k for r in records for k in r["breakdown_ms"]}
-    return {"records": records, "summary": {
-        "count": len(ms), "total_time_ms": sum(ms), "avg_time_ms": sum(ms) / len(ms),
-        "min_time_ms": min(ms), "max_time_ms": max(ms),
-        "avg_breakdown_ms": {s: sum(r["breakdown_ms"].get(s, 0.0) for r in records) / len(ms) for s in sorted(stages)},
-        "error": err, "optimal_error": opt, "rel_error": err / opt if opt > 0 else float("nan"),
-        "orthogonality_U": orth}}
+def bench_config(A: torch.Tensor, specs: list[str], rank: int, n_iter: int, oversample: int,
+                 repeats: int, opt: float) -> dict[str, dict]:
+    """Time every method side by side: one warm-up each, then ``repeats`` round-robin rounds
+    (method order rotated each round) so that drift of the machine hits all methods alike.
+    Error and orthogonality come from the warm-up call (the generator makes calls identical)."""
+    calls = {}
+    out: dict[str, dict] = {}
+    for spec in specs:
+        fn_name, kwargs = MethodSpec(spec).parse()
+        fn = get_svd(fn_name)
+        calls[spec] = lambda timer=None, fn=fn, kwargs=kwargs: fn(
+            A, rank, n_iter=n_iter, oversample=oversample,
+            generator=torch.Generator(device=A.device).manual_seed(0), timer=timer, **kwargs)
+        U, S, Vh = calls[spec]()
+        err = float(truncation_error(A.float(), U, S, Vh))
+        Ud = U.double()
+        orth = float((Ud.mT @ Ud - torch.eye(rank, dtype=torch.float64, device=A.device)).abs().max())
+        out[spec] = {"records": [], "error": err, "orth": orth}
+    for r in range(repeats):
+        for spec in specs[r % len(specs):] + specs[:r % len(specs)]:
+            timer = StageTimer()
+            _sync(A.device)
+            t0 = time.perf_counter()
+            calls[spec](timer)
+            _sync(A.device)
+            out[spec]["records"].append({"ms": (time.perf_counter() - t0) * 1e3, "breakdown_ms": timer.breakdown_ms()})
+    return {spec: {"records": o["records"], "summary": _summary(o["records"], o["error"], opt, o["orth"])}
+            for spec, o in out.items()}
+
+
+def _summary(records: list[dict], err: float, opt: float, orth: float) -> dict:
+    ms = sorted(r["ms"] for r in records)
+    stages = sorted({k for r in records for k in r["breakdown_ms"]})
+    return {"count": len(ms), "total_time_ms": sum(ms), "avg_time_ms": sum(ms) / len(ms),
+            "median_time_ms": ms[len(ms) // 2] if len(ms) % 2 else 0.5 * (ms[len(ms) // 2 - 1] + ms[len(ms) // 2]),
+            "min_time_ms": ms[0], "max_time_ms": ms[-1],
+            "avg_breakdown_ms": {s: sum(r["breakdown_ms"].get(s, 0.0) for r in records) / len(ms) for s in stages},
+            "error": err, "optimal_error": opt, "rel_error": err / opt if opt > 0 else float("nan"),
+            "orthogonality_U": orth}
 
 
 def run(profile_name: str = "cpu", device: str = "cpu", out: str | Path = "results/kernels",
@@ -212,11 +225,8 @@ def run(profile_name: str = "cpu", device: str = "cpu", out: str | Path = "resul
         A = current[1]
         m, n = A.shape
         opt = float(optimal_error(A.float(), rank))
-        methods = {}
-        for spec in profile.methods:
-            if spec.startswith("full_svd") and m * n > profile.skip_full_above:
-                continue
-            methods[spec] = bench_one(A, spec, rank, n_iter, profile.oversample, repeats or profile.repeats, opt)
+        specs = [s for s in profile.methods if not (s.startswith("full_svd") and m * n > profile.skip_full_above)]
+        methods = bench_config(A, specs, rank, n_iter, profile.oversample, repeats or profile.repeats, opt)
         res = {"config": {"matrix": name, "m": m, "n": n, "rank": rank, "n_iter": n_iter,
                           "oversample": profile.oversample, "dtype": profile.dtype, "profile": profile_name},
                "environment": env,
@@ -230,16 +240,16 @@ def run(profile_name: str = "cpu", device: str = "cpu", out: str | Path = "resul
 
 
 def ratio_table(results: list[dict]) -> str:
-    """Speed ratios measured side by side: avg ms of lowrank_svd / full_svd over each method's."""
-    lines = [f"{'matrix':<28}{'rank':>5}{'q':>3}  {'method':<28}{'avg ms':>9}{'x lowrank':>10}{'x full':>8}"
+    """Speed ratios measured side by side: median ms of lowrank_svd / full_svd over each method's."""
+    lines = [f"{'matrix':<28}{'rank':>5}{'q':>3}  {'method':<28}{'med ms':>9}{'x lowrank':>10}{'x full':>8}"
              f"{'err/opt':>9}{'vs roof':>8}"]
     for res in results:
         c, meth = res["config"], res["methods"]
-        base = {k: meth[k]["summary"]["avg_time_ms"] for k in ("lowrank_svd", "full_svd") if k in meth}
+        base = {k: meth[k]["summary"]["median_time_ms"] for k in ("lowrank_svd", "full_svd") if k in meth}
         for spec, r in meth.items():
             s = r["summary"]
-            lr = base.get("lowrank_svd", float("nan")) / s["avg_time_ms"]
-            fu = base.get("full_svd", float("nan")) / s["avg_time_ms"]
-            lines.append(f"{c['matrix']:<28}{c['rank']:>5}{c['n_iter']:>3}  {spec:<28}{s['avg_time_ms']:>9.2f}"
-                         f"{lr:>10.2f}{fu:>8.1f}{s['rel_error']:>9.4f}{s['avg_time_ms'] / res['roofline_ms']:>8.2f}")
+            lr = base.get("lowrank_svd", float("nan")) / s["median_time_ms"]
+            fu = base.get("full_svd", float("nan")) / s["median_time_ms"]
+            lines.append(f"{c['matrix']:<28}{c['rank']:>5}{c['n_iter']:>3}  {spec:<28}{s['median_time_ms']:>9.2f}"
+                         f"{lr:>10.2f}{fu:>8.1f}{s['rel_error']:>9.4f}{s['median_time_ms'] / res['roofline_ms']:>8.2f}")
     return "\n".join(lines)

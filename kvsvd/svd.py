@@ -9,24 +9,28 @@ notebooks and caches to the functions.
 
 The randomized path works on the tall orientation (m ≥ n; a wide A is transposed, a view)
 and keeps its basis on the short side, n × ℓ with ℓ = rank + oversample, so every
-power-iteration orthonormalisation is an n × ℓ Cholesky-QR (cheap) instead of an m × ℓ
-Householder QR:
+power-iteration orthonormalisation is small (n × ℓ) instead of an m × ℓ QR per product:
 
-    Z = Aᵀ Ω                          Ω ~ N(0, 1) of shape m × ℓ          (projection)
-    repeat n_iter: Z = Aᵀ (A Q)       Q = orth(Z) after each Aᵀ A        (power_iteration)
-    B = A Q,  B = Q_B R               one m × ℓ orthonormalisation        (final_qr)
-    R = U_R Σ W ᵀ                     ℓ × ℓ SVD in FP32/FP64              (small_svd_fp32)
-    U = Q_B U_R,  Vᵀ = Wᵀ Qᵀ          truncated to rank                   (lift)
+    Z = Aᵀ Ω,  Q = orth(Z)            Ω ~ N(0, 1) of shape m × ℓ           (projection)
+    repeat n_iter: Z = Aᵀ (A Q)       the last one rotated onto its Ritz
+                   Q = orth(Z)        vectors (eigh of Qᵀ Z, ℓ × ℓ)         (power_iteration)
+    B = A Q                           at A's own dtype                      (final_qr)
+    B = Q_B R                         one certified CholQR step: B's columns are nearly
+                                      orthogonal after the rotation; else orth(B)
+    R = U_R Σ Wᵀ                      ℓ × ℓ SVD in FP32/FP64                (small_svd_fp32)
+    U = B (R⁻¹ U_R),  Vᵀ = Wᵀ Qᵀ      lift fused into one GEMM; truncated   (lift)
 
 That is 2·n_iter + 2 passes over A, the same as ``torch.svd_lowrank(niter=n_iter)``, with the
-same spectral exponent σ^(2·n_iter+1). Orthonormalising once per Aᵀ A product rather than
-after every product loses modes below √u·σ₁ (≈ 2.4e-4·σ₁ in FP32), which never matter for a
-rank-k truncation error.
+same spectral exponent σ^(2·n_iter+1); svd_lowrank also does n_iter Householder QRs and one
+SVD of m × ℓ blocks, which this path replaces by one Gram matrix and small factorisations.
+Orthonormalising once per Aᵀ A product rather than after every product loses modes below
+√u·σ₁ (≈ 2.4e-4·σ₁ in FP32), which never matter for a rank-k truncation error.
 
-The exact Gram path forms G = Aᵀ A (n × n, FP32), takes its top-``rank`` eigenvectors V,
-then U from an orthonormalisation of A V. It costs one Gram GEMM, an n × n ``eigh`` and one
-thin pass, independent of ``n_iter``, and is exact up to the squared condition number
-(modes below √u·σ₁ are not resolved, irrelevant to the truncation error).
+The exact Gram path forms G = Aᵀ A (n × n), takes its top-``rank`` eigenvectors V, then U
+from the certified factorisation of A V (whose columns are orthogonal by construction). It
+costs one Gram GEMM, an n × n ``eigh`` and one thin pass, independent of ``n_iter``, and is
+exact up to the squared condition number (modes below √u·σ₁ are not resolved, irrelevant
+to the truncation error).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from .orth import ORTH_METHODS, default_orth, orthonormalise
+from .orth import ORTH_METHODS, certified_cholqr, default_orth, orthonormalise
 from .timing import StageTimer, maybe_stage
 
 Tensor = torch.Tensor
@@ -73,7 +77,9 @@ def validate_svd_args(A: Tensor, rank: int, n_iter: int, oversample: int, qr: st
         raise ValueError(f"qr={qr!r} is unknown; accepted: {', '.join(QR_METHODS)}")
     if compute_dtype is not None and compute_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"compute_dtype={compute_dtype}; accepted: {', '.join(map(str, _FLOAT_DTYPES))} or None")
-    if not bool(torch.isfinite(A).all()):
+    # One reduction propagates any NaN/Inf (28× cheaper than isfinite(A).all() on 8192×1536);
+    # the exact check runs only when the sum is not finite (NaN/Inf, or a sum that overflowed).
+    if not bool(torch.isfinite(A.sum())) and not bool(torch.isfinite(A).all()):
         raise ValueError("A contains NaN or Inf; a truncated SVD of it is undefined")
 
 
@@ -82,64 +88,124 @@ def default_compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def _gemm_flops(m: int, n: int, k: int) -> float:
+    """2mnk weighted by the measured efficiency of a GEMM whose narrowest side is k (skinny
+    products run below peak: ≈57% at k=40, 86% at 72, 93% at 136 on a 2-core EPYC)."""
+    w = min(m, n, k)
+    return 2.0 * m * n * k * (w + 16) / w
+
+
 def gram_path_is_cheaper(m: int, n: int, rank: int, oversample: int, n_iter: int) -> bool:
     """Cost model (GEMM flops, tall m ≥ n) behind ``qr="auto"``'s choice of the exact Gram path.
 
-    randomized: (2q+2)·2mnℓ passes + 8mℓ² (CholQR2 of A Q) + 2mℓk (lift)
-    gram:       2mn² (AᵀA) + c·n³ (eigh) + 2mnk (A V) + 8mk² + 2mk²
-    Without the eigh term this is the textbook rule n < (2q+2)(k+p).
+    randomized: (2q+2) passes of width ℓ + the Gram of A Q (m ℓ²) + the fused lift (m ℓ k)
+    gram:       ⅔ of AᵀA (block-symmetric) + c·n³ (eigh) + A V (m n k) + 2 m k² (factor, lift)
+    With efficiency 1 and no eigh term this is the textbook rule n < (2q+2)(k+p).
     """
     ell = min(rank + oversample, n)
-    randomized = (2 * n_iter + 2) * 2 * m * n * ell + 8 * m * ell**2 + 2 * m * ell * rank
-    gram = 2 * m * n**2 + _EIGH_FLOPS_PER_N3 * n**3 + 2 * m * n * rank + 10 * m * rank**2
+    randomized = ((2 * n_iter + 2) * _gemm_flops(m, n, ell) + _gemm_flops(ell, ell, m)
+                  + _gemm_flops(m, ell, rank))
+    gram = (2 / 3 * _gemm_flops(n, n, m) + _EIGH_FLOPS_PER_N3 * n**3 + _gemm_flops(m, n, rank)
+            + 2 * _gemm_flops(m, rank, rank))
     return gram < randomized
+
+
+def gram_matrix(A: Tensor, blocks: int = 3) -> Tensor:
+    """Aᵀ A for A (b, m, n), computing only the upper block triangle (2/3 of the flops at 3 blocks).
+
+    The missing block products are mirrored; 25% faster than one GEMM on a 2-core CPU at n=768.
+    """
+    n = A.shape[-1]
+    if n < 32 * blocks:
+        return A.mT @ A
+    edges = [round(i * n / blocks) for i in range(blocks + 1)]
+    G = A.new_empty(*A.shape[:-2], n, n)
+    for i in range(blocks):
+        rows = slice(edges[i], edges[i + 1])
+        for j in range(i, blocks):
+            cols = slice(edges[j], edges[j + 1])
+            G[..., rows, cols] = block = A[..., rows].mT @ A[..., cols]
+            if i != j:
+                G[..., cols, rows] = block.mT
+    return G
 
 
 def _core_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _small_svd(R: Tensor, rank: int) -> SVDResult:
-    """SVD of the small (b, c, c) core in FP32 (FP64 for FP64 input), truncated to rank."""
-    Ur, S, Wh = torch.linalg.svd(R, full_matrices=False)
-    return Ur[..., :rank], S[..., :rank], Wh[..., :rank, :]
+def _factor_tall(B: Tensor, rank: int, orth: str, certify: bool,
+                 timer: StageTimer | None) -> tuple[Tensor, Tensor, Tensor]:
+    """SVD of a tall block B (b, m, c) = U diag(S) Wh, truncated to ``rank``; core dtype.
+
+    With ``certify``, entries whose columns are nearly orthogonal (as the Rayleigh–Ritz
+    rotation makes them) take one certified CholQR step and the lift is fused into a single
+    GEMM: U = B (R⁻¹ U_R). The others, and every entry when ``certify`` is off, go through the
+    named orthonormaliser: B = Q R, R = U_R Σ Wᵀ, U = Q U_R.
+    """
+    dev = B.device
+    with maybe_stage(timer, "final_qr", dev):
+        if certify:
+            R, ok = certified_cholqr(B)
+            Q = None
+        else:
+            Q, R = orthonormalise(B, orth)
+            ok = torch.ones(B.shape[0], dtype=torch.bool, device=dev)
+    with maybe_stage(timer, "small_svd_fp32", dev):
+        Ur, S, Wh = torch.linalg.svd(R, full_matrices=False)
+        Ur, S, Wh = Ur[..., :rank], S[..., :rank], Wh[..., :rank, :]
+    with maybe_stage(timer, "lift", dev):
+        U = B @ torch.linalg.solve_triangular(R, Ur, upper=True) if Q is None else Q @ Ur
+    if bool(ok.all()):
+        return U, S, Wh
+    bad = ~ok
+    Ub, Sb, Whb = _factor_tall(B[bad], rank, orth, False, timer)
+    U, S, Wh = U.clone(), S.clone(), Wh.clone()
+    U[bad], S[bad], Wh[bad] = Ub, Sb, Whb
+    return U, S, Wh
 
 
-def _randomized(Ac: Tensor, rank: int, n_iter: int, oversample: int, qr: str, core: torch.dtype,
-                generator: torch.Generator | None, timer: StageTimer | None) -> SVDResult:
-    """Tall (b, m, n) → (U (b, m, k) core, S (b, k), Vh (b, k, n) core); see module docstring."""
+def _randomized(Ad: Tensor, Ac: Tensor, rank: int, n_iter: int, oversample: int, orth: str, certify: bool,
+                core: torch.dtype, generator: torch.Generator | None, timer: StageTimer | None) -> SVDResult:
+    """Tall (b, m, n) → (U (b, m, k), S (b, k), Vh (b, k, n)) in the core dtype; see module docstring.
+
+    ``Ac`` (compute dtype) drives the subspace search; the factors come from one pass over
+    ``Ad`` (A's own dtype). The last power iteration ends with a Rayleigh–Ritz rotation on the
+    short side, so B = A Q has nearly orthogonal columns for the certified final step.
+    """
     b, m, n = Ac.shape
     dev, cdt = Ac.device, Ac.dtype
     ell = min(rank + oversample, n)
     with maybe_stage(timer, "preparation", dev):
         omega = torch.randn(b, m, ell, device=dev, dtype=core, generator=generator).to(cdt)
     with maybe_stage(timer, "projection", dev):
-        Q, _ = orthonormalise((Ac.mT @ omega).to(core), qr)
+        Q, _ = orthonormalise((Ac.mT @ omega).to(core), orth)
     with maybe_stage(timer, "power_iteration", dev):
         for _ in range(n_iter):
-            Q, _ = orthonormalise((Ac.mT @ (Ac @ Q.to(cdt))).to(core), qr)
+            Z = (Ac.mT @ (Ac @ Q.to(cdt))).to(core)
+            H = Q.mT @ Z  # Rayleigh–Ritz: rotate onto the Ritz vectors of AᵀA in span(Q)
+            Q, _ = orthonormalise(Z @ torch.linalg.eigh(0.5 * (H + H.mT))[1].flip(-1), orth)
     with maybe_stage(timer, "final_qr", dev):
-        QB, R = orthonormalise((Ac @ Q.to(cdt)).to(core), qr)
-    with maybe_stage(timer, "small_svd_fp32", dev):
-        Ur, S, Wh = _small_svd(R, rank)
+        B = (Ad @ Q.to(Ad.dtype)).to(core)
+    U, S, Wh = _factor_tall(B, rank, orth, certify and n_iter > 0, timer)
     with maybe_stage(timer, "lift", dev):
-        return QB @ Ur, S, Wh @ Q.mT
+        return U, S, Wh @ Q.mT
 
 
-def _gram(Ac: Tensor, rank: int, orth: str, core: torch.dtype, timer: StageTimer | None) -> SVDResult:
-    """Exact path through the eigendecomposition of Aᵀ A; tall (b, m, n) input."""
-    dev, cdt = Ac.device, Ac.dtype
+def _gram(Ad: Tensor, Ac: Tensor, rank: int, orth: str, core: torch.dtype, timer: StageTimer | None) -> SVDResult:
+    """Exact path through the eigendecomposition of Aᵀ A (compute dtype); U from A V at A's dtype."""
+    dev = Ac.device
     with maybe_stage(timer, "projection", dev):
-        G = (Ac.mT @ Ac).to(core)
+        # always FP32: a BF16-stored Gram matrix loses the subspace (1.9× the optimal error
+        # measured at 8192×192, rank 64)
+        G = gram_matrix(Ac if Ac.dtype == core else Ad.to(core))
     with maybe_stage(timer, "small_svd_fp32", dev):
-        _, V = torch.linalg.eigh(0.5 * (G + G.mT))
-        V = V[..., -rank:].flip(-1)  # top-rank eigenvectors, descending
+        V = torch.linalg.eigh(0.5 * (G + G.mT))[1][..., -rank:].flip(-1)  # top-rank, descending
     with maybe_stage(timer, "final_qr", dev):
-        QY, R = orthonormalise((Ac @ V.to(cdt)).to(core), orth)
-    with maybe_stage(timer, "small_svd_fp32", dev):
-        Ur, S, Wh = _small_svd(R, rank)
+        Y = (Ad @ V.to(Ad.dtype)).to(core)
+    U, S, Wh = _factor_tall(Y, rank, orth, True, timer)
     with maybe_stage(timer, "lift", dev):
-        return QY @ Ur, S, Wh @ V.mT
+        return U, S, Wh @ V.mT
 
 
 def rsvd(A: Tensor, rank: int, *, n_iter: int = 2, oversample: int = 8, qr: str = "auto",
@@ -155,7 +221,10 @@ def rsvd(A: Tensor, rank: int, *, n_iter: int = 2, oversample: int = 8, qr: str 
             orthonormaliser is the device's fastest stable one, see ``kvsvd.orth.default_orth``),
             ``"gram"`` (exact path), or one orthonormaliser of :data:`kvsvd.orth.ORTH_METHODS`
             on the randomized path.
-        compute_dtype: dtype of the passes over A; default BF16 on CUDA, FP32 on CPU. Gram
+        compute_dtype: dtype of the passes that search the subspace (projection, power
+            iterations, the Gram matrix); default BF16 on CUDA, FP32 on CPU. The one pass that
+            forms the factors (A Q, or A V on the Gram path) runs at A's own dtype, so a BF16
+            search only perturbs the subspace (a second-order effect on the error). Gram
             matrices, Cholesky and the small SVD are FP32 (FP64 for FP64 input).
         generator: a ``torch.Generator`` on A's device for a reproducible sketch.
         timer: a :class:`~kvsvd.timing.StageTimer` that accumulates per-stage milliseconds.
@@ -173,14 +242,16 @@ def rsvd(A: Tensor, rank: int, *, n_iter: int = 2, oversample: int = 8, qr: str 
     with maybe_stage(timer, "preparation", dev):
         batch, (m, n) = A.shape[:-2], A.shape[-2:]
         wide = m < n
-        Ac = A.reshape(-1, m, n)
-        Ac = (Ac.mT if wide else Ac).to(cdt)
+        Ad = A.reshape(-1, m, n)
+        Ad = Ad.mT if wide else Ad
+        Ac = Ad.to(cdt)
         mt, nt = max(m, n), min(m, n)
-    orth = default_orth(dev) if qr in ("auto", "gram") else qr
+    automatic = qr in ("auto", "gram")
+    orth = default_orth(dev) if automatic else qr
     if qr == "gram" or (qr == "auto" and gram_path_is_cheaper(mt, nt, rank, oversample, n_iter)):
-        U, S, Vh = _gram(Ac, rank, orth, core, timer)
+        U, S, Vh = _gram(Ad, Ac, rank, orth, core, timer)
     else:
-        U, S, Vh = _randomized(Ac, rank, n_iter, oversample, orth, core, generator, timer)
+        U, S, Vh = _randomized(Ad, Ac, rank, n_iter, oversample, orth, automatic, core, generator, timer)
     if wide:
         U, Vh = Vh.mT, U.mT
     return (U.to(A.dtype).reshape(*batch, m, rank), S.reshape(*batch, rank),
@@ -254,4 +325,4 @@ def optimal_error(A: Tensor, rank: int) -> Tensor:
 
 
 __all__ = ["rsvd", "full_svd", "lowrank_svd", "SVD_METHODS", "QR_METHODS", "get_svd",
-           "gram_path_is_cheaper", "truncation_error", "optimal_error", "validate_svd_args"]
+           "gram_path_is_cheaper", "gram_matrix", "truncation_error", "optimal_error", "validate_svd_args"]
