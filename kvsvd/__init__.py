@@ -8,3 +8,10 @@ from .timing import StageTimer
 __all__ = ["rsvd", "full_svd", "lowrank_svd", "get_svd", "SVD_METHODS", "QR_METHODS", "ORTH_METHODS",
            "orthonormalise", "StageTimer", "truncation_error", "optimal_error"]
 __version__ = "0.1.0"
+
+from .cache import LowRankCache
+from .calibrate import calibrate
+from .config import CompressionConfig
+from .models import load_model
+
+__all__ += ["LowRankCache", "CompressionConfig", "calibrate", "load_model"]

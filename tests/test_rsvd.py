@@ -155,19 +155,23 @@ def test_plain_cholqr_breaks_on_an_ill_conditioned_input():
 
 # --- bad input ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs, exc, pattern", [
+COMMON_BAD = [
     ({"rank": 0}, ValueError, r"rank=0 .*\[1, 20\]"),
     ({"rank": 21}, ValueError, r"rank=21 .*\[1, 20\]"),
     ({"rank": 2.5}, TypeError, "rank must be an int"),
     ({"rank": 5, "n_iter": -1}, ValueError, r"n_iter=-1 .*>= 0"),
     ({"rank": 5, "oversample": -2}, ValueError, r"oversample=-2 .*>= 0"),
+]
+RSVD_BAD = [
     ({"rank": 5, "qr": "qr"}, ValueError, r"qr='qr' is unknown; accepted: auto, gram"),
     ({"rank": 5, "compute_dtype": torch.int32}, TypeError, "compute_dtype"),
-])
-@pytest.mark.parametrize("fn", [kvsvd.rsvd, kvsvd.full_svd, kvsvd.lowrank_svd])
+]
+
+
+@pytest.mark.parametrize("fn, kwargs, exc, pattern",
+                         [(fn, *case) for fn in (kvsvd.rsvd, kvsvd.full_svd, kvsvd.lowrank_svd) for case in COMMON_BAD]
+                         + [(kvsvd.rsvd, *case) for case in RSVD_BAD])
 def test_bad_arguments_name_the_parameter(fn, kwargs, exc, pattern):
-    if fn is not kvsvd.rsvd and ("qr" in kwargs or "compute_dtype" in kwargs):
-        pytest.skip("baselines do not take qr/compute_dtype into account")
     kwargs = dict(kwargs)
     rank = kwargs.pop("rank")
     with pytest.raises(exc, match=pattern):

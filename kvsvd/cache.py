@@ -1,0 +1,348 @@
+"""LowRankCache: a transformers Cache that really stores low-rank (or merged) K/V.
+
+Layout, as in transformers' cache_utils: a list of per-layer objects with one ``update``
+contract. Layers outside [start_layer, end_layer] are plain ``DynamicLayer``s. Compressed
+layers belong to a :class:`LayerGroup` (G adjacent layers; G=1 for per-layer methods) that
+owns the compressed *segments* of the token timeline; each layer keeps its own dense
+*residual* (the newest tokens, post-RoPE, exactly as the model produced them).
+
+Timeline of one group:
+- the first forward (prefill) stores K/V densely and attends with them uncompressed;
+- the prefill is compressed when the next forward reaches the group (or on
+  ``cache.compress_pending()``), after a kvpress press may have pruned it, keeping the last
+  ``residual_length`` tokens dense; the dense prefill is then freed;
+- later tokens (question, decode) append to the residual; whenever it holds more than
+  residual_length + block_size tokens, the oldest block_size become a new segment.
+
+Reads rebuild the segments densely (the reconstruct-on-read path). For ``pre_rope`` keys the
+cache inverts RoPE with the model's own cos/sin on the way in and re-applies it on read; the
+cos/sin tables of the timeline are held once for all groups and counted as ``rope`` bytes.
+
+``layer.keys`` / ``layer.values`` are the whole timeline (segments rebuilt + residual) and
+can be assigned, so kvpress presses and its pipeline use this cache unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+from .config import CompressionConfig
+from .methods import COMPRESSORS
+from .rope import apply_rope, invert_rope
+from .timing import StageTimer
+
+Tensor = torch.Tensor
+KINDS = ("factors", "scales", "residual", "uncompressed", "rope", "calibration", "index")
+
+
+@dataclass
+class Segment:
+    """Compressed tokens [start, start+length) of a group's timeline: one store for K, one for V."""
+    start: int
+    length: int
+    keys: Any
+    values: Any
+
+
+@dataclass
+class RopeTable:
+    """cos/sin (B, T, d) of every token of the timeline, appended as the model hands them over."""
+    chunks: list[tuple[Tensor, Tensor]] = field(default_factory=list)
+    length: int = 0
+
+    def append(self, cos: Tensor, sin: Tensor) -> None:
+        self.chunks.append((cos, sin))
+        self.length += cos.shape[-2]
+
+    def span(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        if len(self.chunks) > 1:  # consolidate once; chunks are per-forward tables
+            cos = torch.cat([c for c, _ in self.chunks], dim=-2)
+            sin = torch.cat([s for _, s in self.chunks], dim=-2)
+            self.chunks = [(cos, sin)]
+        cos, sin = self.chunks[0]
+        return cos[:, start:stop], sin[:, start:stop]
+
+    def tensors(self) -> list[Tensor]:
+        return [t for pair in self.chunks for t in pair]
+
+
+class LayerGroup:
+    """G adjacent compressed layers sharing a token timeline and its segments."""
+
+    def __init__(self, cache: "LowRankCache", layers: list[int]):
+        self.cache, self.layers = cache, layers
+        self.members: list[LowRankLayer] = []
+        self.segments: list[Segment] = []
+        self.compressed_length = 0      # tokens held in segments
+        self.prefill_pending = False    # the first forward's tokens wait for compression
+
+    def compress_pending(self) -> None:
+        """Compress the stored prefill (all but the last residual_length tokens)."""
+        if not self.prefill_pending:
+            return
+        self.prefill_pending = False
+        lengths = {m.residual_length() for m in self.members}
+        if len(lengths) != 1:
+            raise ValueError(f"layers {self.layers} hold {sorted(lengths)} tokens after prefill (a press evicted "
+                             "different tokens per layer): layer_group_size must be 1 to compress them")
+        n = lengths.pop() - self.cache.config.residual_length
+        if n > 0:
+            self._compress_oldest(n)
+
+    def maybe_compress_block(self) -> None:
+        cfg = self.cache.config
+        while self.members[0].residual_length() > cfg.residual_length + cfg.block_size:
+            self._compress_oldest(cfg.block_size)
+
+    def _compress_oldest(self, n: int) -> None:
+        cfg, cache = self.cache.config, self.cache
+        start = self.compressed_length
+        ks, vs = [], []
+        for m in self.members:
+            k, v = m.pop_oldest(n)                       # (B, H, n, d) post-RoPE, (B, H, n, d)
+            if cfg.key_space == "pre_rope":
+                if cache.rope.length < start + n or m.evicted:
+                    raise ValueError("key_space='pre_rope' needs the cos/sin of every stored token, but tokens "
+                                     "were evicted (a kvpress press?): use key_space='post_rope'")
+                k = invert_rope(k, *cache.rope.span(start, start + n))
+            ks.append(k.transpose(1, 2).flatten(2))      # (B, n, H·d)
+            vs.append(v.transpose(1, 2).flatten(2))
+        timer = StageTimer()
+        t0 = time.perf_counter()
+        kw = dict(layers=self.layers, heads=cache.kv_heads, calibration=cache.calibration, timer=timer)
+        store_k = COMPRESSORS[cfg.method](torch.stack(ks, 2), cfg.rank_k, cfg, kind="k", **kw)
+        store_v = COMPRESSORS[cfg.method](torch.stack(vs, 2), cfg.rank_v, cfg, kind="v", **kw)
+        if ks[0].device.type == "cuda":
+            torch.cuda.synchronize()
+        cache.compression_log.append({"layers": self.layers, "tokens": n, "ms": (time.perf_counter() - t0) * 1e3,
+                                      "breakdown_ms": timer.breakdown_ms()})
+        self.segments.append(Segment(start, n, store_k, store_v))
+        self.compressed_length += n
+
+    def read(self, j: int, values: bool, dtype: torch.dtype) -> Tensor | None:
+        """Layer j's compressed tokens rebuilt densely: (B, H, T_compressed, d), or None."""
+        if not self.segments:
+            return None
+        cache = self.cache
+        parts = []
+        for seg in self.segments:
+            x = (seg.values if values else seg.keys).layer(j, dtype)            # (B, T, H·d)
+            x = x.unflatten(-1, (cache.kv_heads, cache.head_dim)).transpose(1, 2)
+            if not values and cache.config.key_space == "pre_rope":
+                x = apply_rope(x, *cache.rope.span(seg.start, seg.start + seg.length))
+            parts.append(x)
+        return torch.cat(parts, dim=-2)
+
+
+class LowRankLayer(CacheLayerMixin):
+    """One compressed layer: a view on its group's segments plus its own dense residual."""
+
+    is_sliding = False
+
+    def __init__(self, group: LayerGroup, j: int):
+        self.group, self.j = group, j
+        self._res_k: Tensor | None = None
+        self._res_v: Tensor | None = None
+        self.evicted = False
+        super().__init__()
+
+    # -- the transformers layer contract ------------------------------------------------
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device, self.batch = key_states.dtype, key_states.device, key_states.shape[0]
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor,
+               cache_kwargs: dict[str, Any] | None = None) -> tuple[Tensor, Tensor]:
+        group, cache = self.group, self.group.cache
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            group.prefill_pending = True
+        elif self.j == 0:
+            group.compress_pending()
+        if self.j == 0 and group.layers[0] == cache.first_compressed_layer and cache.config.key_space == "pre_rope":
+            if not cache_kwargs or "cos" not in cache_kwargs:
+                raise ValueError("key_space='pre_rope' needs the model to pass cos/sin to cache.update "
+                                 "(RoPE models do); use key_space='post_rope'")
+            cache.rope.append(cache_kwargs["cos"], cache_kwargs["sin"])
+        self._append(key_states, value_states)
+        if self.j == len(group.members) - 1 and not group.prefill_pending:
+            group.maybe_compress_block()
+        return self.keys, self.values
+
+    def get_mask_sizes(self, cache_position: Tensor) -> tuple[int, int]:
+        return self.get_seq_length() + cache_position.shape[0], 0
+
+    def get_seq_length(self) -> int:
+        return self.group.compressed_length + self.residual_length() if self.is_initialized else 0
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        raise NotImplementedError("LowRankCache does not support beam search (reorder_cache): use num_beams=1")
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("LowRankCache does not support crop (assisted generation)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("LowRankCache does not support batch_repeat_interleave (num_beams / "
+                                  "num_return_sequences > 1): expand the inputs before prefill instead")
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        raise NotImplementedError("LowRankCache does not support batch_select_indices")
+
+    def reset(self) -> None:
+        raise NotImplementedError("LowRankCache cannot be reset in place: create a new LowRankCache")
+
+    # -- the whole timeline, readable and assignable (kvpress) ------------------------------
+    def _timeline(self, values: bool) -> Tensor | None:
+        res = self._res_v if values else self._res_k
+        if not self.is_initialized:
+            return res
+        old = self.group.read(self.j, values, self.dtype)
+        return res if old is None else torch.cat([old, res], dim=-2)
+
+    def _assign(self, value: Tensor | None, values: bool) -> None:
+        if value is not None and self.group.compressed_length:
+            c = self.group.compressed_length
+            if value.shape[-2] < c:
+                raise ValueError(f"cannot shrink layer {self.group.layers[self.j]} below its {c} compressed tokens")
+            value = value[..., c:, :].clone()  # keep only the residual part; free the rebuilt copy
+        old = self._res_v if values else self._res_k
+        if value is not None and old is not None and value.shape[-2] < old.shape[-2] and self.group.prefill_pending:
+            self.evicted = True  # a press pruned the prefill: positions no longer match the RoPE table
+        if values:
+            self._res_v = value
+        else:
+            self._res_k = value
+
+    keys = property(lambda self: self._timeline(False), lambda self, v: self._assign(v, False))
+    values = property(lambda self: self._timeline(True), lambda self, v: self._assign(v, True))
+
+    # -- residual bookkeeping --------------------------------------------------------------
+    def residual_length(self) -> int:
+        return 0 if self._res_k is None else self._res_k.shape[-2]
+
+    def _append(self, k: Tensor, v: Tensor) -> None:
+        self._res_k = k if self._res_k is None else torch.cat([self._res_k, k], dim=-2)
+        self._res_v = v if self._res_v is None else torch.cat([self._res_v, v], dim=-2)
+
+    def pop_oldest(self, n: int) -> tuple[Tensor, Tensor]:
+        """Remove and return the n oldest residual tokens; the rest is copied so the old buffer is freed."""
+        k, v = self._res_k[..., :n, :], self._res_v[..., :n, :]
+        self._res_k, self._res_v = self._res_k[..., n:, :].clone(), self._res_v[..., n:, :].clone()
+        return k, v
+
+
+def _storage_key(t: Tensor) -> tuple[int, int]:
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+class LowRankCache(Cache):
+    """A ``transformers`` Cache holding compressed K/V; pass it as ``past_key_values``.
+
+    >>> cache = LowRankCache(CompressionConfig(method="xkv", rank_k=128, rank_v=192, layer_group_size=2),
+    ...                      model.config)
+    >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=20)
+    >>> cache.memory_report()
+    """
+
+    def __init__(self, config: CompressionConfig, model_config) -> None:
+        from .calibrate import Calibration
+
+        text = model_config.get_text_config(decoder=True)
+        self.config = config
+        self.num_layers = text.num_hidden_layers
+        self.kv_heads = text.num_key_value_heads
+        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        end = self.num_layers - 1 if config.end_layer == -1 else config.end_layer
+        if end >= self.num_layers:
+            raise ValueError(f"end_layer={config.end_layer} is out of range; accepted: [0, {self.num_layers - 1}] or -1")
+        if config.start_layer > end:
+            raise ValueError(f"start_layer={config.start_layer} > end_layer={end}")
+        G = config.layer_group_size
+        n = end - config.start_layer + 1
+        if n % G:
+            raise ValueError(f"layer_group_size={G} does not divide the {n} compressed layers "
+                             f"[{config.start_layer}, {end}]; accepted: a divisor of {n}, or change start/end_layer")
+        features = G * self.kv_heads * self.head_dim
+        if config.method in ("svd", "xkv", "pca"):
+            for name in ("rank_k", "rank_v"):
+                if getattr(config, name) > features:
+                    raise ValueError(f"{name}={getattr(config, name)} exceeds the {features} features of a group "
+                                     f"({G} layers × {self.kv_heads} heads × {self.head_dim}); accepted: [1, {features}]")
+        self.calibration = (Calibration.load(config.calibration_path, model_config, config.rank_k, config.rank_v)
+                            if config.method == "pca" else None)
+        self.first_compressed_layer = config.start_layer
+        self.rope = RopeTable()
+        self.compression_log: list[dict] = []
+        self.groups: list[LayerGroup] = []
+        layers: list[CacheLayerMixin] = [DynamicLayer() for _ in range(config.start_layer)]
+        for g0 in range(config.start_layer, end + 1, G):
+            group = LayerGroup(self, list(range(g0, g0 + G)))
+            group.members = [LowRankLayer(group, j) for j in range(G)]
+            self.groups.append(group)
+            layers.extend(group.members)
+        layers.extend(DynamicLayer() for _ in range(end + 1, self.num_layers))
+        super().__init__(layers=layers)
+
+    def compress_pending(self) -> None:
+        """Compress every group's stored prefill now (otherwise the next forward does it)."""
+        for group in self.groups:
+            group.compress_pending()
+
+    def reorder_cache(self, beam_idx: Tensor) -> None:
+        raise NotImplementedError("LowRankCache does not support beam search (reorder_cache): use num_beams=1")
+
+    def held_tensors(self) -> dict[str, list[Tensor]]:
+        """Every tensor the cache holds, by kind (see memory_report)."""
+        out: dict[str, list[Tensor]] = {k: [] for k in KINDS}
+        for layer in self.layers:
+            if isinstance(layer, LowRankLayer):
+                out["residual"] += [t for t in (layer._res_k, layer._res_v) if t is not None]
+            elif layer.is_initialized:
+                out["uncompressed"] += [layer.keys, layer.values]
+        for group in self.groups:
+            for seg in group.segments:
+                for store in (seg.keys, seg.values):
+                    for kind, ts in store.held().items():
+                        out[kind] += ts
+        out["rope"] += self.rope.tensors()
+        return out
+
+    def memory_report(self) -> dict[str, float]:
+        """Bytes actually held, by kind, each storage counted once; plus the dense equivalent.
+
+        factors: token and right factors (or merged directions and norms); scales: int8/int4
+        per-token scales; residual: dense recent tokens of compressed layers; uncompressed:
+        layers outside the range, segments shorter than the rank, MiniCache retained tokens;
+        rope: cos/sin tables for pre-RoPE keys; calibration: PCA means and bases; index:
+        MiniCache merge masks. dense_equivalent: what a DynamicCache would hold for the same
+        tokens; ratio = dense_equivalent / total.
+        """
+        seen: set[tuple[int, int]] = set()
+        report: dict[str, float] = {}
+        for kind, tensors in self.held_tensors().items():
+            total = 0
+            for t in tensors:
+                key = _storage_key(t)
+                if key not in seen:
+                    seen.add(key)
+                    total += key[1]
+            report[f"{kind}_bytes"] = total
+        report["total_bytes"] = sum(report.values())
+        dense = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                batch = layer.batch if isinstance(layer, LowRankLayer) else layer.keys.shape[0]
+                itemsize = torch.empty((), dtype=layer.dtype).element_size()
+                dense += 2 * batch * layer.get_seq_length() * self.kv_heads * self.head_dim * itemsize
+        report["dense_equivalent_bytes"] = dense
+        report["ratio"] = report["dense_equivalent_bytes"] / report["total_bytes"] if report["total_bytes"] else float("nan")
+        return report

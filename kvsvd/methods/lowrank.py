@@ -1,0 +1,22 @@
+"""``svd`` and ``xkv``: truncated SVD of the (tokens × G·F) matrix of a layer group (G=1: per layer)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import CompressionConfig
+from ..store import DenseStore, LowRankStore
+from ..svd import get_svd
+from ..timing import StageTimer
+
+
+def compress(x: torch.Tensor, rank: int, config: CompressionConfig, *, kind: str, layers: list[int], heads: int,
+             calibration=None, timer: StageTimer | None = None) -> DenseStore | LowRankStore:
+    """One shared token factor U (B, T, rank) for the group; W = diag(S)·Vh (B, rank, G·F)."""
+    B, T, G, F = x.shape
+    if rank >= T:  # a segment shorter than the rank is cheaper (and exact) stored as it is
+        return DenseStore(x)
+    gen = torch.Generator(device=x.device).manual_seed(config.seed)
+    U, S, Vh = get_svd(config.svd)(x.reshape(B, T, G * F), rank, n_iter=config.n_iter,
+                                   oversample=config.oversample, qr=config.qr, generator=gen, timer=timer)
+    return LowRankStore.build(U, S.unsqueeze(-1) * Vh.to(S.dtype), F, config.factor_dtype)

@@ -1,0 +1,38 @@
+"""``minicache``: SLERP-merge a pair of adjacent layers token by token (MiniCache, Liu et al. 2024).
+
+For every (token, head) the two layers' vectors are split into norms and unit directions;
+the directions are merged by SLERP with weight t (linear interpolation below Ω = 1e-7) and
+each layer later rescales the shared direction by its own norm. Tokens whose mean angle
+over heads exceeds Ωmin + γ(Ωmax − Ωmin) (per sequence) are divergent and are retained
+unmerged, as the MiniCache paper does; the retained fraction is visible in the bytes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import CompressionConfig
+from ..store import FLOAT_DTYPES, DenseStore, MergedStore
+
+
+def compress(x: torch.Tensor, rank: int, config: CompressionConfig, *, kind: str, layers: list[int], heads: int,
+             calibration=None, timer=None) -> DenseStore | MergedStore:
+    B, T, G, F = x.shape
+    if G != 2:
+        raise ValueError(f"minicache merges layer pairs; got a group of {G} layers")
+    v = x.float().reshape(B, T, 2, heads, F // heads)
+    norms = v.norm(dim=-1)                                      # (B, T, 2, H)
+    unit = v / norms.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).tiny)
+    omega = (unit[:, :, 0] * unit[:, :, 1]).sum(-1).clamp(-1.0, 1.0).acos()   # (B, T, H)
+    t = config.minicache_t
+    small = omega < 1e-7
+    sin_o = omega.sin().clamp_min(torch.finfo(torch.float32).tiny)
+    wa = torch.where(small, torch.full_like(omega, 1 - t), ((1 - t) * omega).sin() / sin_o)
+    wb = torch.where(small, torch.full_like(omega, t), (t * omega).sin() / sin_o)
+    direction = wa.unsqueeze(-1) * unit[:, :, 0] + wb.unsqueeze(-1) * unit[:, :, 1]
+    angle = omega.mean(-1)                                       # (B, T)
+    lo, hi = angle.amin(-1, keepdim=True), angle.amax(-1, keepdim=True)
+    merged = angle <= lo + config.minicache_gamma * (hi - lo)
+    dt = FLOAT_DTYPES[config.factor_dtype]
+    return MergedStore(merged=merged, directions=direction[merged].to(dt),
+                       norms=norms.transpose(-1, -2)[merged].to(dt), retained=x[~merged].clone())

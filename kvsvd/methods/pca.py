@@ -1,0 +1,20 @@
+"""``pca``: project each layer onto fixed calibrated bases (no SVD at run time)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import CompressionConfig
+from ..store import DenseStore, LowRankStore
+
+
+def compress(x: torch.Tensor, rank: int, config: CompressionConfig, *, kind: str, layers: list[int], heads: int,
+             calibration=None, timer=None) -> DenseStore | LowRankStore:
+    """u = (x − mean) P, P (F, rank) the layer's first ``rank`` calibrated principal directions."""
+    B, T, G, F = x.shape
+    if rank >= T:
+        return DenseStore(x)
+    mean, basis = calibration.basis(layers[0], kind)
+    P = basis[:, :rank]
+    u = (x[:, :, 0].to(P.dtype) - mean) @ P
+    return LowRankStore.build(u, P.mT.unsqueeze(0), F, config.factor_dtype, mean=mean.reshape(1, 1, F), shared_w=True)

@@ -1,0 +1,119 @@
+"""What a compressed segment holds, per group and per K or V.
+
+A *store* covers one token segment of one layer group for keys or values. It rebuilds one
+layer's slice as ``(B, T, F)`` (F = kv_heads · head_dim) and lists every tensor it holds by
+kind, so that ``LowRankCache.memory_report`` counts bytes actually held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def quantize_rows(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row quantisation of x (..., r) to ``bits`` ∈ {4, 8}.
+
+    Returns ``(q, scale)``: q int8 (..., r) for 8 bits, or uint8 (..., ⌈r/2⌉) holding two
+    4-bit values per byte; scale bf16 (..., 1). Values are in [−(2^(bits−1)−1), 2^(bits−1)−1].
+    """
+    qmax = (1 << (bits - 1)) - 1
+    scale = (x.abs().amax(-1, keepdim=True).float() / qmax).to(torch.bfloat16)
+    q = torch.round(x.float() / scale.float().clamp_min(torch.finfo(torch.float32).tiny))
+    q = q.clamp(-qmax, qmax).to(torch.int8)
+    if bits == 4:
+        if q.shape[-1] % 2:
+            q = torch.nn.functional.pad(q, (0, 1))
+        q = ((q[..., 0::2] & 0xF) | ((q[..., 1::2] & 0xF) << 4)).to(torch.uint8)
+    return q, scale
+
+
+def dequantize_rows(q: Tensor, scale: Tensor, bits: int, r: int, dtype: torch.dtype) -> Tensor:
+    """Inverse of :func:`quantize_rows` → (..., r) in ``dtype``."""
+    if bits == 4:
+        lo = (q & 0xF).to(torch.int8)
+        hi = (q >> 4).to(torch.int8)
+        q = torch.stack(((lo ^ 8) - 8, (hi ^ 8) - 8), dim=-1).flatten(-2)[..., :r]
+    return (q.to(torch.float32) * scale.float()).to(dtype)
+
+
+@dataclass
+class DenseStore:
+    """Uncompressed K or V of a group segment: x (B, T, G, F) in the model dtype."""
+    x: Tensor
+
+    def layer(self, j: int, dtype: torch.dtype) -> Tensor:
+        return self.x[:, :, j].to(dtype)
+
+    def held(self) -> dict[str, list[Tensor]]:
+        return {"uncompressed": [self.x]}
+
+
+@dataclass
+class LowRankStore:
+    """x ≈ u @ w (+ mean): u (B, T, r) the token factor (float, or int8/int4 with per-token
+    scales), w (B|1, r, G·F) the right factor with the singular values folded in; ``mean``
+    (1, 1, G·F) and a shared w are calibration tensors (pca)."""
+    u: Tensor
+    w: Tensor
+    features: int
+    scale: Tensor | None = None
+    bits: int = 0
+    rank: int = 0
+    mean: Tensor | None = None
+
+    @classmethod
+    def build(cls, u: Tensor, w: Tensor, features: int, factor_dtype: str, mean: Tensor | None = None,
+              shared_w: bool = False) -> "LowRankStore":
+        if factor_dtype in FLOAT_DTYPES:
+            dt = FLOAT_DTYPES[factor_dtype]
+            return cls(u.to(dt), w if shared_w else w.to(dt), features, mean=mean)
+        bits = 8 if factor_dtype == "int8" else 4
+        q, scale = quantize_rows(u, bits)
+        return cls(q, w if shared_w else w.to(torch.bfloat16), features, scale, bits, u.shape[-1], mean)
+
+    def layer(self, j: int, dtype: torch.dtype) -> Tensor:
+        cols = slice(j * self.features, (j + 1) * self.features)
+        u = self.u if self.bits == 0 else dequantize_rows(self.u, self.scale, self.bits, self.rank, torch.float32)
+        out = u.to(torch.float32) @ self.w[..., cols].to(torch.float32)
+        if self.mean is not None:
+            out = out + self.mean[..., cols].to(torch.float32)
+        return out.to(dtype)
+
+    def held(self) -> dict[str, list[Tensor]]:
+        out: dict[str, list[Tensor]] = {"factors": [self.u]}
+        out["calibration" if self.mean is not None else "factors"].append(self.w)
+        if self.mean is not None:
+            out["calibration"].append(self.mean)
+        if self.scale is not None:
+            out["scales"] = [self.scale]
+        return out
+
+
+@dataclass
+class MergedStore:
+    """MiniCache: a layer pair shares unit directions per merged (token, head); each layer keeps
+    its own magnitudes; retained (divergent) tokens are stored unmerged.
+
+    merged: bool (B, T) — tokens that were merged; directions (N_merged, H, d);
+    norms (N_merged, H, 2); retained (N_retained, 2, H·d) in the model dtype.
+    """
+    merged: Tensor
+    directions: Tensor
+    norms: Tensor
+    retained: Tensor
+
+    def layer(self, j: int, dtype: torch.dtype) -> Tensor:
+        B, T = self.merged.shape
+        H, d = self.directions.shape[-2:]
+        out = torch.empty(B, T, H * d, dtype=dtype, device=self.merged.device)
+        out[self.merged] = (self.directions.float() * self.norms[..., j:j + 1].float()).flatten(-2).to(dtype)
+        out[~self.merged] = self.retained[:, j].to(dtype)
+        return out
+
+    def held(self) -> dict[str, list[Tensor]]:
+        return {"factors": [self.directions, self.norms], "index": [self.merged], "uncompressed": [self.retained]}
