@@ -7,6 +7,7 @@ that is not installed). Anything else is handed to transformers as a local folde
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 
@@ -38,8 +39,12 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
         path, kwargs["gguf_file"] = str(_smollm2_folder()), SMOLLM2["gguf_file"]
     else:
         path = name_or_path
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
     progress = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
+    gguf_tqdm = gguf_utils.tqdm  # the GGUF de-quantisation bar ignores the switch above
+    gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
@@ -47,6 +52,7 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     except OSError as err:
         raise FileNotFoundError(f"cannot load model {name_or_path!r} offline: {err}") from err
     finally:
+        gguf_utils.tqdm = gguf_tqdm
         if progress:
             hf_logging.enable_progress_bar()
     return model.to(device).eval(), tokenizer

@@ -86,9 +86,10 @@ class LowRankStore:
 
     def held(self) -> dict[str, list[Tensor]]:
         out: dict[str, list[Tensor]] = {"factors": [self.u]}
-        out["calibration" if self.mean is not None else "factors"].append(self.w)
-        if self.mean is not None:
-            out["calibration"].append(self.mean)
+        if self.mean is None:
+            out["factors"].append(self.w)
+        else:  # w and mean are the calibrated basis, shared by every sequence
+            out["calibration"] = [self.w, self.mean]
         if self.scale is not None:
             out["scales"] = [self.scale]
         return out

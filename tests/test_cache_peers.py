@@ -1,0 +1,75 @@
+"""LowRankCache with calibrated PCA, MiniCache merging, and inside kvpress's pipeline."""
+
+import pytest
+import torch
+from transformers import DynamicCache, pipeline
+
+import kvsvd
+from kvsvd import CompressionConfig, LowRankCache
+from kvsvd.methods import minicache
+
+CONTEXT = "The secret access code is 4417. " + "The grass is green. The sky is blue. " * 40
+QUESTION = "What is the secret access code?"
+
+
+@pytest.fixture(scope="module")
+def calibration(smollm2, tmp_path_factory):
+    model, tok = smollm2
+    path = tmp_path_factory.mktemp("calib") / "smollm2.safetensors"
+    return kvsvd.calibrate(model, tok, [CONTEXT, "Water boils at 100 degrees. " * 30], 192, 192, path)
+
+
+@pytest.mark.model
+def test_pca_at_full_rank_reproduces_the_model(smollm2, calibration):
+    model, tok = smollm2
+    ids = tok("Once upon a time there was a cat. " * 30, return_tensors="pt").input_ids
+    assert ids.shape[1] > 192  # longer than the rank, so it is really projected
+    ref = model(ids, past_key_values=DynamicCache()).logits
+    cache = LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=192, rank_v=192,
+                                           calibration_path=str(calibration), residual_length=0), model.config)
+    model(ids[:, :-1], past_key_values=cache)
+    last = model(ids[:, -1:], past_key_values=cache).logits
+    assert (last[:, -1] - ref[:, -1]).abs().max() < 1e-4
+    rep = cache.memory_report()
+    assert rep["calibration_bytes"] > 0 and rep["factors_bytes"] > 0
+
+
+@pytest.mark.model
+def test_pca_refuses_a_calibration_for_another_model_or_rank(calibration, tiny_llama, smollm2):
+    with pytest.raises(ValueError, match="made for another model: num_hidden_layers=30 \\(model: 4\\)"):
+        LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=8, rank_v=8,
+                                       calibration_path=str(calibration)), tiny_llama.config)
+    with pytest.raises(FileNotFoundError, match="calibration_path"):
+        LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=8, rank_v=8,
+                                       calibration_path="/nonexistent.safetensors"), smollm2[0].config)
+
+
+def test_minicache_merges_identical_layers_losslessly_and_keeps_divergent_tokens():
+    cfg = CompressionConfig(method="minicache", layer_group_size=2, minicache_gamma=0.05)
+    x = torch.randn(1, 50, 1, 32).expand(1, 50, 2, 32).clone()
+    x[:, :, 1] *= 3.0                       # same directions, different norms: a perfect merge
+    x[:, 7, 1] = torch.randn(32)            # one divergent token
+    store = minicache.compress(x, 0, cfg, kind="k", layers=[0, 1], heads=2)
+    assert store.merged.sum() == 49 and not store.merged[0, 7]
+    for j in (0, 1):
+        assert torch.allclose(store.layer(j, torch.float32), x[:, :, j], atol=1e-5)
+
+
+@pytest.mark.model
+def test_kvpress_pipeline_with_lowrank_cache_alone_and_after_a_press(smollm2):
+    from kvpress import KnormPress
+    model, tok = smollm2
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
+    assert "4417" in pipe(CONTEXT, question=QUESTION, max_new_tokens=10)["answer"]
+    cfg = CompressionConfig(method="svd", layer_group_size=1, rank_k=48, rank_v=64, key_space="post_rope")
+    cache = LowRankCache(cfg, model.config)
+    answer = pipe(CONTEXT, question=QUESTION, max_new_tokens=10, cache=cache)["answer"]
+    assert "4417" in answer and cache.memory_report()["ratio"] > 2
+    context_tokens = len(tok.apply_chat_template([{"role": "user", "content": CONTEXT}], tokenize=False))
+    cache = LowRankCache(cfg, model.config)
+    pipe(CONTEXT, question=QUESTION, max_new_tokens=10, cache=cache, press=KnormPress(compression_ratio=0.3))
+    kept = cache.get_seq_length()
+    assert kept < context_tokens and cache.memory_report()["ratio"] > 1.5
+    with pytest.raises(ValueError, match="key_space='post_rope'"):
+        pipe(CONTEXT, question=QUESTION, max_new_tokens=10, press=KnormPress(compression_ratio=0.3),
+             cache=LowRankCache(CompressionConfig(method="svd", layer_group_size=1, rank_k=48, rank_v=64), model.config))
