@@ -17,10 +17,19 @@ def main(argv: list[str] | None = None) -> int:
     kern.add_argument("--out", default=None, help="output folder (default: results/kernels or results/gpu/kernels)")
     kern.add_argument("--repeats", type=int, default=None, help="timed calls per method (after one warm-up)")
     kern.add_argument("--force", action="store_true", help="recompute configurations already on disk")
+    cache = bench_sub.add_parser("cache", help="LowRankCache on SmolLM2: compression time, bytes, decode speed")
+    cache.add_argument("--context", type=int, default=2048, help="context tokens")
+    cache.add_argument("--decode", type=int, default=32, help="decode tokens timed")
+    cache.add_argument("--out", default="results/cache")
     args = parser.parse_args(argv)
 
     import torch
     from .bench import kernels
+
+    if args.which == "cache":
+        from .bench import cache as cache_bench
+        print(cache_bench.table(cache_bench.run(args.context, args.decode, out=args.out)))
+        return 0
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     profile = args.profile or ("gpu" if device.startswith("cuda") else "cpu")

@@ -102,3 +102,28 @@ class CompressionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def ranks_for_ratio(ratio: float, tokens: int, group_size: int, features: int, *, num_layers: int,
+                    start_layer: int = 0, residual_length: int = 0, rope_dim: int = 0,
+                    k_share: float = 1 / 3) -> tuple[int, int]:
+    """(rank_k, rank_v) such that the whole cache holds ≈ 1/ratio of the dense K+V bytes.
+
+    Budget, in entries per batch row: dense = 2·T·L·F. Held = uncompressed layers (2·T·F
+    each) + residual (2·R·F per compressed layer) + RoPE tables (2·T·rope_dim, pre-RoPE keys)
+    + factors: per group (T−R)·(r_k + r_v) + (r_k + r_v)·G·F. ``k_share`` of the total rank
+    goes to keys: value-heavy splits (rank_k ≈ rank_v / 2) kept needle answers best in the
+    exact-SVD measurement in shared/REFERENCES.md.
+    """
+    if ratio <= 1:
+        raise ValueError(f"ratio={ratio} is out of range; accepted: > 1")
+    groups = (num_layers - start_layer) // group_size
+    budget = 2 * tokens * num_layers * features / ratio
+    fixed = 2 * tokens * features * (num_layers - groups * group_size) \
+        + 2 * residual_length * features * groups * group_size + 2 * tokens * rope_dim
+    per_rank = groups * ((tokens - residual_length) + group_size * features)
+    total = (budget - fixed) / per_rank
+    if total < 2:
+        raise ValueError(f"ratio={ratio} leaves no room for factors after residual/RoPE/uncompressed layers")
+    rank_k = max(1, round(k_share * total))
+    return rank_k, max(1, round(total) - rank_k)

@@ -73,3 +73,26 @@ def test_kvpress_pipeline_with_lowrank_cache_alone_and_after_a_press(smollm2):
     with pytest.raises(ValueError, match="key_space='post_rope'"):
         pipe(CONTEXT, question=QUESTION, max_new_tokens=10, press=KnormPress(compression_ratio=0.3),
              cache=LowRankCache(CompressionConfig(method="svd", layer_group_size=1, rank_k=48, rank_v=64), model.config))
+
+
+class ByteTokenizer:
+    """Enough of a tokenizer for calibrate() on the tiny random Llama (vocab 128)."""
+
+    def __call__(self, text, return_tensors="pt"):
+        return type("Enc", (), {"input_ids": torch.tensor([[ord(c) % 128 for c in text]])})()
+
+
+def test_pca_at_full_rank_reproduces_the_tiny_model(tiny_llama, tmp_path):
+    path = kvsvd.calibrate(tiny_llama, ByteTokenizer(), ["some calibration text " * 20, "and another " * 30],
+                           32, 32, tmp_path / "tiny.safetensors")
+    ids = torch.randint(0, 128, (1, 90), generator=torch.Generator().manual_seed(0))
+    ref = tiny_llama(ids, past_key_values=DynamicCache()).logits[:, -1]
+    cache = LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=32, rank_v=32,
+                                           calibration_path=str(path), residual_length=0), tiny_llama.config)
+    tiny_llama(ids[:, :-1], past_key_values=cache)
+    assert (tiny_llama(ids[:, -1:], past_key_values=cache).logits[:, -1] - ref).abs().max() < 1e-4
+    assert cache.memory_report()["factors_bytes"] > 0
+    small = kvsvd.calibrate(tiny_llama, ByteTokenizer(), ["text " * 40], 8, 8, tmp_path / "small.safetensors")
+    with pytest.raises(ValueError, match="rank_k=9 exceeds the calibrated rank 8"):
+        LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=9, rank_v=8,
+                                       calibration_path=str(small)), tiny_llama.config)

