@@ -25,6 +25,7 @@ test: setup
 
 bench: setup
 	$(PY) -m kvsvd bench kernels --out results/kernels
+	$(PY) -m kvsvd bench cache --out results/cache
 
 reproduce: setup bench
 

@@ -21,11 +21,20 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--context", type=int, default=2048, help="context tokens")
     cache.add_argument("--decode", type=int, default=32, help="decode tokens timed")
     cache.add_argument("--out", default="results/cache")
+    niah = bench_sub.add_parser("niah", help="needle retrieval on SmolLM2 under compression levers")
+    niah.add_argument("--task", default="niah_single_2")
+    niah.add_argument("--samples", type=int, default=20)
+    niah.add_argument("--context", type=int, default=2048)
+    niah.add_argument("--out", default="results/niah")
     args = parser.parse_args(argv)
 
     import torch
     from .bench import kernels
 
+    if args.which == "niah":
+        from .bench import niah as niah_bench
+        print(niah_bench.table(niah_bench.run(args.task, args.samples, args.context, args.out)))
+        return 0
     if args.which == "cache":
         from .bench import cache as cache_bench
         print(cache_bench.table(cache_bench.run(args.context, args.decode, out=args.out)))

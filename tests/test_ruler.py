@@ -1,0 +1,65 @@
+"""Local RULER tasks: length control with the real tokenizer, determinism, scorers, bad input."""
+
+import pytest
+
+from kvsvd import ruler
+from kvsvd.evaluate import split_prompt
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2):
+    return smollm2[1]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("task", list(ruler.TASKS))
+def test_samples_fit_the_context_length_exactly_enough(tok, task):
+    samples = ruler.generate(task, 2, 1024, tok, seed=3)
+    for i, s in enumerate(samples):
+        assert set(s) >= {"index", "input", "outputs", "length"} and s["index"] == i
+        assert 1024 - 64 <= s["length"] <= 1024          # as long as the budget allows, never longer
+        assert all(o in s["context"] for o in s["outputs"])  # every gold value is in the compressed part
+        assert s["input"] == s["context"] + s["question"]
+        spec = ruler.TASKS[task]
+        assert len(s["outputs"]) == spec.num_v * spec.num_q
+
+
+@pytest.mark.model
+def test_generation_is_deterministic_per_seed_and_sample(tok):
+    a = ruler.generate("niah_multikey_2", 3, 512, tok, seed=5)
+    b = ruler.generate("niah_multikey_2", 3, 512, tok, seed=5)
+    c = ruler.generate("niah_multikey_2", 3, 512, tok, seed=6)
+    assert a == b and a[0]["outputs"] != c[0]["outputs"]
+    assert len({s["outputs"][0] for s in a}) == 3
+
+
+@pytest.mark.model
+def test_prompt_split_puts_the_question_after_the_context(tok):
+    s = ruler.generate("niah_single_1", 1, 512, tok)[0]
+    ctx, question = split_prompt(tok, s)
+    assert ctx.shape[1] + question.shape[1] == s["length"] - ruler.TASKS["niah_single_1"].tokens_to_generate
+    assert s["outputs"][0] in tok.decode(ctx[0]) and "special magic number for" in tok.decode(question[0])
+
+
+@pytest.mark.model
+def test_bad_input_is_named_and_never_loops(tok):
+    with pytest.raises(ValueError, match="task='niah_double' is unknown"):
+        ruler.generate("niah_double", 1, 1024, tok)
+    with pytest.raises(ValueError, match="cannot fit context_length=200"):
+        ruler.generate("niah_multikey_3", 1, 200, tok)
+    with pytest.raises(ValueError, match="context_length=100 is out of range"):
+        ruler.generate("niah_single_1", 1, 100, tok)
+    with pytest.raises(ValueError, match="n_samples=0"):
+        ruler.generate("niah_single_1", 0, 1024, tok)
+
+
+def test_scorers_follow_ruler():
+    preds = ["The numbers are 123 and 456.", "nothing here", "ABC-def"]
+    refs = [["123", "456"], ["789"], ["abc-DEF", "zzz"]]
+    assert ruler.string_match_all(preds, refs) == pytest.approx(100 * (1 + 0 + 0.5) / 3)
+    assert ruler.string_match_part(preds, refs) == pytest.approx(100 * 2 / 3)
+    assert ruler.score("niah_multivalue", preds, refs) == ruler.string_match_all(preds, refs)
+    with pytest.raises(ValueError, match="equal length"):
+        ruler.string_match_all(["a"], [])
+    with pytest.raises(ValueError, match="task='qa_3'"):
+        ruler.score("qa_3", preds, refs)
