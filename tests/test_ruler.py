@@ -17,11 +17,12 @@ def test_samples_fit_the_context_length_exactly_enough(tok, task):
     samples = ruler.generate(task, 2, 1024, tok, seed=3)
     for i, s in enumerate(samples):
         assert set(s) >= {"index", "input", "outputs", "length"} and s["index"] == i
-        assert 1024 - 64 <= s["length"] <= 1024          # as long as the budget allows, never longer
+        assert s["length"] <= 1024                          # never longer than asked
         assert all(o in s["context"] for o in s["outputs"])  # every gold value is in the compressed part
+        assert 1024 - 64 <= s["length"]
         assert s["input"] == s["context"] + s["question"]
-        spec = ruler.TASKS[task]
-        assert len(s["outputs"]) == spec.num_v * spec.num_q
+        expected = {"vt": 5, "cwe": 10, "fwe": 3}.get(task) or ruler.NIAH[task].num_v * ruler.NIAH[task].num_q
+        assert len(s["outputs"]) == expected
 
 
 @pytest.mark.model
@@ -63,3 +64,19 @@ def test_scorers_follow_ruler():
         ruler.string_match_all(["a"], [])
     with pytest.raises(ValueError, match="task='qa_3'"):
         ruler.score("qa_3", preds, refs)
+
+
+@pytest.mark.model
+def test_vt_cwe_fwe_answers_follow_their_rules(tok):
+    vt = ruler.generate("vt", 1, 1024, tok, seed=2)[0]
+    value = vt["question"].split("value ")[1].split(" ")[0]
+    chain = [vt["context"].split("\n\n", 1)[1].count(f"VAR {v} =") for v in vt["outputs"]]
+    assert chain == [1] * 5 and f"= {value}" in vt["context"]
+    cwe = ruler.generate("cwe", 1, 1024, tok, seed=2)[0]
+    body = cwe["context"].rsplit("Memorize the ones that appear most often.", 1)[1]
+    counts = {w: body.count(f". {w} ") + body.endswith(f". {w}\n") for w in cwe["outputs"]}
+    assert all(c == 6 for c in counts.values())          # below 4k tokens: common ×6, uncommon ×1
+    fwe = ruler.generate("fwe", 1, 2048, tok, seed=2)[0]
+    words = fwe["context"].split("coded words. ", 1)[1].split()
+    top = sorted(set(words) - {"..."}, key=words.count, reverse=True)[:3]
+    assert top == fwe["outputs"] and words.count("...") > words.count(top[0])
