@@ -1,4 +1,9 @@
-"""Command line: ``python -m kvsvd bench kernels [--profile cpu|gpu|smoke] [--device ...] [--out ...]``."""
+"""Command line.
+
+    python -m kvsvd bench kernels [--profile cpu|gpu|smoke] [--device ...] [--out ...]
+    python -m kvsvd bench cache | niah
+    python -m kvsvd eval CONFIG.yaml        (torchrun --nproc_per_node N -m kvsvd eval CONFIG.yaml)
+"""
 
 from __future__ import annotations
 
@@ -26,7 +31,13 @@ def main(argv: list[str] | None = None) -> int:
     niah.add_argument("--samples", type=int, default=20)
     niah.add_argument("--context", type=int, default=2048)
     niah.add_argument("--out", default="results/niah")
+    ev = sub.add_parser("eval", help="run (or resume) an evaluation grid from a YAML config")
+    ev.add_argument("config", help="grid YAML (see kvsvd.grid)")
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        from .grid import run as run_grid
+        print(run_grid(args.config))
+        return 0
 
     import torch
     from .bench import kernels

@@ -1,8 +1,11 @@
 """Answering one RULER sample with a cache: prefill (and compress) the context, then decode the
-question uncompressed, as kvpress's pipeline does."""
+question uncompressed, as kvpress's pipeline does; positions are explicit, so a press that
+evicts context tokens does not shift the question's RoPE positions."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import time
 
 import torch
@@ -23,26 +26,51 @@ def split_prompt(tokenizer, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return enc(text[:cut]), enc(text[cut:])
 
 
+def _positions(start: int, n: int, device) -> torch.Tensor:
+    return torch.arange(start, start + n, device=device).unsqueeze(0)
+
+
 @torch.no_grad()
-def answer(model, tokenizer, sample: dict, cache, max_new_tokens: int = 32) -> dict:
-    """Greedy answer of ``sample`` with ``cache``; returns the text and the time of each phase (ms)."""
+def answer(model, tokenizer, sample: dict, cache, max_new_tokens: int = 32, press=None,
+           gold: str | None = None) -> dict:
+    """Greedy answer of ``sample`` with ``cache`` (prefill under ``press`` when given).
+
+    Returns the prediction, the time of each phase (ms), and with ``gold`` the log-likelihood of
+    the gold answer under teacher forcing, computed on a copy of the compressed cache.
+    """
     ctx, question = split_prompt(tokenizer, sample)
-    dev = model.device
+    dev, n_ctx = model.device, ctx.shape[1]
     t0 = time.perf_counter()
-    model.model(input_ids=ctx.to(dev), past_key_values=cache)
+    with press(model) if press is not None else contextlib.nullcontext():
+        model.model(input_ids=ctx.to(dev), past_key_values=cache)
     t1 = time.perf_counter()
     if isinstance(cache, LowRankCache):
         cache.compress_pending()
     t2 = time.perf_counter()
-    logits = model(input_ids=question.to(dev), past_key_values=cache, logits_to_keep=1).logits
+    out: dict = {"context_tokens": n_ctx, "prefill_ms": (t1 - t0) * 1e3, "compress_ms": (t2 - t1) * 1e3}
+    if isinstance(cache, LowRankCache):
+        out["compression_log"] = cache.compression_log
+    if gold is not None:
+        gold_ids = tokenizer(gold, add_special_tokens=False, return_tensors="pt").input_ids.to(dev)
+        forced = torch.cat([question.to(dev), gold_ids], dim=1)
+        logits = model(input_ids=forced, past_key_values=copy.deepcopy(cache),
+                       position_ids=_positions(n_ctx, forced.shape[1], dev)).logits
+        logp = logits[0, question.shape[1] - 1:-1].float().log_softmax(-1)
+        out["gold_logprob"] = float(logp.gather(-1, gold_ids[0, :, None]).sum())
+        out["gold_tokens"] = gold_ids.shape[1]
+    pos = n_ctx + question.shape[1]
+    logits = model(input_ids=question.to(dev), past_key_values=cache, logits_to_keep=1,
+                   position_ids=_positions(n_ctx, question.shape[1], dev)).logits
     tokens = [int(logits[0, -1].argmax())]
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     t3 = time.perf_counter()
     while len(tokens) < max_new_tokens and tokens[-1] not in eos:
-        logits = model(input_ids=torch.tensor([[tokens[-1]]], device=dev), past_key_values=cache).logits
+        logits = model(input_ids=torch.tensor([[tokens[-1]]], device=dev), past_key_values=cache,
+                       position_ids=_positions(pos + len(tokens) - 1, 1, dev)).logits
         tokens.append(int(logits[0, -1].argmax()))
     t4 = time.perf_counter()
-    return {"prediction": tokenizer.decode(tokens, skip_special_tokens=True), "context_tokens": ctx.shape[1],
-            "prefill_ms": (t1 - t0) * 1e3, "compress_ms": (t2 - t1) * 1e3,
-            "decode_ms_per_token": (t4 - t3) * 1e3 / max(1, len(tokens) - 1)}
+    out.update(prediction=tokenizer.decode(tokens, skip_special_tokens=True),
+               decode_ms_per_token=(t4 - t3) * 1e3 / max(1, len(tokens) - 1), new_tokens=len(tokens),
+               processed_tokens=pos + len(tokens) - 1)  # every token whose K/V entered the cache
+    return out

@@ -1,0 +1,308 @@
+"""The evaluation grid: method × ranks × layer_group_size × n_iter × task × context length × sample.
+
+A grid is a YAML file (or dict)::
+
+    name: cpu_smoke
+    model: smollm2-135m
+    tasks: [niah_single_1]
+    context_lengths: [1024]
+    n_samples: 2
+    seed: 0
+    max_new_tokens: 24
+    out: results/eval/cpu_smoke.jsonl
+    methods:
+      - {method: xkv, layer_group_size: [2, 5], ratio: [4, 8], key_space: pre_rope}
+      - {method: press, press: [knorm, snapkv], ratio: [4, 8]}
+
+A list value in a method entry expands into one method per value (a product over lists).
+``ratio`` asks for that many times fewer KV bytes: kvsvd methods get ranks from
+``ranks_for_ratio`` (counting residual and RoPE bytes), presses get compression_ratio =
+1 − 1/ratio. The dense reference (``method: none``) always runs first for every sample.
+
+Each finished cell is appended (and flushed) as one JSON line, so a rerun skips finished
+cells and an interrupted run loses at most the cell in flight; a corrupt last line (a
+process killed mid-write) is dropped and redone. Under ``torchrun`` the samples are sharded
+over the processes (gloo on CPU, nccl on GPU) and rank 0 merges the shards into ``out``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import os
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from . import ruler
+from .cache import LowRankCache
+from .config import METHODS as KVSVD_METHODS, CompressionConfig, ranks_for_ratio
+from .evaluate import answer, split_prompt
+
+PRESSES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress", "knorm": "KnormPress",
+           "expected_attention": "ExpectedAttentionPress", "pyramidkv": "PyramidKVPress", "tova": "TOVAPress",
+           "observed_attention": "ObservedAttentionPress"}
+METHODS = ("none", "press", *KVSVD_METHODS)
+GRID_KEYS = {"name", "model", "tasks", "context_lengths", "n_samples", "seed", "max_new_tokens", "methods", "out"}
+METHOD_KEYS = {"method", "ratio", "press", "k_share"} | set(CompressionConfig.__dataclass_fields__) - {"method"}
+TIMING_KEYS = {"prefill_ms", "compress_ms", "decode_ms_per_token", "compression_breakdown_ms", "peak_rss_mb",
+               "peak_cuda_mb"}
+
+
+@dataclass
+class Grid:
+    name: str
+    model: str
+    tasks: list[str]
+    context_lengths: list[int]
+    n_samples: int
+    methods: list[dict]
+    out: Path
+    seed: int = 0
+    max_new_tokens: int = 32
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def config_hash(self) -> str:
+        """Identity of the grid's contents (everything but the output path)."""
+        body = {k: v for k, v in self.raw.items() if k != "out"}
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def expand_methods(entries: list[dict]) -> list[dict]:
+    """One method dict per combination of list values; ``none`` is added first if missing."""
+    out: list[dict] = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "method" not in entry:
+            raise ValueError(f"methods[{i}] must be a mapping with a 'method' key, got {entry!r}")
+        unknown = set(entry) - METHOD_KEYS
+        if unknown:
+            raise ValueError(f"methods[{i}] has unknown key(s) {sorted(unknown)}; accepted: {sorted(METHOD_KEYS)}")
+        keys = list(entry)
+        for combo in itertools.product(*(_as_list(entry[k]) for k in keys)):
+            spec = dict(zip(keys, combo))
+            if spec["method"] not in METHODS:
+                raise ValueError(f"methods[{i}].method={spec['method']!r} is unknown; accepted: {', '.join(METHODS)}")
+            if spec["method"] == "press" and spec.get("press") not in PRESSES:
+                raise ValueError(f"methods[{i}].press={spec.get('press')!r} is unknown; accepted: {', '.join(PRESSES)}")
+            if spec["method"] not in ("none",) and "ratio" in spec and not spec["ratio"] > 1:
+                raise ValueError(f"methods[{i}].ratio={spec['ratio']} is out of range; accepted: > 1")
+            out.append(spec)
+    if {"method": "none"} not in out:
+        out.insert(0, {"method": "none"})
+    return out
+
+
+def load_grid(source: str | Path | dict) -> Grid:
+    """Read and validate a grid (YAML path or dict); errors name the offending key."""
+    if isinstance(source, dict):
+        raw = copy.deepcopy(source)
+    else:
+        import yaml
+        raw = yaml.safe_load(Path(source).read_text())
+    if not isinstance(raw, dict):
+        raise ValueError(f"a grid config must be a mapping, got {type(raw).__name__}")
+    unknown = set(raw) - GRID_KEYS
+    if unknown:
+        raise ValueError(f"unknown grid key(s) {sorted(unknown)}; accepted: {sorted(GRID_KEYS)}")
+    missing = {"name", "model", "tasks", "context_lengths", "n_samples", "methods", "out"} - set(raw)
+    if missing:
+        raise ValueError(f"missing grid key(s) {sorted(missing)}")
+    for task in _as_list(raw["tasks"]):
+        if task not in ruler.TASKS:
+            raise ValueError(f"tasks: {task!r} is unknown; accepted: {', '.join(ruler.TASKS)}")
+    lengths = [int(x) for x in _as_list(raw["context_lengths"])]
+    if any(x < 256 for x in lengths):
+        raise ValueError(f"context_lengths={lengths} out of range; accepted: >= 256")
+    if not isinstance(raw["n_samples"], int) or raw["n_samples"] < 1:
+        raise ValueError(f"n_samples={raw['n_samples']!r} out of range; accepted: >= 1")
+    return Grid(name=str(raw["name"]), model=str(raw["model"]), tasks=_as_list(raw["tasks"]), context_lengths=lengths,
+                n_samples=raw["n_samples"], methods=expand_methods(_as_list(raw["methods"])), out=Path(raw["out"]),
+                seed=int(raw.get("seed", 0)), max_new_tokens=int(raw.get("max_new_tokens", 32)), raw=raw)
+
+
+def cell_key(method: dict, task: str, context_length: int, index: int) -> str:
+    return json.dumps({"method": method, "task": task, "context_length": context_length, "index": index},
+                      sort_keys=True)
+
+
+def read_rows(path: Path, config_hash: str | None = None) -> list[dict]:
+    """Rows of a results file; a corrupt last line is truncated away (it is redone)."""
+    if not path.exists():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    rows, good_bytes = [], 0
+    for i, line in enumerate(lines):
+        if not line.strip():
+            good_bytes += len(line) + 1
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if any(x.strip() for x in lines[i + 1:]):
+                raise ValueError(f"{path}: line {i + 1} is corrupt and is not the last line") from None
+            with open(path, "r+b") as f:  # killed mid-write: drop the partial line
+                f.truncate(good_bytes)
+            break
+        good_bytes += len(line) + 1
+    if config_hash is not None:
+        other = {r.get("config_hash") for r in rows} - {config_hash}
+        if other:
+            raise ValueError(f"{path} was written by another grid config (config_hash {sorted(other)} != "
+                             f"{config_hash}): choose another 'out' or remove the file")
+    return rows
+
+
+def _model_dims(model) -> tuple[int, int, int, int]:
+    c = model.config
+    return c.num_hidden_layers, c.num_key_value_heads, c.head_dim, torch.empty((), dtype=model.dtype).element_size()
+
+
+def build(method: dict, model, context_tokens: int):
+    """(cache, press) for one method at a context of ``context_tokens`` tokens."""
+    kind = method["method"]
+    if kind == "none":
+        return DynamicCache(), None
+    if kind == "press":
+        import kvpress
+        ratio = method.get("ratio", 2.0)
+        return DynamicCache(), getattr(kvpress, PRESSES[method["press"]])(compression_ratio=1 - 1 / ratio)
+    L, H, d, _ = _model_dims(model)
+    fields = {k: v for k, v in method.items() if k in CompressionConfig.__dataclass_fields__}
+    G = fields.setdefault("layer_group_size", {"svd": 1, "pca": 1, "minicache": 2}.get(kind, 4))
+    fields.setdefault("start_layer", L % G)
+    if "ratio" in method and kind in ("svd", "xkv", "pca"):
+        fields["rank_k"], fields["rank_v"] = ranks_for_ratio(
+            method["ratio"], context_tokens, G, H * d, num_layers=L, start_layer=fields["start_layer"],
+            residual_length=fields.get("residual_length", 32),
+            rope_dim=d if fields.get("key_space", "pre_rope") == "pre_rope" else 0,
+            k_share=method.get("k_share", 1 / 3))
+    return LowRankCache(CompressionConfig(**fields), model.config), None
+
+
+def kv_bytes(cache, model, processed_tokens: int) -> tuple[int, int]:
+    """(dense-equivalent, actually held) bytes: what a DynamicCache would hold for every processed
+    token, and the distinct tensor storages the cache holds (memory_report's accounting)."""
+    L, H, d, item = _model_dims(model)
+    dense = 2 * L * H * d * processed_tokens * item
+    if isinstance(cache, LowRankCache):
+        return dense, cache.memory_report()["total_bytes"]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for layer in cache.layers for t in (layer.keys, layer.values)}
+    return dense, sum(storages.values())
+
+
+def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: int) -> dict:
+    cache, press = build(method, model, split_prompt(tok, sample)[0].shape[1])
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    gold = " " + " ".join(sample["outputs"])
+    res = answer(model, tok, sample, cache, max_new_tokens=max_new_tokens, press=press, gold=gold)
+    dense, held = kv_bytes(cache, model, res["processed_tokens"])
+    stages: dict[str, float] = {}
+    for entry in res.pop("compression_log", []):
+        for stage, ms in entry["breakdown_ms"].items():
+            stages[stage] = stages.get(stage, 0.0) + ms
+    row = {**res, "compression_breakdown_ms": stages, "kv_bytes_dense_equivalent": dense, "kv_bytes_held": held,
+           "kv_ratio": dense / held if held else float("nan"),
+           "score": ruler.score(task, [res["prediction"]], [sample["outputs"]]),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if model.device.type == "cuda":
+        row["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if isinstance(cache, LowRankCache):
+        row["rank_k"], row["rank_v"] = cache.config.rank_k, cache.config.rank_v
+    return row
+
+
+def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
+    """Run (or resume) a grid; returns the results path. Shards over torchrun processes."""
+    grid = load_grid(source)
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if model is None:
+        from .models import load_model
+        model, tokenizer = load_model(grid.model, device="cuda" if torch.cuda.is_available() else "cpu")
+    grid.out.parent.mkdir(parents=True, exist_ok=True)
+    shard = grid.out if world == 1 else grid.out.with_suffix(f".rank{rank}.jsonl")
+    rows = read_rows(grid.out, grid.config_hash) + (read_rows(shard, grid.config_hash) if shard != grid.out else [])
+    done = {r["key"]: r for r in rows}
+    units = [(t, L, i) for t in grid.tasks for L in grid.context_lengths for i in range(grid.n_samples)]
+    mine = units[rank::world]
+    todo = [(u, m) for u in mine for m in grid.methods if cell_key(m, *u) not in done]
+    samples: dict[tuple[str, int], list[dict]] = {}
+    with open(shard, "a") as f:
+        for (task, L, i), method in tqdm(todo, desc=f"{grid.name} (rank {rank}/{world})", disable=None):
+            if (task, L) not in samples:
+                samples[task, L] = ruler.generate(task, grid.n_samples, L, tokenizer, seed=grid.seed)
+            sample = samples[task, L][i]
+            row = run_cell(model, tokenizer, sample, method, task, grid.max_new_tokens)
+            dense = done.get(cell_key({"method": "none"}, task, L, i))
+            row["agreement_with_dense"] = None if dense is None else float(
+                row["prediction"].strip() == dense["prediction"].strip())
+            row.update(key=cell_key(method, task, L, i), config_hash=grid.config_hash, grid=grid.name,
+                       method=method, task=task, context_length=L, index=i, outputs=sample["outputs"])
+            done[row["key"]] = row
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    if world > 1:
+        torch.distributed.barrier()
+        if rank == 0:
+            _merge_shards(grid, world)
+        torch.distributed.barrier()
+    return grid.out
+
+
+def _merge_shards(grid: Grid, world: int) -> None:
+    """Rank 0: fold every shard into ``out`` in the grid's canonical cell order."""
+    rows = {r["key"]: r for r in read_rows(grid.out, grid.config_hash)}
+    shards = [grid.out.with_suffix(f".rank{r}.jsonl") for r in range(world)]
+    for path in shards:
+        rows.update({r["key"]: r for r in read_rows(path, grid.config_hash)})
+    order = [cell_key(m, t, L, i) for t in grid.tasks for L in grid.context_lengths for i in range(grid.n_samples)
+             for m in grid.methods]
+    tmp = grid.out.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(rows[k]) + "\n" for k in order if k in rows))
+    tmp.replace(grid.out)
+    for path in shards:
+        path.unlink(missing_ok=True)
+
+
+def load_results(path: str | Path):
+    """A tidy pandas DataFrame: one row per cell, the method's fields as columns."""
+    import pandas as pd
+    rows = read_rows(Path(path))
+    records = []
+    for r in rows:
+        rec = {k: v for k, v in r.items() if k not in ("method", "compression_breakdown_ms")}
+        rec.update({f"m_{k}": v for k, v in r["method"].items()})
+        rec.update({f"stage_{k}": v for k, v in r.get("compression_breakdown_ms", {}).items()})
+        records.append(rec)
+    df = pd.DataFrame.from_records(records)
+    if not df.empty:
+        df["label"] = df.apply(_label, axis=1)
+    return df
+
+
+def _label(row) -> str:
+    """'dense', 'knorm 4x', 'xkv G2 4x', ... for plots and tables."""
+    m, ratio = row["m_method"], row.get("m_ratio")
+    budget = f" {ratio:g}x" if isinstance(ratio, (int, float)) and ratio == ratio else ""
+    if m == "none":
+        return "dense"
+    if m == "press":
+        return f"{row['m_press']}{budget}"
+    g = row.get("m_layer_group_size")
+    group = f" G{int(g)}" if isinstance(g, (int, float)) and g == g else ""
+    return f"{m}{group}{budget}"

@@ -1,0 +1,98 @@
+"""The evaluation grid: validation, resumable JSONL, corrupt lines, DataFrame, torchrun sharding."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvsvd import grid
+
+BASE = {"name": "t", "model": "smollm2-135m", "tasks": ["niah_single_1"], "context_lengths": [384], "n_samples": 2,
+        "max_new_tokens": 12, "methods": [{"method": "xkv", "layer_group_size": 2, "ratio": 3},
+                                          {"method": "press", "press": "knorm", "ratio": 3}]}
+
+
+def cfg(tmp_path, **kw):
+    return {**BASE, "out": str(tmp_path / "r.jsonl"), **kw}
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"colour": 1}, r"unknown grid key\(s\) \['colour'\]"),
+    ({"tasks": ["niah_9"]}, "tasks: 'niah_9' is unknown"),
+    ({"methods": [{"method": "lora"}]}, r"methods\[0\].method='lora' is unknown"),
+    ({"methods": [{"method": "press", "press": "magic"}]}, r"methods\[0\].press='magic' is unknown"),
+    ({"methods": [{"method": "svd", "ratio": 1}]}, r"methods\[0\].ratio=1 is out of range"),
+    ({"methods": [{"method": "svd", "rnak_k": 3}]}, r"methods\[0\] has unknown key\(s\) \['rnak_k'\]"),
+    ({"context_lengths": [100]}, "context_lengths"),
+])
+def test_bad_grid_configs_name_the_key(tmp_path, change, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        grid.load_grid(cfg(tmp_path, **change))
+    with pytest.raises(ValueError, match=r"missing grid key\(s\) \['out'\]"):
+        grid.load_grid({k: v for k, v in BASE.items()})
+
+
+def test_methods_expand_as_a_product_with_dense_first(tmp_path):
+    g = grid.load_grid(cfg(tmp_path, methods=[{"method": "xkv", "layer_group_size": [2, 5], "ratio": [4, 8]}]))
+    assert g.methods[0] == {"method": "none"} and len(g.methods) == 5
+    assert {(m["layer_group_size"], m["ratio"]) for m in g.methods[1:]} == {(2, 4), (2, 8), (5, 4), (5, 8)}
+
+
+def test_corrupt_last_line_is_dropped_and_other_configs_refused(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({"key": "a", "config_hash": "h"}) + "\n" + '{"key": "b", "conf')
+    assert [r["key"] for r in grid.read_rows(path, "h")] == ["a"]
+    assert path.read_text().count("\n") == 1
+    with pytest.raises(ValueError, match="written by another grid config"):
+        grid.read_rows(path, "other")
+    path.write_text('{"key": "a"\n' + json.dumps({"key": "b"}) + "\n")
+    with pytest.raises(ValueError, match="line 1 is corrupt"):
+        grid.read_rows(path)
+
+
+@pytest.mark.model
+def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path):
+    model, tok = smollm2
+    out = grid.run(cfg(tmp_path), model, tok)
+    rows = grid.read_rows(out)
+    assert len(rows) == 2 * 3 and rows[0]["method"] == {"method": "none"}
+    for r in rows:
+        assert set(r) >= {"prediction", "score", "gold_logprob", "agreement_with_dense", "prefill_ms", "compress_ms",
+                          "decode_ms_per_token", "kv_bytes_dense_equivalent", "kv_bytes_held", "peak_rss_mb"}
+        assert 0 <= r["score"] <= 100 and r["gold_logprob"] < 0
+    xkv = [r for r in rows if r["method"]["method"] == "xkv"]
+    assert all(r["kv_ratio"] > 1.5 and "power_iteration" in r["compression_breakdown_ms"] for r in xkv)
+    assert all(r["agreement_with_dense"] in (0.0, 1.0) for r in xkv)
+    before = out.read_text()
+    grid.run(cfg(tmp_path), model, tok)            # nothing left to do
+    assert out.read_text() == before
+    lines = before.splitlines(keepends=True)       # simulate a kill while writing the last cell
+    out.write_text("".join(lines[:-1]) + lines[-1][:40])
+    grid.run(cfg(tmp_path), model, tok)
+    again = grid.read_rows(out)
+    assert [r["key"] for r in again] == [r["key"] for r in rows]
+    df = grid.load_results(out)
+    assert len(df) == 6 and set(df["label"]) == {"dense", "xkv G2 3x", "knorm 3x"}
+    with pytest.raises(ValueError, match="another grid config"):
+        grid.run(cfg(tmp_path, n_samples=3), model, tok)
+
+
+@pytest.mark.model
+def test_torchrun_two_processes_give_the_same_rows(smollm2, tmp_path):
+    model, tok = smollm2
+    one = grid.read_rows(grid.run(cfg(tmp_path, out=str(tmp_path / "one.jsonl")), model, tok))
+    config = tmp_path / "two.yaml"
+    import yaml
+    config.write_text(yaml.safe_dump(cfg(tmp_path, out=str(tmp_path / "two.jsonl"))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                    "-m", "kvsvd", "eval", str(config)], check=True, env=env, capture_output=True, timeout=600)
+    two = grid.read_rows(tmp_path / "two.jsonl")
+    assert [r["key"] for r in two] == [r["key"] for r in one]
+    for a, b in zip(two, one):  # other thread counts change float reduction order: floats to 1e-3
+        for k in set(a) - grid.TIMING_KEYS:
+            expected = pytest.approx(b[k], rel=1e-3, abs=1e-3) if isinstance(b[k], float) else b[k]
+            assert a[k] == expected, k
+    assert not list(tmp_path.glob("two.rank*.jsonl"))
