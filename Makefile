@@ -28,6 +28,7 @@ bench: setup
 	$(PY) -m kvsvd bench cache --out results/cache
 
 reproduce: setup bench
+	$(PY) -m kvsvd eval configs/$(PROFILE).yaml
 
 lab: setup
 	$(PY) -m jupyter lab notebooks/

@@ -30,6 +30,16 @@ def _positions(start: int, n: int, device) -> torch.Tensor:
     return torch.arange(start, start + n, device=device).unsqueeze(0)
 
 
+def _forward(model, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
+    """Logits (1, n, V) of ``ids`` placed at positions start.. on ``cache``. When the layers hold
+    different numbers of tokens (a press with per-layer budgets, e.g. PyramidKV), transformers'
+    causal mask (sized from layer 0) cannot serve a multi-token step: feed one token at a time."""
+    if len({cache.get_seq_length(i) for i in range(len(cache.layers))}) == 1:
+        return model(input_ids=ids, past_key_values=cache, position_ids=_positions(start, ids.shape[1], ids.device)).logits
+    return torch.cat([model(input_ids=ids[:, j:j + 1], past_key_values=cache,
+                            position_ids=_positions(start + j, 1, ids.device)).logits for j in range(ids.shape[1])], 1)
+
+
 @torch.no_grad()
 def answer(model, tokenizer, sample: dict, cache, max_new_tokens: int = 32, press=None,
            gold: str | None = None) -> dict:
@@ -53,14 +63,12 @@ def answer(model, tokenizer, sample: dict, cache, max_new_tokens: int = 32, pres
     if gold is not None:
         gold_ids = tokenizer(gold, add_special_tokens=False, return_tensors="pt").input_ids.to(dev)
         forced = torch.cat([question.to(dev), gold_ids], dim=1)
-        logits = model(input_ids=forced, past_key_values=copy.deepcopy(cache),
-                       position_ids=_positions(n_ctx, forced.shape[1], dev)).logits
+        logits = _forward(model, forced, copy.deepcopy(cache), n_ctx)
         logp = logits[0, question.shape[1] - 1:-1].float().log_softmax(-1)
         out["gold_logprob"] = float(logp.gather(-1, gold_ids[0, :, None]).sum())
         out["gold_tokens"] = gold_ids.shape[1]
     pos = n_ctx + question.shape[1]
-    logits = model(input_ids=question.to(dev), past_key_values=cache, logits_to_keep=1,
-                   position_ids=_positions(n_ctx, question.shape[1], dev)).logits
+    logits = _forward(model, question.to(dev), cache, n_ctx)
     tokens = [int(logits[0, -1].argmax())]
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])

@@ -207,7 +207,15 @@ def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: 
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     gold = " " + " ".join(sample["outputs"])
-    res = answer(model, tok, sample, cache, max_new_tokens=max_new_tokens, press=press, gold=gold)
+    eager = method.get("press") == "observed_attention"  # it reads the attention weights
+    previous = model.config._attn_implementation
+    if eager:
+        model.set_attn_implementation("eager")
+    try:
+        res = answer(model, tok, sample, cache, max_new_tokens=max_new_tokens, press=press, gold=gold)
+    finally:
+        if eager:
+            model.set_attn_implementation(previous)
     dense, held = kv_bytes(cache, model, res["processed_tokens"])
     stages: dict[str, float] = {}
     for entry in res.pop("compression_log", []):
@@ -304,5 +312,9 @@ def _label(row) -> str:
     if m == "press":
         return f"{row['m_press']}{budget}"
     g = row.get("m_layer_group_size")
-    group = f" G{int(g)}" if isinstance(g, (int, float)) and g == g else ""
-    return f"{m}{group}{budget}"
+    parts = [m + (f" G{int(g)}" if isinstance(g, (int, float)) and g == g else "") + budget]
+    for key, fmt in (("m_key_space", "{}"), ("m_factor_dtype", "{}"), ("m_n_iter", "q{:g}"), ("m_svd", "{}")):
+        value = row.get(key)
+        if isinstance(value, str) or (isinstance(value, (int, float)) and value == value):
+            parts.append(fmt.format(value))
+    return " ".join(parts)

@@ -96,3 +96,13 @@ def test_torchrun_two_processes_give_the_same_rows(smollm2, tmp_path):
             expected = pytest.approx(b[k], rel=1e-3, abs=1e-3) if isinstance(b[k], float) else b[k]
             assert a[k] == expected, k
     assert not list(tmp_path.glob("two.rank*.jsonl"))
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("press", ["pyramidkv", "observed_attention"])
+def test_presses_with_per_layer_budgets_or_attention_weights_run(smollm2, press):
+    model, tok = smollm2
+    sample = grid.ruler.generate("niah_single_1", 1, 384, tok)[0]
+    row = grid.run_cell(model, tok, sample, {"method": "press", "press": press, "ratio": 2}, "niah_single_1", 8)
+    assert row["kv_ratio"] > 1.5 and row["gold_logprob"] < 0
+    assert model.config._attn_implementation == "sdpa"  # eager only for the observed_attention cell
