@@ -40,19 +40,24 @@ def _forward(model, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
                             position_ids=_positions(start + j, 1, ids.device)).logits for j in range(ids.shape[1])], 1)
 
 
+def _prefill(model, ctx: torch.Tensor, cache, press) -> None:
+    with press(model) if press is not None else contextlib.nullcontext():
+        model.model(input_ids=ctx.to(model.device), past_key_values=cache)
+
+
 @torch.no_grad()
 def answer(model, tokenizer, sample: dict, cache, max_new_tokens: int = 32, press=None,
-           gold: str | None = None) -> dict:
+           gold: str | None = None, new_cache=None) -> dict:
     """Greedy answer of ``sample`` with ``cache`` (prefill under ``press`` when given).
 
     Returns the prediction, the time of each phase (ms), and with ``gold`` the log-likelihood of
-    the gold answer under teacher forcing, computed on a copy of the compressed cache.
+    the gold answer under teacher forcing, computed on a copy of the compressed cache (or, for a
+    cache that cannot be deep-copied such as quanto's, on a second prefill into ``new_cache()``).
     """
     ctx, question = split_prompt(tokenizer, sample)
     dev, n_ctx = model.device, ctx.shape[1]
     t0 = time.perf_counter()
-    with press(model) if press is not None else contextlib.nullcontext():
-        model.model(input_ids=ctx.to(dev), past_key_values=cache)
+    _prefill(model, ctx, cache, press)
     t1 = time.perf_counter()
     if isinstance(cache, LowRankCache):
         cache.compress_pending()
@@ -63,7 +68,14 @@ def answer(model, tokenizer, sample: dict, cache, max_new_tokens: int = 32, pres
     if gold is not None:
         gold_ids = tokenizer(gold, add_special_tokens=False, return_tensors="pt").input_ids.to(dev)
         forced = torch.cat([question.to(dev), gold_ids], dim=1)
-        logits = _forward(model, forced, copy.deepcopy(cache), n_ctx)
+        try:
+            forced_cache = copy.deepcopy(cache)
+        except RuntimeError:
+            if new_cache is None:
+                raise
+            forced_cache = new_cache()
+            _prefill(model, ctx, forced_cache, press)
+        logits = _forward(model, forced, forced_cache, n_ctx)
         logp = logits[0, question.shape[1] - 1:-1].float().log_softmax(-1)
         out["gold_logprob"] = float(logp.gather(-1, gold_ids[0, :, None]).sum())
         out["gold_tokens"] = gold_ids.shape[1]

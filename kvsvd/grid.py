@@ -17,7 +17,8 @@ A grid is a YAML file (or dict)::
 A list value in a method entry expands into one method per value (a product over lists).
 ``ratio`` asks for that many times fewer KV bytes: kvsvd methods get ranks from
 ``ranks_for_ratio`` (counting residual and RoPE bytes), presses get compression_ratio =
-1 − 1/ratio. The dense reference (``method: none``) always runs first for every sample.
+1 − 1/ratio; ``method: quantized`` is transformers' QuantizedCache (``nbits``, ``backend``:
+quanto or hqq). The dense reference (``method: none``) always runs first for every sample.
 
 Each finished cell is appended (and flushed) as one JSON line, so a rerun skips finished
 cells and an interrupted run loses at most the cell in flight; a corrupt last line (a
@@ -48,9 +49,10 @@ from .evaluate import answer, split_prompt
 PRESSES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress", "knorm": "KnormPress",
            "expected_attention": "ExpectedAttentionPress", "pyramidkv": "PyramidKVPress", "tova": "TOVAPress",
            "observed_attention": "ObservedAttentionPress"}
-METHODS = ("none", "press", *KVSVD_METHODS)
+METHODS = ("none", "press", "quantized", *KVSVD_METHODS)
 GRID_KEYS = {"name", "model", "tasks", "context_lengths", "n_samples", "seed", "max_new_tokens", "methods", "out"}
-METHOD_KEYS = {"method", "ratio", "press", "k_share"} | set(CompressionConfig.__dataclass_fields__) - {"method"}
+METHOD_KEYS = ({"method", "ratio", "press", "k_share", "nbits", "backend"}
+               | set(CompressionConfig.__dataclass_fields__) - {"method"})
 TIMING_KEYS = {"prefill_ms", "compress_ms", "decode_ms_per_token", "compression_breakdown_ms", "peak_rss_mb",
                "peak_cuda_mb"}
 
@@ -177,6 +179,10 @@ def build(method: dict, model, context_tokens: int):
         import kvpress
         ratio = method.get("ratio", 2.0)
         return DynamicCache(), getattr(kvpress, PRESSES[method["press"]])(compression_ratio=1 - 1 / ratio)
+    if kind == "quantized":  # transformers' QuantizedCache (KIVI-style, optimum-quanto or HQQ backend)
+        from transformers import QuantizedCache
+        return QuantizedCache(backend=method.get("backend", "quanto"), config=model.config,
+                              nbits=method.get("nbits", 4), residual_length=method.get("residual_length", 128)), None
     L, H, d, _ = _model_dims(model)
     fields = {k: v for k, v in method.items() if k in CompressionConfig.__dataclass_fields__}
     G = fields.setdefault("layer_group_size", {"svd": 1, "pca": 1, "minicache": 2}.get(kind, 4))
@@ -197,13 +203,22 @@ def kv_bytes(cache, model, processed_tokens: int) -> tuple[int, int]:
     dense = 2 * L * H * d * processed_tokens * item
     if isinstance(cache, LowRankCache):
         return dense, cache.memory_report()["total_bytes"]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for layer in cache.layers for t in (layer.keys, layer.values)}
+    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values,
+                                                       getattr(layer, "_quantized_keys", None),
+                                                       getattr(layer, "_quantized_values", None)) if t is not None]
+    storages: dict[int, int] = {}
+    while tensors:  # quantised tensors are wrappers: count their inner data/scale/shift storages
+        t = tensors.pop()
+        if hasattr(t, "__tensor_flatten__"):
+            tensors += [getattr(t, name) for name in t.__tensor_flatten__()[0]]
+        else:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return dense, sum(storages.values())
 
 
 def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: int) -> dict:
-    cache, press = build(method, model, split_prompt(tok, sample)[0].shape[1])
+    n_ctx = split_prompt(tok, sample)[0].shape[1]
+    cache, press = build(method, model, n_ctx)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     gold = " " + " ".join(sample["outputs"])
@@ -212,7 +227,8 @@ def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: 
     if eager:
         model.set_attn_implementation("eager")
     try:
-        res = answer(model, tok, sample, cache, max_new_tokens=max_new_tokens, press=press, gold=gold)
+        res = answer(model, tok, sample, cache, max_new_tokens=max_new_tokens, press=press, gold=gold,
+                     new_cache=lambda: build(method, model, n_ctx)[0])
     finally:
         if eager:
             model.set_attn_implementation(previous)
@@ -250,7 +266,7 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
     todo = [(u, m) for u in mine for m in grid.methods if cell_key(m, *u) not in done]
     samples: dict[tuple[str, int], list[dict]] = {}
     with open(shard, "a") as f:
-        for (task, L, i), method in tqdm(todo, desc=f"{grid.name} (rank {rank}/{world})", disable=None):
+        for (task, L, i), method in tqdm(todo, desc=f"{grid.name} (rank {rank}/{world})"):
             if (task, L) not in samples:
                 samples[task, L] = ruler.generate(task, grid.n_samples, L, tokenizer, seed=grid.seed)
             sample = samples[task, L][i]
@@ -311,6 +327,8 @@ def _label(row) -> str:
         return "dense"
     if m == "press":
         return f"{row['m_press']}{budget}"
+    if m == "quantized":
+        return f"quantized int{int(row.get('m_nbits', 4))}"
     g = row.get("m_layer_group_size")
     parts = [m + (f" G{int(g)}" if isinstance(g, (int, float)) and g == g else "") + budget]
     for key, fmt in (("m_key_space", "{}"), ("m_factor_dtype", "{}"), ("m_n_iter", "q{:g}"), ("m_svd", "{}")):

@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-import kvsvd
 from kvsvd import CompressionConfig, LowRankCache
 from kvsvd.store import dequantize_rows, quantize_rows
 from conftest import held_storage_bytes

@@ -106,3 +106,12 @@ def test_presses_with_per_layer_budgets_or_attention_weights_run(smollm2, press)
     row = grid.run_cell(model, tok, sample, {"method": "press", "press": press, "ratio": 2}, "niah_single_1", 8)
     assert row["kv_ratio"] > 1.5 and row["gold_logprob"] < 0
     assert model.config._attn_implementation == "sdpa"  # eager only for the observed_attention cell
+
+
+@pytest.mark.model
+def test_quantized_cache_peer_counts_its_packed_bytes(smollm2):
+    model, tok = smollm2
+    sample = grid.ruler.generate("niah_single_1", 1, 512, tok)[0]
+    row = grid.run_cell(model, tok, sample, {"method": "quantized", "nbits": 4, "residual_length": 32},
+                        "niah_single_1", 8)
+    assert 3.0 < row["kv_ratio"] < 8.0  # 4-bit codes + per-group scales/shifts vs fp32, plus the residual
