@@ -8,7 +8,6 @@ Eckart–Young optimum, orthogonality of U), then prints speed ratios vs ``lowra
 
 from __future__ import annotations
 
-import inspect
 import json
 import platform
 import time
@@ -85,18 +84,10 @@ def kv_like_matrix(m: int, n: int, *, seed: int = 0, decay: float = 0.9, outlier
 
 
 def natural_text(n_chars: int) -> str:
-    """Deterministic English prose from the Python standard library's docstrings (offline)."""
-    import collections, email, json as _json, logging, pathlib, statistics, string, textwrap, threading
-    chunks: list[str] = []
-    for mod in (collections, email, _json, logging, pathlib, statistics, string, textwrap, threading, inspect):
-        for _, obj in [("", mod), *sorted(inspect.getmembers(mod), key=lambda kv: kv[0])]:
-            doc = inspect.getdoc(obj) if not isinstance(obj, (str, int, float, bytes)) else None
-            if doc and doc not in chunks:
-                chunks.append(doc)
-    text = "\n\n".join(chunks)
-    while len(text) < n_chars:
-        text += "\n\n" + text
-    return text[:n_chars]
+    """``n_chars`` of English prose from the essay haystack shipped with kvsvd (repeated if needed)."""
+    from importlib import resources
+    text = (resources.files("kvsvd") / "data" / "essays.txt").read_text()
+    return (text * (1 + n_chars // len(text)))[:n_chars]
 
 
 def real_kv_matrices(tokens: int, groups: list[int]) -> dict[str, torch.Tensor]:
