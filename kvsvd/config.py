@@ -127,3 +127,22 @@ def ranks_for_ratio(ratio: float, tokens: int, group_size: int, features: int, *
         raise ValueError(f"ratio={ratio} leaves no room for factors after residual/RoPE/uncompressed layers")
     rank_k = max(1, round(k_share * total))
     return rank_k, max(1, round(total) - rank_k)
+
+
+def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "xkv", layer_group_size: int = 4,
+                     k_share: float = 1 / 3, **fields) -> CompressionConfig:
+    """A CompressionConfig whose ranks give ≈ ``ratio`` times fewer K+V bytes at ``tokens`` tokens.
+
+    The first (layers mod G) layers stay dense so the rest splits into whole groups (unless
+    ``start_layer`` is given); residual and RoPE bytes are budgeted as in :func:`ranks_for_ratio`.
+    """
+    text = model_config.get_text_config(decoder=True)
+    L, d = text.num_hidden_layers, text.head_dim
+    G = layer_group_size
+    fields.setdefault("start_layer", L % G)
+    fields.setdefault("residual_length", CompressionConfig.residual_length)
+    rope = d if fields.get("key_space", CompressionConfig.key_space) == "pre_rope" else 0
+    rank_k, rank_v = ranks_for_ratio(ratio, tokens, G, text.num_key_value_heads * d, num_layers=L,
+                                     start_layer=fields["start_layer"], residual_length=fields["residual_length"],
+                                     rope_dim=rope, k_share=k_share)
+    return CompressionConfig(method=method, layer_group_size=G, rank_k=rank_k, rank_v=rank_v, **fields)

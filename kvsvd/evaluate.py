@@ -47,14 +47,16 @@ def _prefill(model, ctx: torch.Tensor, cache, press) -> None:
 
 @torch.no_grad()
 def answer(model, tokenizer, sample: dict, cache, max_new_tokens: int = 32, press=None,
-           gold: str | None = None, new_cache=None) -> dict:
+           gold: str | None = None, new_cache=None,
+           prompt: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """Greedy answer of ``sample`` with ``cache`` (prefill under ``press`` when given).
 
     Returns the prediction, the time of each phase (ms), and with ``gold`` the log-likelihood of
     the gold answer under teacher forcing, computed on a copy of the compressed cache (or, for a
     cache that cannot be deep-copied such as quanto's, on a second prefill into ``new_cache()``).
+    ``prompt`` is ``split_prompt``'s result when the caller already has it.
     """
-    ctx, question = split_prompt(tokenizer, sample)
+    ctx, question = prompt if prompt is not None else split_prompt(tokenizer, sample)
     dev, n_ctx = model.device, ctx.shape[1]
     t0 = time.perf_counter()
     _prefill(model, ctx, cache, press)

@@ -43,7 +43,7 @@ from transformers import DynamicCache
 
 from . import ruler
 from .cache import LowRankCache
-from .config import METHODS as KVSVD_METHODS, CompressionConfig, ranks_for_ratio
+from .config import METHODS as KVSVD_METHODS, CompressionConfig, config_for_ratio
 from .evaluate import answer, split_prompt
 
 PRESSES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress", "knorm": "KnormPress",
@@ -183,17 +183,14 @@ def build(method: dict, model, context_tokens: int):
         from transformers import QuantizedCache
         return QuantizedCache(backend=method.get("backend", "quanto"), config=model.config,
                               nbits=method.get("nbits", 4), residual_length=method.get("residual_length", 128)), None
-    L, H, d, _ = _model_dims(model)
     fields = {k: v for k, v in method.items() if k in CompressionConfig.__dataclass_fields__}
     G = fields.setdefault("layer_group_size", {"svd": 1, "pca": 1, "minicache": 2}.get(kind, 4))
-    fields.setdefault("start_layer", L % G)
     if "ratio" in method and kind in ("svd", "xkv", "pca"):
-        fields["rank_k"], fields["rank_v"] = ranks_for_ratio(
-            method["ratio"], context_tokens, G, H * d, num_layers=L, start_layer=fields["start_layer"],
-            residual_length=fields.get("residual_length", 32),
-            rope_dim=d if fields.get("key_space", "pre_rope") == "pre_rope" else 0,
-            k_share=method.get("k_share", 1 / 3))
-    return LowRankCache(CompressionConfig(**fields), model.config), None
+        config = config_for_ratio(method["ratio"], context_tokens, model.config,
+                                  k_share=method.get("k_share", 1 / 3), **fields)
+    else:
+        config = CompressionConfig(**{"start_layer": model.config.num_hidden_layers % G, **fields})
+    return LowRankCache(config, model.config), None
 
 
 def kv_bytes(cache, model, processed_tokens: int) -> tuple[int, int]:
@@ -217,7 +214,8 @@ def kv_bytes(cache, model, processed_tokens: int) -> tuple[int, int]:
 
 
 def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: int) -> dict:
-    n_ctx = split_prompt(tok, sample)[0].shape[1]
+    prompt = split_prompt(tok, sample)
+    n_ctx = prompt[0].shape[1]
     cache, press = build(method, model, n_ctx)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -228,7 +226,7 @@ def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: 
         model.set_attn_implementation("eager")
     try:
         res = answer(model, tok, sample, cache, max_new_tokens=max_new_tokens, press=press, gold=gold,
-                     new_cache=lambda: build(method, model, n_ctx)[0])
+                     new_cache=lambda: build(method, model, n_ctx)[0], prompt=prompt)
     finally:
         if eager:
             model.set_attn_implementation(previous)

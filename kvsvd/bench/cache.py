@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..cache import LowRankCache
-from ..config import CompressionConfig, ranks_for_ratio
+from ..config import config_for_ratio
 from .kernels import natural_text
 
 
@@ -57,18 +57,11 @@ def run(context_tokens: int = 2048, decode_tokens: int = 32, ratios=(4.0, 8.0), 
     from ..models import load_model
     model, tok = load_model(model_name)
     ids = tok(natural_text(context_tokens * 8), return_tensors="pt").input_ids[:, :context_tokens]
-    F = model.config.num_key_value_heads * model.config.head_dim
-    L = model.config.num_hidden_layers
     configs = {"dense": None}
     for ratio in ratios:
         for G in groups:
-            rk, rv = ranks_for_ratio(ratio, context_tokens, G, F, num_layers=L, start_layer=L % G,
-                                     residual_length=32, rope_dim=model.config.head_dim)
-            name = f"{'svd' if G == 1 else 'xkv'}_G{G}_{ratio:g}x"
-            # the first (layers mod G) layers stay dense so that the rest splits into whole groups
-            configs[name] = CompressionConfig(method="svd" if G == 1 else "xkv", layer_group_size=G, rank_k=rk,
-                                              rank_v=rv, start_layer=model.config.num_hidden_layers % G,
-                                              residual_length=32, block_size=512)
+            configs[f"{'svd' if G == 1 else 'xkv'}_G{G}_{ratio:g}x"] = config_for_ratio(
+                ratio, context_tokens, model.config, method="svd" if G == 1 else "xkv", layer_group_size=G)
     results = {}
     for name, cfg in tqdm(configs.items(), desc="cache bench"):
         cache = DynamicCache() if cfg is None else LowRankCache(cfg, model.config)

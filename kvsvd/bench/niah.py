@@ -15,27 +15,19 @@ from transformers import DynamicCache
 
 from .. import ruler
 from ..cache import LowRankCache
-from ..config import CompressionConfig, ranks_for_ratio
+from ..config import CompressionConfig, config_for_ratio
 from ..evaluate import answer
 
 
 def configs(model_config, tokens: int, ratios=(4.0, 8.0)) -> dict[str, CompressionConfig | None]:
-    L = model_config.num_hidden_layers
-    F = model_config.num_key_value_heads * model_config.head_dim
     out: dict[str, CompressionConfig | None] = {"dense": None}
-
-    def make(method, G, ratio, key_space, k_share=1 / 3):
-        rk, rv = ranks_for_ratio(ratio, tokens, G, F, num_layers=L, start_layer=L % G, residual_length=32,
-                                 rope_dim=model_config.head_dim if key_space == "pre_rope" else 0, k_share=k_share)
-        return CompressionConfig(method=method, layer_group_size=G, rank_k=rk, rank_v=rv, start_layer=L % G,
-                                 key_space=key_space, residual_length=32)
-
     for ratio in ratios:
-        out[f"svd_post_{ratio:g}x"] = make("svd", 1, ratio, "post_rope")
-        out[f"svd_pre_{ratio:g}x"] = make("svd", 1, ratio, "pre_rope")
-        out[f"xkv2_pre_{ratio:g}x"] = make("xkv", 2, ratio, "pre_rope")
-        out[f"xkv5_pre_{ratio:g}x"] = make("xkv", 5, ratio, "pre_rope")
-    out[f"xkv5_pre_{ratios[-1]:g}x_equal_ranks"] = make("xkv", 5, ratios[-1], "pre_rope", k_share=0.5)
+        for name, method, G, key_space in (("svd_post", "svd", 1, "post_rope"), ("svd_pre", "svd", 1, "pre_rope"),
+                                           ("xkv2_pre", "xkv", 2, "pre_rope"), ("xkv5_pre", "xkv", 5, "pre_rope")):
+            out[f"{name}_{ratio:g}x"] = config_for_ratio(ratio, tokens, model_config, method=method,
+                                                         layer_group_size=G, key_space=key_space)
+    out[f"xkv5_pre_{ratios[-1]:g}x_equal_ranks"] = config_for_ratio(ratios[-1], tokens, model_config, method="xkv",
+                                                                    layer_group_size=5, key_space="pre_rope", k_share=0.5)
     return out
 
 
