@@ -3,9 +3,11 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PROFILE ?= cpu
+RESULTS ?= $(if $(filter gpu,$(PROFILE)),results/gpu,results)
+NOTEBOOKS := $(notdir $(wildcard notebooks/[0-9]*.ipynb))
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test reproduce bench lab clean
+.PHONY: setup test reproduce figures bench lab clean
 
 setup: $(STAMP)
 
@@ -27,8 +29,20 @@ bench: setup
 	$(PY) -m kvsvd bench kernels --out results/kernels
 	$(PY) -m kvsvd bench cache --out results/cache
 
-reproduce: setup bench
-	$(PY) -m kvsvd eval configs/$(PROFILE).yaml
+# Executes every notebook with papermill (profile $(PROFILE)); executed copies go to
+# $(RESULTS)/notebooks, tables/JSON/JSONL to $(RESULTS)/, figures to $(RESULTS)/figures.
+# Finished benchmark configurations and grid cells already in $(RESULTS) are not recomputed.
+reproduce: setup
+	mkdir -p $(RESULTS)/notebooks
+	cd notebooks && for nb in $(NOTEBOOKS); do \
+	  ../$(PY) -m papermill $$nb $(abspath $(RESULTS))/notebooks/$$nb -k python3 \
+	    -p profile $(PROFILE) -p results_dir $(abspath $(RESULTS)) -p interactive False || exit 1; \
+	done
+	$(PY) -m kvsvd figures --results $(RESULTS)
+
+# Redraws every figure from the saved results alone (no model, no computation).
+figures: setup
+	$(PY) -m kvsvd figures --results $(RESULTS)
 
 lab: setup
 	$(PY) -m jupyter lab notebooks/

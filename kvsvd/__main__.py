@@ -1,7 +1,8 @@
 """Command line.
 
     python -m kvsvd bench kernels [--profile cpu|gpu|smoke] [--device ...] [--out ...]
-    python -m kvsvd bench cache | niah
+    python -m kvsvd bench cache [--contexts 1024 2048 4096] | attention [--context 8192] | niah
+    python -m kvsvd figures [--results results]
     python -m kvsvd eval CONFIG.yaml        (torchrun --nproc_per_node N -m kvsvd eval CONFIG.yaml)
 """
 
@@ -22,18 +23,36 @@ def main(argv: list[str] | None = None) -> int:
     kern.add_argument("--out", default=None, help="output folder (default: results/kernels or results/gpu/kernels)")
     kern.add_argument("--repeats", type=int, default=None, help="timed calls per method (after one warm-up)")
     kern.add_argument("--force", action="store_true", help="recompute configurations already on disk")
-    cache = bench_sub.add_parser("cache", help="LowRankCache on SmolLM2: compression time, bytes, decode speed")
-    cache.add_argument("--context", type=int, default=2048, help="context tokens")
+    cache = bench_sub.add_parser("cache", help="latency harness on SmolLM2: decode speed vs context length, "
+                                               "compression time per group by stage, bytes held")
+    cache.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096], help="context lengths (tokens)")
     cache.add_argument("--decode", type=int, default=32, help="decode tokens timed")
     cache.add_argument("--out", default="results/cache")
+    cache.add_argument("--force", action="store_true", help="remeasure context lengths already on disk")
+    att = bench_sub.add_parser("attention", help="decode speed: dense vs reconstruct-on-read vs attention from factors")
+    att.add_argument("--context", type=int, default=8192, help="context tokens")
+    att.add_argument("--decode", type=int, default=16, help="decode tokens per round")
+    att.add_argument("--rounds", type=int, default=2, help="rounds (path order rotated each round)")
+    att.add_argument("--ratio", type=float, default=4.0, help="× fewer KV bytes")
+    att.add_argument("--group", type=int, default=2, help="layer_group_size (1: per-layer svd)")
+    att.add_argument("--key-space", default="post_rope", choices=["post_rope", "pre_rope"])
+    att.add_argument("--out", default="results/attention")
+    att.add_argument("--force", action="store_true", help="remeasure even if the result file exists")
     niah = bench_sub.add_parser("niah", help="needle retrieval on SmolLM2 under compression levers")
     niah.add_argument("--task", default="niah_single_2")
     niah.add_argument("--samples", type=int, default=20)
     niah.add_argument("--context", type=int, default=2048)
     niah.add_argument("--out", default="results/niah")
+    figs = sub.add_parser("figures", help="redraw every figure from saved results (no model, no computation)")
+    figs.add_argument("--results", default="results", help="results folder (figures go to RESULTS/figures)")
     ev = sub.add_parser("eval", help="run (or resume) an evaluation grid from a YAML config")
     ev.add_argument("config", help="grid YAML (see kvsvd.grid)")
     args = parser.parse_args(argv)
+    if args.command == "figures":
+        from .figures import redraw_all
+        for name in redraw_all(args.results):
+            print(f"{args.results}/figures/{name}.png (.svg)")
+        return 0
     if args.command == "eval":
         from .grid import run as run_grid
         print(run_grid(args.config))
@@ -46,9 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import niah as niah_bench
         print(niah_bench.table(niah_bench.run(args.task, args.samples, args.context, args.out)))
         return 0
+    if args.which == "attention":
+        from .bench import attention as attention_bench
+        print(attention_bench.table(attention_bench.run(args.context, args.decode, args.ratio, args.group,
+                                                        args.key_space, args.rounds, args.out,
+                                                        force=args.force)))
+        return 0
     if args.which == "cache":
         from .bench import cache as cache_bench
-        print(cache_bench.table(cache_bench.run(args.context, args.decode, out=args.out)))
+        for payload in cache_bench.run(args.contexts, args.decode, out=args.out, force=args.force):
+            print(cache_bench.table(payload))
         return 0
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -172,7 +172,15 @@ class LowRankLayer(CacheLayerMixin):
         self._append(key_states, value_states)
         if self.j == len(group.members) - 1 and not group.prefill_pending:
             group.maybe_compress_block()
+        if cache.decodes_from_factors:  # the kvsvd attention reads the segments' factors itself
+            return self._tagged(self._res_k), self._tagged(self._res_v)
         return self.keys, self.values
+
+    def _tagged(self, t: Tensor) -> Tensor:
+        """A view of the dense residual that names this layer to ``kvsvd.attention``."""
+        view = t.view_as(t)
+        view.kvsvd_layer = self
+        return view
 
     def get_mask_sizes(self, cache_position: Tensor) -> tuple[int, int]:
         return self.get_seq_length() + cache_position.shape[0], 0
@@ -258,6 +266,7 @@ class LowRankCache(Cache):
 
         text = model_config.get_text_config(decoder=True)
         self.config = config
+        self.model_config = model_config
         self.num_layers = text.num_hidden_layers
         self.kv_heads = text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -291,6 +300,12 @@ class LowRankCache(Cache):
             layers.extend(group.members)
         layers.extend(DynamicLayer() for _ in range(end + 1, self.num_layers))
         super().__init__(layers=layers)
+
+    @property
+    def decodes_from_factors(self) -> bool:
+        """True when the model attends with ``attn_implementation="kvsvd"`` (kvsvd.attention):
+        update() then returns the dense residual only, never a rebuilt timeline."""
+        return getattr(self.model_config, "_attn_implementation", None) == "kvsvd"
 
     def compress_pending(self) -> None:
         """Compress every group's stored prefill now (otherwise the next forward does it)."""

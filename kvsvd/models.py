@@ -59,22 +59,28 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
 
 
 @torch.no_grad()
-def capture_kv(model, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Run one prefill and return per-layer pre-RoPE keys and values.
+def capture_projections(model, input_ids: torch.Tensor, names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
+                        ) -> dict[str, list[torch.Tensor]]:
+    """Run one prefill and return the outputs of the named attention projections, pre-RoPE.
 
-    Hooks the ``k_proj`` / ``v_proj`` outputs of every decoder layer. Returns two lists (one
-    entry per layer) of float32 tensors of shape ``(batch, tokens, kv_heads · head_dim)``.
+    Returns ``{name: [one float32 tensor (batch, tokens, out_features) per decoder layer]}``
+    (``k_proj``/``v_proj``: out_features = kv_heads · head_dim; ``q_proj``: heads · head_dim).
     """
-    keys: list[torch.Tensor] = []
-    values: list[torch.Tensor] = []
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     handles = []
     for layer in model.model.layers:
-        attn = layer.self_attn
-        handles.append(attn.k_proj.register_forward_hook(lambda m, i, o: keys.append(o.float())))
-        handles.append(attn.v_proj.register_forward_hook(lambda m, i, o: values.append(o.float())))
+        for name in names:
+            handles.append(getattr(layer.self_attn, name).register_forward_hook(
+                lambda m, i, o, name=name: out[name].append(o.float())))
     try:
         model(input_ids=input_ids, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    return keys, values
+    return out
+
+
+def capture_kv(model, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-layer pre-RoPE keys and values, each (batch, tokens, kv_heads · head_dim) float32."""
+    out = capture_projections(model, input_ids, ("k_proj", "v_proj"))
+    return out["k_proj"], out["v_proj"]

@@ -274,7 +274,7 @@ def full_svd(A: Tensor, rank: int, *, n_iter: int = 2, oversample: int = 8, qr: 
     core = _baseline_args(A, rank, n_iter, oversample)
     with maybe_stage(timer, "small_svd_fp32", A.device):
         U, S, Vh = torch.linalg.svd(A.to(core), full_matrices=False)
-    return U[..., :rank].to(A.dtype), S[..., :rank], Vh[..., :rank, :].to(A.dtype)
+    return _owned(U[..., :rank], S[..., :rank], Vh[..., :rank, :], A.dtype)
 
 
 def lowrank_svd(A: Tensor, rank: int, *, n_iter: int = 2, oversample: int = 8, qr: str = "auto",
@@ -296,7 +296,13 @@ def lowrank_svd(A: Tensor, rank: int, *, n_iter: int = 2, oversample: int = 8, q
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
                 U, S, V = torch.svd_lowrank(A.to(core), q=q, niter=n_iter)
-    return U[..., :rank].to(A.dtype), S[..., :rank], V[..., :rank].mT.to(A.dtype)
+    return _owned(U[..., :rank], S[..., :rank], V[..., :rank].mT, A.dtype)
+
+
+def _owned(U: Tensor, S: Tensor, Vh: Tensor, dtype: torch.dtype) -> SVDResult:
+    """Truncated factors as tensors of their own: slices of the full factors would keep the
+    whole (m × k) and (k × n) storages alive in whatever holds them (a cache segment)."""
+    return U.to(dtype, copy=True), S.clone(), Vh.to(dtype, copy=True)
 
 
 SVDFn = Callable[..., SVDResult]

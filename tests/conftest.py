@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
+
+# Triton kernels run on CPU tensors in Triton's interpreter; it must be chosen before anything
+# imports triton. With it, CPU decode steps of attn_implementation="kvsvd" go through the kernel.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -51,3 +51,45 @@ def test_roofline_bound_is_positive_and_scales_with_passes():
     r2 = kernels.roofline_ms(8192, 768, 64, 8, 2, 4, roof)
     r4 = kernels.roofline_ms(8192, 768, 64, 8, 4, 4, roof)
     assert r4 == pytest.approx(r2 * 10 / 6)
+
+
+@pytest.mark.model
+def test_latency_harness_measures_each_length_side_by_side_and_resumes(smollm2, tmp_path):
+    from kvsvd.bench import cache as latency
+    model, tok = smollm2
+    kw = dict(decode_tokens=3, out=tmp_path, model=model, tokenizer=tok, ratios=(4.0,), groups=(1, 2), n_iters=(0,),
+              sweep_group=2)
+    payloads = latency.run([256, 320], **kw)
+    assert [p["context_tokens"] for p in payloads] == [256, 320]
+    res = payloads[0]["results"]
+    assert list(res) == ["dense", "svd_G1_4x", "xkv_G2_4x", "xkv_G2_4x_q0"]
+    assert res["xkv_G2_4x_q0"]["config"]["n_iter"] == 0
+    for name, r in res.items():
+        assert len(r["decode_step_ms"]) == 3 and r["decode_ms_median"] <= max(r["decode_step_ms"])
+        assert r["decode_tokens_per_s"] == pytest.approx(3e3 / sum(r["decode_step_ms"]))
+        if name != "dense":
+            assert r["memory"]["total_bytes"] < r["memory"]["dense_equivalent_bytes"]
+            log = r["compression_log"]  # one entry per compressed group, each with the rsvd stages
+            assert len(log) == (30 if name.startswith("svd") else 15)
+            assert {"projection", "lift"} <= set(log[0]["breakdown_ms"])
+    assert "x dense" in latency.table(payloads[0])
+    path = tmp_path / "smollm2-135m_256.json"
+    mtime = path.stat().st_mtime_ns
+    latency.run([256], **kw)
+    assert path.stat().st_mtime_ns == mtime  # finished lengths are not remeasured
+
+
+@pytest.mark.model
+def test_attention_bench_compares_three_paths_on_the_same_tokens(smollm2, tmp_path):
+    from kvsvd.bench import attention
+    model, tok = smollm2
+    p = attention.run(300, decode_tokens=2, rounds=2, out=tmp_path, model=model, tokenizer=tok)
+    assert set(p["results"]) == {"dense", "reconstruct", "factors"}
+    assert all(len(r["step_ms"]) == 4 for r in p["results"].values())
+    assert p["results"]["factors"]["kv_ratio"] == p["results"]["reconstruct"]["kv_ratio"] > 2
+    assert p["factors_vs_dense"] == pytest.approx(p["results"]["factors"]["tokens_per_s"]
+                                                  / p["results"]["dense"]["tokens_per_s"])
+    assert model.config._attn_implementation == "sdpa"  # restored
+    assert (tmp_path / "smollm2-135m_300_post_rope.json").exists() and "factors vs dense" in attention.table(p)
+    with pytest.raises(ValueError, match="context_tokens=9000 .* is out of range; accepted: \\[1, 8192\\]"):
+        attention.run(9000, model=model, tokenizer=tok, out=tmp_path)

@@ -192,3 +192,12 @@ def test_bad_arguments_name_the_parameter(fn, kwargs, exc, pattern):
 def test_bad_matrices_are_rejected(A, exc, pattern):
     with pytest.raises(exc, match=pattern):
         kvsvd.rsvd(A, 1)
+
+
+@pytest.mark.parametrize("name", ["full_svd", "lowrank_svd", "rsvd"])
+def test_truncated_factors_do_not_keep_the_full_factors_alive(name):
+    """A cache segment holding U and Vh must hold rank-sized storages, not the full SVD's."""
+    from kvsvd import get_svd
+    U, S, Vh = get_svd(name)(torch.randn(400, 96), 8)
+    for t in (U, Vh):
+        assert t.untyped_storage().nbytes() == t.numel() * t.element_size()

@@ -1,7 +1,10 @@
-"""Cache benchmark: compression time per layer group, bytes held, decode speed vs DynamicCache.
+"""Latency harness: decode speed vs context length, compression time per layer group by stage.
 
-One run measures, side by side on the same context: a dense ``DynamicCache`` and each
-LowRankCache configuration, and writes ``results/cache/<model>_<tokens>.json``.
+For each context length one run measures, side by side on the same prose context: a dense
+``DynamicCache`` and each LowRankCache configuration (per-layer SVD and xKV groups at ≈4× and
+≈8× fewer bytes, and an n_iter sweep), and writes ``results/cache/<model>_<tokens>.json``
+with per-token decode latencies, the compression log (ms per group, rsvd stage breakdown)
+and memory_report(). A context length whose file exists is skipped, so a run resumes.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..cache import LowRankCache
-from ..config import config_for_ratio
+from ..config import CompressionConfig, config_for_ratio
 from .kernels import natural_text
 
 
@@ -34,15 +37,17 @@ def measure(model, context_ids: torch.Tensor, cache, decode_tokens: int, forced:
         cache.compress_pending()
     compress_ms = (time.perf_counter() - t0) * 1e3
     token = out.logits[:, -1].argmax(-1, keepdim=True)
-    tokens = [int(token)]
-    t0 = time.perf_counter()
+    tokens, step_ms = [int(token)], []
     for i in range(decode_tokens):
         feed = token if forced is None else torch.tensor([[forced[i]]])
+        t0 = time.perf_counter()
         token = model(feed, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+        step_ms.append((time.perf_counter() - t0) * 1e3)
         tokens.append(int(token))
-    decode_s = time.perf_counter() - t0
-    res = {"prefill_ms": prefill_ms, "compress_ms": compress_ms, "decode_tokens_per_s": decode_tokens / decode_s,
-           "decode_ms_per_token": decode_s * 1e3 / decode_tokens, "tokens": tokens}
+    ordered = sorted(step_ms)
+    res = {"prefill_ms": prefill_ms, "compress_ms": compress_ms, "decode_tokens_per_s": 1e3 * decode_tokens / sum(step_ms),
+           "decode_ms_per_token": sum(step_ms) / decode_tokens, "decode_ms_median": ordered[len(ordered) // 2],
+           "decode_ms_p90": ordered[int(0.9 * (len(ordered) - 1))], "decode_step_ms": step_ms, "tokens": tokens}
     if isinstance(cache, LowRankCache):
         res["memory"] = cache.memory_report()
         res["compression_log"] = cache.compression_log
@@ -52,18 +57,48 @@ def measure(model, context_ids: torch.Tensor, cache, decode_tokens: int, forced:
     return res
 
 
-def run(context_tokens: int = 2048, decode_tokens: int = 32, ratios=(4.0, 8.0), groups=(1, 2, 4),
-        out: str | Path = "results/cache", model_name: str = "smollm2-135m") -> dict:
-    from ..models import load_model
-    model, tok = load_model(model_name)
-    ids = tok(natural_text(context_tokens * 8), return_tensors="pt").input_ids[:, :context_tokens]
-    configs = {"dense": None}
+def configs_for(context_tokens: int, model_config, ratios=(4.0, 8.0), groups=(1, 2, 4, 8),
+                n_iters=(0, 1, 4), sweep_group: int = 4) -> dict[str, CompressionConfig | None]:
+    """``dense``, then ``svd_G1_4x`` / ``xkv_G<G>_<ratio>x`` for every ratio × group, then the
+    n_iter sweep ``xkv_G<sweep_group>_<ratios[0]>x_q<n>`` (the others run at the default n_iter=2)."""
+    configs: dict[str, CompressionConfig | None] = {"dense": None}
     for ratio in ratios:
         for G in groups:
             configs[f"{'svd' if G == 1 else 'xkv'}_G{G}_{ratio:g}x"] = config_for_ratio(
-                ratio, context_tokens, model.config, method="svd" if G == 1 else "xkv", layer_group_size=G)
+                ratio, context_tokens, model_config, method="svd" if G == 1 else "xkv", layer_group_size=G)
+    for q in n_iters:
+        configs[f"xkv_G{sweep_group}_{ratios[0]:g}x_q{q}"] = config_for_ratio(
+            ratios[0], context_tokens, model_config, method="xkv", layer_group_size=sweep_group, n_iter=q)
+    return configs
+
+
+def run(context_lengths=(1024, 2048, 4096), decode_tokens: int = 32, out: str | Path = "results/cache",
+        model_name: str = "smollm2-135m", force: bool = False, model=None, tokenizer=None, **grid) -> list[dict]:
+    """Measure every context length (``grid`` goes to :func:`configs_for`); returns the payloads."""
+    if model is None:
+        from ..models import load_model
+        model, tokenizer = load_model(model_name)
+    payloads = []
+    for n in tqdm(context_lengths, desc="latency (context lengths)"):
+        path = Path(out) / f"{model_name}_{n}.json"
+        if path.exists() and not force:
+            payloads.append(json.loads(path.read_text()))
+            continue
+        payloads.append(run_length(model, tokenizer, n, decode_tokens, configs_for(n, model.config, **grid), model_name))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payloads[-1], indent=1))
+        tmp.replace(path)
+    return payloads
+
+
+def run_length(model, tok, context_tokens: int, decode_tokens: int, configs: dict, model_name: str) -> dict:
+    ids = tok(natural_text(context_tokens * 8), return_tensors="pt").input_ids[:, :context_tokens]
+    if ids.shape[1] < context_tokens:
+        raise ValueError(f"context_tokens={context_tokens} is out of range for the shipped prose; "
+                         f"accepted: <= {ids.shape[1]}")
     results = {}
-    for name, cfg in tqdm(configs.items(), desc="cache bench"):
+    for name, cfg in tqdm(configs.items(), desc=f"{context_tokens} tokens", leave=False):
         cache = DynamicCache() if cfg is None else LowRankCache(cfg, model.config)
         forced = None if cfg is None else results["dense"]["tokens"]
         results[name] = {"config": None if cfg is None else cfg.to_dict(),
@@ -71,23 +106,21 @@ def run(context_tokens: int = 2048, decode_tokens: int = 32, ratios=(4.0, 8.0), 
     dense_tokens = results["dense"]["tokens"]
     for r in results.values():  # top-1 agreement per step under teacher forcing with the dense tokens
         r["top1_agreement_with_dense"] = sum(a == b for a, b in zip(r["tokens"], dense_tokens)) / len(dense_tokens)
-    payload = {"model": model_name, "context_tokens": context_tokens, "decode_tokens": decode_tokens,
-               "threads": torch.get_num_threads(), "device": "cpu", "results": results}
-    path = Path(out) / f"{model_name}_{context_tokens}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1))
-    return payload
+    return {"model": model_name, "context_tokens": context_tokens, "decode_tokens": decode_tokens,
+            "threads": torch.get_num_threads(), "device": str(model.device), "torch": torch.__version__,
+            "results": results}
 
 
 def table(payload: dict) -> str:
-    lines = [f"{'config':<14}{'rank_k':>7}{'rank_v':>7}{'ratio':>7}{'prefill ms':>11}{'compress ms':>12}{'ms/group':>9}"
+    lines = [f"context {payload['context_tokens']} tokens, {payload['decode_tokens']} decode tokens, {payload['device']}",
+             f"{'config':<16}{'rank_k':>7}{'rank_v':>7}{'ratio':>7}{'prefill ms':>11}{'compress ms':>12}{'ms/group':>9}"
              f"{'decode tok/s':>13}{'x dense':>8}{'top1':>6}"]
     dense_tps = payload["results"]["dense"]["decode_tokens_per_s"]
     for name, r in payload["results"].items():
         cfg = r["config"] or {}
         log = r.get("compression_log", [])
         per_group = sum(e["ms"] for e in log) / len(log) if log else 0.0
-        lines.append(f"{name:<14}{cfg.get('rank_k', '-'):>7}{cfg.get('rank_v', '-'):>7}{r['memory']['ratio']:>7.2f}"
+        lines.append(f"{name:<16}{cfg.get('rank_k', '-'):>7}{cfg.get('rank_v', '-'):>7}{r['memory']['ratio']:>7.2f}"
                      f"{r['prefill_ms']:>11.0f}{r['compress_ms']:>12.1f}{per_group:>9.1f}{r['decode_tokens_per_s']:>13.2f}"
                      f"{r['decode_tokens_per_s'] / dense_tps:>8.2f}{r['top1_agreement_with_dense']:>6.2f}")
     return "\n".join(lines)

@@ -61,6 +61,11 @@ PROFILES = {
                    methods=["full_svd", "lowrank_svd", "rsvd", "rsvd[qr=gram]", "rsvd[qr=householder]",
                             "rsvd[qr=adaptive_cholqr]", "rsvd[qr=shifted_cholqr3]", "rsvd[compute_dtype=bf16]"],
                    real_tokens=4096),
+    # n_iter and rank sweeps of notebook 02 (one matrix; full_svd as the rank-independent reference)
+    "sweep": Profile(shapes=[(8192, 768)], ranks=[16, 32, 64, 128], n_iters=[0, 1, 2, 4],
+                     methods=["full_svd", "lowrank_svd", "rsvd"]),
+    "sweep_smoke": Profile(shapes=[(1024, 96)], ranks=[8, 16], n_iters=[0, 2], repeats=2,
+                           methods=["full_svd", "lowrank_svd", "rsvd"]),
     "gpu": Profile(shapes=[(65536, 4096)], ranks=[256, 512], n_iters=[2, 4, 6, 8], dtype="bf16", repeats=5,
                    methods=["full_svd", "lowrank_svd", "rsvd", "rsvd[qr=shifted_cholqr3]",
                             "rsvd[qr=householder]", "rsvd[qr=cholqr_v4]"]),

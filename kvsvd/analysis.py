@@ -1,0 +1,288 @@
+"""KV-cache analysis behind notebooks 01 (spectra) and 03 (compressibility).
+
+A :class:`KVSample` holds one prefill's pre-RoPE queries, keys and values per layer, with
+the model's RoPE cos/sin, so that post-RoPE keys and attention outputs can be formed
+exactly. Every function returns plain tensors or tidy pandas DataFrames that the notebooks
+save (CSV/JSON) and the figures in :mod:`kvsvd.figures` redraw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .config import CompressionConfig
+from .methods import COMPRESSORS
+from .rope import apply_rope
+
+Tensor = torch.Tensor
+KINDS = ("k_pre", "k_post", "v")  # pre-RoPE keys, post-RoPE keys, values
+KIND_LABELS = {"k_pre": "K pre-RoPE", "k_post": "K post-RoPE", "v": "V"}
+
+
+@dataclass
+class KVSample:
+    """One prefill: per layer q (T, Hq·d), k and v (T, H·d), float32; cos, sin (T, d)."""
+    q: list[Tensor]
+    k: list[Tensor]
+    v: list[Tensor]
+    cos: Tensor
+    sin: Tensor
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def tokens(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    def rotate(self, x: Tensor) -> Tensor:
+        """RoPE of (T, n·d) rows at this sample's positions, n heads of head_dim."""
+        T = x.shape[0]
+        h = x.reshape(1, T, -1, self.head_dim).transpose(1, 2)
+        return apply_rope(h, self.cos[None, :T], self.sin[None, :T]).transpose(1, 2).reshape(T, -1)
+
+    def matrix(self, kind: str, layer: int) -> Tensor:
+        """(T, H·d) float32 for ``kind`` in :data:`KINDS`."""
+        if kind not in KINDS:
+            raise ValueError(f"kind={kind!r} is unknown; accepted: {', '.join(KINDS)}")
+        if kind == "k_post":
+            return self.rotate(self.k[layer])
+        return (self.k if kind == "k_pre" else self.v)[layer]
+
+
+@torch.no_grad()
+def sample_kv(model, tokenizer, tokens: int, *, offset_chars: int = 0) -> KVSample:
+    """Prefill ``tokens`` tokens of the shipped prose (starting ``offset_chars`` in) and capture q, k, v."""
+    from .bench.kernels import natural_text
+    from .models import capture_projections
+    text = natural_text(offset_chars + tokens * 8)[offset_chars:]
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens].to(model.device)
+    if ids.shape[1] < tokens:
+        raise ValueError(f"tokens={tokens} is out of range for the shipped prose; accepted: <= {ids.shape[1]}")
+    out = capture_projections(model, ids)
+    pos = torch.arange(tokens, device=ids.device)[None]
+    probe = torch.zeros(1, dtype=torch.float32, device=ids.device)
+    cos, sin = model.model.rotary_emb(probe, pos)
+    c = model.config
+    return KVSample(q=[x[0].cpu() for x in out["q_proj"]], k=[x[0].cpu() for x in out["k_proj"]],
+                    v=[x[0].cpu() for x in out["v_proj"]], cos=cos[0].float().cpu(), sin=sin[0].float().cpu(),
+                    heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, head_dim=c.head_dim)
+
+
+# ----------------------------------------------------------------------------- spectra (notebook 01)
+
+def head_spectra(x: Tensor, heads: int) -> Tensor:
+    """Singular values (heads, head_dim), float64, of each head's (T, head_dim) slice of x (T, heads·d)."""
+    return torch.linalg.svdvals(x.double().reshape(x.shape[0], heads, -1).transpose(0, 1))
+
+
+def energy(s: Tensor) -> Tensor:
+    """Cumulative fraction of ‖X‖²_F captured by the first r singular values, r = 1..len(s)."""
+    e = s.double().pow(2).cumsum(-1)
+    return e / e[..., -1:]
+
+
+def rank_for_energy(s: Tensor, fraction: float) -> int:
+    """Smallest r whose rank-r truncation keeps ``fraction`` of the energy."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction={fraction} is out of range; accepted: (0, 1]")
+    return int((energy(s) < fraction - 1e-12).sum()) + 1
+
+
+def effective_rank(s: Tensor) -> float:
+    """exp(entropy of σ_i / Σσ) (Roy & Vetterli 2007): 1 for rank one, n for a flat spectrum."""
+    p = s.double() / s.double().sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def variance_spread(x: Tensor, heads: int) -> Tensor:
+    """Per head: max / min variance over its head_dim channels (the 'K 132× vs V 4×' statistic)."""
+    var = x.double().reshape(x.shape[0], heads, -1).var(0)
+    return var.amax(-1) / var.amin(-1).clamp_min(1e-30)
+
+
+def linear_cka(x: Tensor, y: Tensor) -> float:
+    """Linear CKA of two (T, ·) representations of the same tokens (Kornblith et al. 2019), in [0, 1]."""
+    x = x.double() - x.double().mean(0)
+    y = y.double() - y.double().mean(0)
+    num = (y.mT @ x).pow(2).sum()
+    return float(num / ((x.mT @ x).norm() * (y.mT @ y).norm()))
+
+
+def token_subspace_overlap(x: Tensor, y: Tensor, rank: int) -> float:
+    """Mean cos² of the principal angles between the top-``rank`` left singular (token) subspaces
+    of x and y: 1 when the two layers could share xKV's token factor exactly, rank/T by chance."""
+    ux = torch.linalg.svd(x.double(), full_matrices=False)[0][:, :rank]
+    uy = torch.linalg.svd(y.double(), full_matrices=False)[0][:, :rank]
+    return float(torch.linalg.svdvals(ux.mT @ uy).pow(2).mean())
+
+
+def spectrum_tables(sample: KVSample) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(stats, spectra): per kind × layer × head effective rank, ranks at 90/99% energy and
+    variance spread; and the normalised singular values σ_i/σ_1 in long form."""
+    stats, spectra = [], []
+    for kind in KINDS:
+        for layer in range(sample.num_layers):
+            x = sample.matrix(kind, layer)
+            s = head_spectra(x, sample.kv_heads)
+            spread = variance_spread(x, sample.kv_heads)
+            for h in range(sample.kv_heads):
+                stats.append({"kind": kind, "layer": layer, "head": h, "effective_rank": effective_rank(s[h]),
+                              "rank_90": rank_for_energy(s[h], 0.90), "rank_99": rank_for_energy(s[h], 0.99),
+                              "variance_spread": float(spread[h])})
+                spectra += [{"kind": kind, "layer": layer, "head": h, "index": i + 1, "sigma": float(v)}
+                            for i, v in enumerate(s[h] / s[h, 0])]
+    return pd.DataFrame(stats), pd.DataFrame(spectra)
+
+
+def layer_similarity(sample: KVSample, kind: str, rank: int = 32) -> pd.DataFrame:
+    """Long form (layer_a, layer_b, rank, cka, overlap) over all layer pairs for one kind."""
+    xs = [sample.matrix(kind, l) for l in range(sample.num_layers)]
+    us = [torch.linalg.svd(x.double(), full_matrices=False)[0][:, :rank] for x in xs]
+    rows = []
+    for a in range(len(xs)):
+        for b in range(len(xs)):
+            rows.append({"kind": kind, "layer_a": a, "layer_b": b, "rank": rank, "cka": linear_cka(xs[a], xs[b]),
+                         "overlap": float(torch.linalg.svdvals(us[a].mT @ us[b]).pow(2).mean())})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------- compressibility (notebook 03)
+
+FACTOR_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}
+
+
+def rank_for_ratio(ratio: float, tokens: int, features: int, factor_dtype: str, dense_itemsize: int = 4) -> int:
+    """Largest rank whose factors (u: tokens × r, w: r × features, plus per-token scales for int8/int4)
+    fit in 1/ratio of the dense (tokens × features) matrix; at least 1."""
+    if ratio <= 1:
+        raise ValueError(f"ratio={ratio} is out of range; accepted: > 1")
+    if factor_dtype not in FACTOR_BYTES:
+        raise ValueError(f"factor_dtype={factor_dtype!r} is unknown; accepted: {', '.join(FACTOR_BYTES)}")
+    quant = factor_dtype in ("int8", "int4")
+    per_rank = tokens * FACTOR_BYTES[factor_dtype] + features * (2 if quant else FACTOR_BYTES[factor_dtype])
+    fixed = tokens * 2 if quant else 0
+    return max(1, int((tokens * features * dense_itemsize / ratio - fixed) // per_rank))
+
+
+def attention_output(q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, n_queries: int) -> Tensor:
+    """Causal attention of the last ``n_queries`` post-RoPE queries q (T, Hq·d) over k, v (T, H·d)
+    (GQA: query head h reads kv head h // (Hq/H)) → (Hq, n_queries, d) float32."""
+    T = k.shape[0]
+    d = k.shape[1] // kv_heads
+    qh = q[T - n_queries:].reshape(n_queries, heads, d).transpose(0, 1)           # (Hq, n, d)
+    rep = heads // kv_heads
+    kh = k.reshape(T, kv_heads, d).transpose(0, 1).repeat_interleave(rep, 0)        # (Hq, T, d)
+    vh = v.reshape(T, kv_heads, d).transpose(0, 1).repeat_interleave(rep, 0)
+    scores = qh @ kh.mT / d ** 0.5
+    mask = torch.arange(T)[None, :] > torch.arange(T - n_queries, T)[:, None]
+    return scores.masked_fill(mask, float("-inf")).softmax(-1) @ vh
+
+
+def _held_bytes(store) -> int:
+    return sum(t.numel() * t.element_size() for ts in store.held().values() for t in ts)
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@torch.no_grad()
+def compressibility(sample: KVSample, *, kinds=KINDS, groups=(1, 2, 4, 8), ratios=(2, 4, 8, 16),
+                    factor_dtypes=("fp32",), layers: range | None = None, n_queries: int = 64,
+                    calibration=None, n_iter: int = 2) -> pd.DataFrame:
+    """Reconstruction and attention-output error of each K or V matrix compressed on its own.
+
+    For every kind × G × target ratio × factor dtype, the layers (default: the last multiple of
+    8 layers, so every G splits them into whole groups) are compressed in groups of G by the
+    same compressor LowRankCache uses (``pca`` rows when a ``calibration`` is given, G=1,
+    keys pre-RoPE only), the bytes are those the stores hold, and the error is measured per
+    layer: ‖X̂−X‖/‖X‖ and the relative error of causal attention outputs for the last
+    ``n_queries`` queries with only this matrix replaced. One row per (configuration, layer).
+    A budget that affords more than full rank is met at full rank (``full_rank`` column; the
+    measured ``ratio`` is then above the target).
+    """
+    L, T = sample.num_layers, sample.tokens
+    layers = layers if layers is not None else range(L - (L // 8) * 8, L)
+    F = sample.kv_heads * sample.head_dim
+    dense_attn = {l: attention_output(sample.rotate(sample.q[l]), sample.matrix("k_post", l), sample.v[l],
+                                      sample.heads, sample.kv_heads, n_queries) for l in layers}
+    methods = [("svd" if G == 1 else "xkv", G) for G in groups] + ([("pca", 1)] if calibration is not None else [])
+    cells = [(k, m, G, r, fd) for k in kinds for m, G in methods for r in ratios for fd in factor_dtypes
+             if not (m == "pca" and k == "k_post")]
+    rows = []
+    for kind, method, G, ratio, fdt in tqdm(cells, desc="compressibility"):
+        if len(layers) % G:
+            raise ValueError(f"groups: G={G} does not divide the {len(layers)} analysed layers")
+        # a budget that affords more than full rank is met exactly at full rank (measured ratio is higher)
+        rank = min(rank_for_ratio(ratio, T, G * F, fdt), T, G * F)
+        cfg = CompressionConfig(method=method, layer_group_size=G, rank_k=rank, rank_v=rank, factor_dtype=fdt,
+                                n_iter=n_iter, calibration_path="in-memory" if method == "pca" else None)
+        for g0 in range(layers.start, layers.stop, G):
+            ls = list(range(g0, g0 + G))
+            x = torch.stack([sample.matrix(kind, l) for l in ls], 1)[None]             # (1, T, G, F)
+            store = COMPRESSORS[method](x, rank, cfg, kind=kind[0], layers=ls, heads=sample.kv_heads,
+                                        calibration=calibration)
+            held = _held_bytes(store)  # pca: its calibrated basis and mean count too (as large as svd's w)
+            for j, l in enumerate(ls):
+                x_hat = store.layer(j, torch.float32)[0]
+                k = sample.matrix("k_post", l)
+                v = sample.v[l]
+                if kind == "v":
+                    v = x_hat
+                else:
+                    k = x_hat if kind == "k_post" else sample.rotate(x_hat)
+                attn = attention_output(sample.rotate(sample.q[l]), k, v, sample.heads, sample.kv_heads, n_queries)
+                rows.append({"kind": kind, "method": method, "group_size": G, "target_ratio": ratio,
+                             "factor_dtype": fdt, "rank": rank, "full_rank": rank == min(T, G * F),
+                             "per_layer_rank": rank / G, "layer": l,
+                             "bytes_held": held / G, "dense_bytes": T * F * 4,
+                             "recon_error": _rel(x_hat, x[0, :, j]), "attn_error": _rel(attn, dense_attn[l])})
+    df = pd.DataFrame(rows)
+    df["ratio"] = df["dense_bytes"] / df["bytes_held"]
+    return df
+
+
+# ----------------------------------------------------------------------- kernel stability (notebook 02)
+
+def conditioned_matrix(m: int, n: int, kappa: float, seed: int = 0) -> Tensor:
+    """(m, n) float64 with singular values geometrically spaced from 1 to 1/kappa, Haar vectors."""
+    g = torch.Generator().manual_seed(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, n, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    s = torch.logspace(0, -torch.log10(torch.tensor(float(kappa))).item(), n, dtype=torch.float64)
+    return (U * s) @ V.mT
+
+
+def orthogonality_vs_kappa(methods, kappas=(1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e8), dtypes=("fp32", "bf16"),
+                           m: int = 4096, n: int = 64, seed: int = 0) -> pd.DataFrame:
+    """‖QᵀQ − I‖_max of each orthonormaliser (``kvsvd.orth`` names) on X with condition number κ.
+
+    ``dtype`` is the precision X arrives in (bf16: the block a BF16 GEMM produced, rounded to
+    BF16, then handed over in FP32 as rsvd does). A Cholesky breakdown or a non-finite Q is
+    recorded as ``failed`` with ``orth_error`` = inf, never dropped."""
+    from .orth import CholeskyBreakdown, orthonormalise
+    rows = []
+    for kappa in kappas:
+        A = conditioned_matrix(m, n, kappa, seed)
+        for dt in dtypes:
+            X = (A.to(torch.bfloat16) if dt == "bf16" else A).float()[None]
+            for method in methods:
+                try:
+                    Q = orthonormalise(X.clone(), method)[0][0].double()
+                    err = float((Q.mT @ Q - torch.eye(n, dtype=torch.float64)).abs().max())
+                    failed = not torch.isfinite(Q).all().item()
+                except (CholeskyBreakdown, torch.linalg.LinAlgError):
+                    err, failed = float("inf"), True
+                rows.append({"method": method, "kappa": kappa, "dtype": dt,
+                             "orth_error": float("inf") if failed else err, "failed": failed})
+    return pd.DataFrame(rows)

@@ -1,0 +1,116 @@
+"""Decode speed of the three attention paths, side by side in one run, on one long context.
+
+- ``dense``: ``DynamicCache`` with SDPA;
+- ``reconstruct``: a LowRankCache read through SDPA (K/V rebuilt from the factors each step);
+- ``factors``: the same compressed cache with ``attn_implementation="kvsvd"`` (kvsvd.attention).
+
+The compressed cache is built once (prefill + compression) and deep-copied for the two low-rank
+paths. Every path decodes the same teacher-forced tokens (the dense path's greedy output), so
+they do identical work; paths run in blocks, ``rounds`` times in rotated order, and the
+medians of all steps are compared. Writes ``results/attention/<model>_<tokens>_<key_space>.json``
+(an existing file is not remeasured unless ``force``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from ..cache import LowRankCache
+from ..config import config_for_ratio
+from .kernels import natural_text
+
+
+def _decode(model, cache, tokens: list[int], start: int) -> list[float]:
+    """Feed ``tokens`` one by one at positions start..; returns the ms of each step."""
+    times = []
+    for i, t in enumerate(tokens):
+        ids = torch.tensor([[t]], device=model.device)
+        pos = torch.tensor([[start + i]], device=model.device)
+        t0 = time.perf_counter()
+        model(input_ids=ids, past_key_values=cache, position_ids=pos)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+@torch.no_grad()
+def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0, layer_group_size: int = 2,
+        key_space: str = "post_rope", rounds: int = 2, out: str | Path = "results/attention",
+        model_name: str = "smollm2-135m", model=None, tokenizer=None, force: bool = False) -> dict:
+    """One measurement (returned, and written as JSON); an existing file is returned unless ``force``."""
+    path = Path(out) / f"{model_name}_{context_tokens}_{key_space}.json"
+    if path.exists() and not force:
+        return json.loads(path.read_text())
+    if model is None:
+        from ..models import load_model
+        model, tokenizer = load_model(model_name)
+    limit = model.config.max_position_embeddings
+    if not 1 <= context_tokens + decode_tokens * rounds <= limit:
+        raise ValueError(f"context_tokens={context_tokens} (+ {decode_tokens}×{rounds} decoded) is out of range; "
+                         f"accepted: [1, {limit}] for {model_name}")
+    ids = tokenizer(natural_text(context_tokens * 8), return_tensors="pt").input_ids[:, :context_tokens].to(model.device)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("sdpa")
+    dense = DynamicCache()
+    logits = model(ids, past_key_values=dense, logits_to_keep=1).logits
+    tokens = [int(logits[0, -1].argmax())]
+    for _ in range(decode_tokens * rounds - 1):  # the dense greedy continuation, forced on every path
+        pos = torch.tensor([[context_tokens + len(tokens) - 1]], device=model.device)
+        nxt = model(input_ids=torch.tensor([[tokens[-1]]], device=model.device), past_key_values=dense,
+                    position_ids=pos).logits
+        tokens.append(int(nxt[0, -1].argmax()))
+    dense.crop(context_tokens)  # back to the bare context
+    cfg = config_for_ratio(ratio, context_tokens, model.config, method="svd" if layer_group_size == 1 else "xkv",
+                           layer_group_size=layer_group_size, key_space=key_space)
+    low = LowRankCache(cfg, model.config)
+    model(ids, past_key_values=low, logits_to_keep=1)
+    low.compress_pending()
+    caches = {"dense": (dense, "sdpa"), "reconstruct": (copy.deepcopy(low), "sdpa"), "factors": (low, "kvsvd")}
+    steps: dict[str, list[float]] = {name: [] for name in caches}
+    order = list(caches)
+    try:
+        for r in tqdm(range(rounds), desc=f"attention paths @ {context_tokens}"):
+            chunk = tokens[r * decode_tokens:(r + 1) * decode_tokens]
+            for name in order[r % 3:] + order[:r % 3]:
+                cache, impl = caches[name]
+                model.set_attn_implementation(impl)
+                steps[name] += _decode(model, cache, chunk, context_tokens + r * decode_tokens)
+    finally:
+        model.set_attn_implementation(previous)
+    res = {}
+    for name, ms in steps.items():
+        cache = caches[name][0]
+        mem = cache.memory_report() if isinstance(cache, LowRankCache) else None
+        res[name] = {"ms_per_token_median": statistics.median(ms), "tokens_per_s": 1e3 / statistics.median(ms),
+                     "step_ms": ms, "kv_ratio": mem["ratio"] if mem else 1.0,
+                     "kv_bytes": mem["total_bytes"] if mem else sum(
+                         t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))}
+    payload = {"model": model_name, "context_tokens": context_tokens, "decode_tokens": decode_tokens, "rounds": rounds,
+               "config": cfg.to_dict(), "device": str(model.device), "threads": torch.get_num_threads(),
+               "torch": torch.__version__, "dtype": str(model.dtype), "results": res,
+               "factors_vs_dense": res["factors"]["tokens_per_s"] / res["dense"]["tokens_per_s"],
+               "factors_vs_reconstruct": res["factors"]["tokens_per_s"] / res["reconstruct"]["tokens_per_s"]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
+    return payload
+
+
+def table(p: dict) -> str:
+    c = p["config"]
+    lines = [f"{p['model']} {p['dtype']} on {p['device']} ({p['threads']} threads), context {p['context_tokens']}, "
+             f"{c['method']} G={c['layer_group_size']} rank_k={c['rank_k']} rank_v={c['rank_v']} {c['key_space']}",
+             f"{'path':<12}{'ms/token':>10}{'tok/s':>8}{'KV ×fewer':>11}"]
+    for name, r in p["results"].items():
+        lines.append(f"{name:<12}{r['ms_per_token_median']:>10.1f}{r['tokens_per_s']:>8.2f}{r['kv_ratio']:>11.2f}")
+    lines.append(f"factors vs dense: {p['factors_vs_dense']:.2f}×   factors vs reconstruct: "
+                 f"{p['factors_vs_reconstruct']:.2f}×")
+    return "\n".join(lines)

@@ -1,0 +1,169 @@
+"""Notebook glue: per-profile settings and the cheap computations behind the widgets.
+
+Each notebook reads ``settings(notebook, profile)`` (``smoke`` for CI, ``cpu`` for
+``make reproduce`` on 2 cores, ``gpu`` for a CUDA machine) and hands an ``explore_*``
+function to :func:`kvsvd.widgets.controls`, which calls it with the slider values.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+
+from . import analysis
+from .config import CompressionConfig
+from .svd import get_svd, optimal_error, truncation_error
+from .timing import StageTimer
+
+SETTINGS: dict[str, dict[str, dict]] = {
+    "01_spectrum_analysis": {
+        "smoke": dict(tokens=256, similarity_rank=16),
+        "cpu": dict(tokens=2048, similarity_rank=32),
+        "gpu": dict(tokens=8192, similarity_rank=64),
+    },
+    "02_kernel_derivation_and_stability": {
+        "smoke": dict(profiles=("smoke", "sweep_smoke"), orth_shape=(512, 32), demo_shape=(1024, 96)),
+        "cpu": dict(profiles=("cpu", "sweep"), orth_shape=(4096, 64), demo_shape=(8192, 768)),
+        "gpu": dict(profiles=("gpu",), orth_shape=(65536, 256), demo_shape=(65536, 4096)),
+    },
+    "03_kv_compressibility": {
+        "smoke": dict(tokens=256, groups=(1, 2), ratios=(4, 8), factor_dtypes=("fp32", "int8"), calib_tokens=256),
+        "cpu": dict(tokens=2048, groups=(1, 2, 4, 8), ratios=(2, 3, 4, 6, 8, 12, 16),
+                    factor_dtypes=("fp32", "bf16", "int8", "int4"), calib_tokens=2048),
+        "gpu": dict(tokens=8192, groups=(1, 2, 4, 8), ratios=(2, 3, 4, 6, 8, 12, 16),
+                    factor_dtypes=("fp32", "bf16", "int8", "int4"), calib_tokens=8192),
+    },
+    "04_ruler_accuracy_and_latency": {
+        "smoke": dict(grids=("configs/smoke.yaml",), contexts=(256,), decode_tokens=4,
+                      latency=dict(ratios=(4.0,), groups=(1, 2), n_iters=(0,), sweep_group=2),
+                      attention=dict(contexts=(512,), key_spaces=("post_rope",), decode_tokens=2, rounds=2)),
+        "cpu": dict(grids=("configs/cpu.yaml", "configs/cpu_sweeps.yaml"), contexts=(1024, 2048, 4096),
+                    decode_tokens=24, latency=dict(ratios=(4.0,), groups=(1, 2, 4), n_iters=(0, 4)),
+                    attention=dict(contexts=(8160,), key_spaces=("post_rope", "pre_rope"), decode_tokens=16,
+                                   rounds=2)),
+        "gpu": dict(grids=("configs/gpu.yaml",), contexts=(4096, 8192), decode_tokens=64,
+                    latency=dict(ratios=(4.0, 8.0), groups=(1, 2, 4, 8), n_iters=(0, 1, 4)),
+                    attention=dict(contexts=(4096, 8160), key_spaces=("post_rope", "pre_rope"), decode_tokens=64,
+                                   rounds=2)),
+    },
+}
+
+
+def settings(notebook: str, profile: str) -> dict:
+    """The settings of ``notebook`` for ``profile``; errors name the accepted values."""
+    if notebook not in SETTINGS:
+        raise ValueError(f"notebook={notebook!r} is unknown; accepted: {', '.join(SETTINGS)}")
+    if profile not in SETTINGS[notebook]:
+        raise ValueError(f"profile={profile!r} is unknown; accepted: {', '.join(SETTINGS[notebook])}")
+    return dict(SETTINGS[notebook][profile])
+
+
+def run_grids(paths, results: Path, model, tokenizer) -> list[Path]:
+    """Run (or resume) each grid YAML with its rows written to ``results/eval/<name>.jsonl``."""
+    import yaml
+
+    from .grid import run
+    outs = []
+    for path in paths:
+        raw = yaml.safe_load(Path(path).read_text())
+        raw["out"] = str(Path(results) / "eval" / f"{raw['name']}.jsonl")
+        outs.append(run(raw, model, tokenizer))
+    return outs
+
+
+# ------------------------------------------------------------------------- widget computations
+
+def explore_group(sample: analysis.KVSample, *, kind: str, rank: int, n_iter: int, layer_group_size: int,
+                  first_layer: int | None = None) -> dict:
+    """Compress one group of ``layer_group_size`` layers of ``kind`` at ``rank`` (rsvd, n_iter) and
+    plot the per-layer reconstruction and attention-output errors. Returns the numbers drawn."""
+    G, L = layer_group_size, sample.num_layers
+    if not 1 <= G <= L:
+        raise ValueError(f"layer_group_size={G} is out of range; accepted: [1, {L}]")
+    start = first_layer if first_layer is not None else (L - G) // 2
+    cfg = CompressionConfig(method="svd" if G == 1 else "xkv", layer_group_size=G, rank_k=rank, rank_v=rank,
+                            n_iter=n_iter)
+    from .methods import COMPRESSORS
+    layers = list(range(start, start + G))
+    x = torch.stack([sample.matrix(kind, l) for l in layers], 1)[None]
+    timer = StageTimer()
+    store = COMPRESSORS[cfg.method](x, rank, cfg, kind=kind[0], layers=layers, heads=sample.kv_heads, timer=timer)
+    rows = []
+    for j, l in enumerate(layers):
+        x_hat = store.layer(j, torch.float32)[0]
+        k, v = sample.matrix("k_post", l), sample.v[l]
+        if kind == "v":
+            v = x_hat
+        else:
+            k = x_hat if kind == "k_post" else sample.rotate(x_hat)
+        q = sample.rotate(sample.q[l])
+        ref = analysis.attention_output(q, sample.matrix("k_post", l), sample.v[l], sample.heads, sample.kv_heads, 64)
+        out = analysis.attention_output(q, k, v, sample.heads, sample.kv_heads, 64)
+        rows.append((l, float((x_hat - x[0, :, j]).norm() / x[0, :, j].norm()), float((out - ref).norm() / ref.norm())))
+    held = sum(t.numel() * t.element_size() for ts in store.held().values() for t in ts)
+    ratio = x.numel() * x.element_size() / held
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    idx = torch.arange(len(rows)).float()
+    ax.bar(idx - 0.2, [r[1] for r in rows], 0.4, label="reconstruction error")
+    ax.bar(idx + 0.2, [r[2] for r in rows], 0.4, label="attention-output error")
+    ax.set(xticks=idx.tolist(), xticklabels=[f"layer {r[0]}" for r in rows], ylabel="relative error",
+           title=f"{analysis.KIND_LABELS[kind]}: G={G}, rank {rank}, "
+                 f"n_iter {n_iter} → {ratio:.1f}× fewer bytes, {timer.total_ms():.1f} ms")
+    ax.legend()
+    plt.show()
+    return {"ratio": ratio, "errors": rows, "ms": timer.breakdown_ms()}
+
+
+def explore_rsvd(A: torch.Tensor, *, rank: int, n_iter: int, method: str) -> dict:
+    """One call of ``method`` (rsvd, lowrank_svd, full_svd) on A: time, error vs optimum, and its
+    singular values against the exact ones."""
+    fn = get_svd(method)
+    timer = StageTimer()
+    t0 = time.perf_counter()
+    U, S, Vh = fn(A, rank, n_iter=n_iter, generator=torch.Generator(device=A.device).manual_seed(0), timer=timer)
+    ms = (time.perf_counter() - t0) * 1e3
+    rel = float(truncation_error(A, U, S, Vh) / optimal_error(A, rank))
+    exact = torch.linalg.svdvals(A.double())[:rank]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.semilogy(exact.cpu(), "k-", label="exact σᵢ")
+    ax.semilogy(S.double().cpu(), "o", ms=3, label=f"{method} σᵢ")
+    ax.set(xlabel="index i", ylabel="σᵢ", title=f"{method}, rank {rank}, n_iter {n_iter}: {ms:.1f} ms, "
+                                                 f"error = {rel:.4f} × optimum")
+    ax.legend()
+    plt.show()
+    return {"ms": ms, "rel_error": rel, "breakdown_ms": timer.breakdown_ms()}
+
+
+def explore_answer(model, tokenizer, sample: dict, task: str, *, method: str, rank: int, n_iter: int,
+                   layer_group_size: int) -> dict:
+    """Answer one RULER sample with a LowRankCache at total rank ``rank`` per group (one third to
+    keys, as config_for_ratio splits it); print prediction, score and bytes, plot the stage times."""
+    from . import ruler
+    from .cache import LowRankCache
+    from .evaluate import answer
+    L = model.config.num_hidden_layers
+    G = 1 if method == "svd" else layer_group_size
+    cfg = CompressionConfig(method=method, layer_group_size=G, rank_k=max(1, rank // 3),
+                            rank_v=max(1, rank - rank // 3), n_iter=n_iter, start_layer=L % G)
+    cache = LowRankCache(cfg, model.config)
+    res = answer(model, tokenizer, sample, cache, max_new_tokens=24)
+    mem = cache.memory_report()
+    score = ruler.score(task, [res["prediction"]], [sample["outputs"]])
+    stages: dict[str, float] = {}
+    for entry in cache.compression_log:
+        for s, ms in entry["breakdown_ms"].items():
+            stages[s] = stages.get(s, 0.0) + ms
+    fig, ax = plt.subplots(figsize=(7, 1.8))
+    left = 0.0
+    for s, ms in stages.items():
+        ax.barh([0], [ms], left=left, label=s)
+        left += ms
+    ax.set(yticks=[], xlabel="compression ms (all groups)",
+           title=f"{method} G={G} rank {rank} q={n_iter}: {mem['ratio']:.1f}× fewer bytes, score {score:.0f}")
+    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    plt.show()
+    print(f"gold: {sample['outputs']}  prediction: {res['prediction'].strip()!r}")
+    return {"score": score, "ratio": mem["ratio"], "prediction": res["prediction"], "stages_ms": stages}

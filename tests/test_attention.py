@@ -1,0 +1,125 @@
+"""attn_implementation="kvsvd": attention straight from the factors, exact against the dense and
+the reconstruct-on-read paths, with masks, multi-token steps and every store kind."""
+
+import contextlib
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvsvd import CompressionConfig, LowRankCache
+from kvsvd.attention import Factors, attend, merge
+from test_cache import full_rank_config, greedy
+
+
+@contextlib.contextmanager
+def attn(model, impl):
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(impl)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def test_merge_of_parts_is_the_softmax_over_their_union():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 2, 4, 8, generator=g)            # (B, H, g, n, d)
+    k, v = torch.randn(2, 3, 50, 8, generator=g), torch.randn(2, 3, 50, 8, generator=g)
+    mask = torch.rand(2, 1, 1, 4, 50, generator=g) > 0.3
+    mask[..., 0] = True
+    ref = torch.softmax((q @ k.unsqueeze(2).mT).masked_fill(~mask, float("-inf")), -1) @ v.unsqueeze(2)
+    parts = [attend(q, k[:, :, a:b], v[:, :, a:b], mask[..., a:b]) for a, b in ((0, 7), (7, 30), (30, 50))]
+    torch.testing.assert_close(merge(parts), ref, atol=1e-5, rtol=1e-5)
+    empty = attend(q, k[:, :, :5], v[:, :, :5], torch.zeros_like(mask[..., :5]))  # fully masked part
+    torch.testing.assert_close(merge([empty, attend(q, k, v, mask)]), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_factor_scores_and_values_equal_the_reconstruction():
+    g = torch.Generator().manual_seed(1)
+    u, w = torch.randn(2, 40, 6, generator=g), torch.randn(1, 6, 3, 8, generator=g)
+    mean = torch.randn(3, 8, generator=g)
+    f = Factors(u, w, mean)
+    x = (u @ w.flatten(2)).unflatten(-1, (3, 8)).transpose(1, 2) + mean[None, :, None]  # (B, H, T, d)
+    q = torch.randn(2, 3, 2, 1, 8, generator=g)
+    torch.testing.assert_close(f.scores(q), q @ x.unsqueeze(2).mT, atol=1e-4, rtol=1e-4)
+    p = torch.rand(2, 3, 2, 1, 40, generator=g)
+    torch.testing.assert_close(f.combine(p), p @ x.unsqueeze(2), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method, G", [("svd", 1), ("xkv", 2)])
+@pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
+def test_full_rank_factor_path_matches_dense_attention(tiny_llama, method, G, key_space):
+    ids = torch.randint(0, 128, (1, 80), generator=torch.Generator().manual_seed(2))
+    ref_seq, ref_logits = greedy(tiny_llama, ids, DynamicCache(), n=12)
+    cache = LowRankCache(full_rank_config(method, G, 32, key_space, block_size=4), tiny_llama.config)
+    with attn(tiny_llama, "kvsvd"):
+        assert cache.decodes_from_factors
+        seq, logits = greedy(tiny_llama, ids, cache, n=12)
+    assert torch.equal(seq, ref_seq)
+    assert (logits - ref_logits).abs().max() < 1e-4
+    assert sum(len(g.segments) for g in cache.groups) >= 2  # prefill segment + decode blocks
+
+
+@pytest.mark.parametrize("kw", [dict(method="xkv", layer_group_size=2, key_space="post_rope"),
+                                dict(method="xkv", layer_group_size=2, key_space="pre_rope", factor_dtype="int8"),
+                                dict(method="svd", layer_group_size=1, key_space="post_rope", factor_dtype="int4"),
+                                dict(method="minicache", layer_group_size=2, start_layer=0)])
+def test_low_rank_factor_path_matches_reconstruct_on_read_with_padding(tiny_llama, kw):
+    """Same compressed cache, two attention paths: identical up to float rounding, batch of two
+    with left padding (the mask path) and block compression during decode."""
+    ids = torch.randint(3, 128, (2, 70), generator=torch.Generator().manual_seed(3))
+    ids[1, :9] = 0
+    mask = torch.ones_like(ids)
+    mask[1, :9] = 0
+    cfg = CompressionConfig(rank_k=12, rank_v=20, residual_length=4, block_size=6, **kw)
+    seq, logits = greedy(tiny_llama, ids, LowRankCache(cfg, tiny_llama.config), n=10, attention_mask=mask)
+    with attn(tiny_llama, "kvsvd"):
+        seq2, logits2 = greedy(tiny_llama, ids, LowRankCache(cfg, tiny_llama.config), n=10, attention_mask=mask)
+    assert torch.equal(seq, seq2)
+    assert (logits - logits2).abs().max() < 1e-4
+
+
+def test_multi_token_step_after_compression_is_causal(tiny_llama):
+    """Feeding several tokens at once after the prefill was compressed (a question after a context)."""
+    g = torch.Generator().manual_seed(4)
+    ctx, question = torch.randint(0, 128, (1, 60), generator=g), torch.randint(0, 128, (1, 7), generator=g)
+    cfg = CompressionConfig(method="xkv", layer_group_size=2, rank_k=10, rank_v=16, key_space="post_rope",
+                            residual_length=4)
+    outs = []
+    for impl in ("sdpa", "kvsvd"):
+        with attn(tiny_llama, impl), torch.no_grad():
+            cache = LowRankCache(cfg, tiny_llama.config)
+            tiny_llama(ctx, past_key_values=cache)
+            cache.compress_pending()
+            outs.append(tiny_llama(question, past_key_values=cache).logits)
+    assert (outs[0] - outs[1]).abs().max() < 1e-4
+
+
+def test_other_caches_and_prefill_use_sdpa_and_dropout_is_refused(tiny_llama):
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(5))
+    ref = greedy(tiny_llama, ids, DynamicCache())[1]
+    with attn(tiny_llama, "kvsvd"):
+        torch.testing.assert_close(greedy(tiny_llama, ids, DynamicCache())[1], ref)
+    from kvsvd.attention import kvsvd_attention_forward
+    cache = LowRankCache(CompressionConfig(method="svd", layer_group_size=1, rank_k=4, rank_v=4, residual_length=2,
+                                           key_space="post_rope"),
+                         tiny_llama.config)
+    with attn(tiny_llama, "kvsvd"), torch.no_grad():
+        tiny_llama(ids, past_key_values=cache)
+        cache.compress_pending()
+        k, v = cache.layers[0].update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
+        with pytest.raises(ValueError, match="dropout=0.1 is not supported"):
+            kvsvd_attention_forward(tiny_llama.model.layers[0].self_attn, torch.zeros(1, 4, 1, 16), k, v, None,
+                                    dropout=0.1)
+
+
+@pytest.mark.model
+def test_load_model_with_kvsvd_attention(smollm2):
+    """attn_implementation="kvsvd" is all a user sets; a full-rank cache gives the dense answer."""
+    model, tok = smollm2
+    ids = tok("The quick brown fox jumps over the lazy dog. " * 12, return_tensors="pt").input_ids
+    ref_seq, ref_logits = greedy(model, ids, DynamicCache())
+    with attn(model, "kvsvd"):
+        seq, logits = greedy(model, ids, LowRankCache(full_rank_config("xkv", 2, 192, "post_rope"), model.config))
+    assert torch.equal(seq, ref_seq) and (logits - ref_logits).abs().max() < 1e-3

@@ -1,0 +1,52 @@
+"""The Triton decode kernel, run on CPU by Triton's interpreter (TRITON_INTERPRET=1, set in
+conftest.py before triton is imported), against the PyTorch path."""
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from kvsvd.attention import Factors, attend, attend_with_kernel, kernel_applies  # noqa: E402
+from kvsvd.triton_attention import lowrank_decode  # noqa: E402
+
+
+@pytest.mark.parametrize("T, split", [(1, 64), (70, 64), (300, 128)])
+def test_kernel_matches_softmax_over_the_token_factor(T, split):
+    g = torch.Generator().manual_seed(T)
+    qe, uk, uv = torch.randn(2, 9, 20, generator=g), torch.randn(2, T, 20, generator=g), torch.randn(2, T, 37, generator=g)
+    out, lse = lowrank_decode(qe, uk, uv, split=split, block_t=32)
+    s = qe @ uk.mT
+    torch.testing.assert_close(out, torch.softmax(s, -1) @ uv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="split=100 is out of range"):
+        lowrank_decode(qe, uk, uv, split=100, block_t=32)
+
+
+def test_attend_dispatches_decode_steps_to_the_kernel_and_agrees_with_pytorch():
+    g = torch.Generator().manual_seed(7)
+    k = Factors(torch.randn(1, 90, 12, generator=g), torch.randn(1, 12, 3, 8, generator=g), torch.randn(3, 8, generator=g))
+    v = Factors(torch.randn(1, 90, 20, generator=g), torch.randn(1, 20, 3, 8, generator=g), torch.randn(3, 8, generator=g))
+    q = torch.randn(1, 3, 2, 1, 8, generator=g)
+    assert kernel_applies(q, k, v, None) and not kernel_applies(q, k, v, torch.ones(1, 1, 1, 1, 90, dtype=torch.bool))
+    o_kernel, lse_kernel = attend_with_kernel(q, k, v)
+    mask = torch.ones(1, 1, 1, 1, 90, dtype=torch.bool)
+    o_torch, lse_torch = attend(q, k, v, mask)  # a mask sends it down the PyTorch path
+    torch.testing.assert_close(o_kernel, o_torch, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse_kernel, lse_torch, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_through_the_kernel_matches_reconstruct_on_read(tiny_llama, monkeypatch):
+    import kvsvd.attention as attention
+    from kvsvd import CompressionConfig, LowRankCache
+    calls = []
+    monkeypatch.setattr(attention, "attend_with_kernel", lambda *a: calls.append(1) or attend_with_kernel(*a))
+    from test_attention import attn
+    from test_cache import greedy
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(8))
+    cfg = CompressionConfig(method="xkv", layer_group_size=2, rank_k=10, rank_v=16, key_space="post_rope",
+                            residual_length=4)
+    seq, logits = greedy(tiny_llama, ids, LowRankCache(cfg, tiny_llama.config), n=6)
+    with attn(tiny_llama, "kvsvd"):
+        seq2, logits2 = greedy(tiny_llama, ids, LowRankCache(cfg, tiny_llama.config), n=6)
+    assert torch.equal(seq, seq2) and (logits - logits2).abs().max() < 1e-4
+    assert len(calls) == 5 * 4  # every decode step after the first, in each of the 4 compressed layers
