@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PROFILE ?= cpu
 RESULTS ?= $(if $(filter gpu,$(PROFILE)),results/gpu,results)
 NOTEBOOKS := $(notdir $(wildcard notebooks/[0-9]*.ipynb))
+NB_RESULTS := $(if $(filter /%,$(RESULTS)),$(RESULTS),../$(RESULTS))  # as seen from notebooks/
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup test reproduce figures bench lab clean
@@ -35,8 +36,8 @@ bench: setup
 reproduce: setup
 	mkdir -p $(RESULTS)/notebooks
 	cd notebooks && for nb in $(NOTEBOOKS); do \
-	  ../$(PY) -m papermill $$nb $(abspath $(RESULTS))/notebooks/$$nb -k python3 \
-	    -p profile $(PROFILE) -p results_dir $(abspath $(RESULTS)) -p interactive False || exit 1; \
+	  ../$(PY) -m papermill $$nb $(NB_RESULTS)/notebooks/$$nb -k python3 \
+	    -p profile $(PROFILE) -p results_dir $(NB_RESULTS) -p interactive False || exit 1; \
 	done
 	$(PY) -m kvsvd figures --results $(RESULTS)
 
