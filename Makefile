@@ -5,7 +5,8 @@ PY     := $(VENV)/bin/python
 PROFILE ?= cpu
 RESULTS ?= $(if $(filter gpu,$(PROFILE)),results/gpu,results)
 NOTEBOOKS := $(notdir $(wildcard notebooks/[0-9]*.ipynb))
-NB_RESULTS := $(if $(filter /%,$(RESULTS)),$(RESULTS),../$(RESULTS))  # as seen from notebooks/
+# RESULTS as seen from notebooks/, where papermill runs the notebooks
+NB_RESULTS := $(if $(filter /%,$(RESULTS)),$(RESULTS),../$(RESULTS))
 STAMP  := $(VENV)/.installed
 
 .PHONY: setup test reproduce figures bench lab clean
