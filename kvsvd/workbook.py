@@ -40,7 +40,7 @@ SETTINGS: dict[str, dict[str, dict]] = {
         "smoke": dict(grids=("configs/smoke.yaml",), contexts=(256,), decode_tokens=4,
                       latency=dict(ratios=(4.0,), groups=(1, 2), n_iters=(0,), sweep_group=2),
                       attention=dict(contexts=(512,), key_spaces=("post_rope",), decode_tokens=2, rounds=2)),
-        "cpu": dict(grids=("configs/cpu.yaml", "configs/cpu_sweeps.yaml"), contexts=(1024, 2048, 4096),
+        "cpu": dict(grids=("configs/cpu.yaml", "configs/cpu_sweeps.yaml", "configs/cpu_peers.yaml"), contexts=(1024, 2048, 4096),
                     decode_tokens=24, latency=dict(ratios=(4.0,), groups=(1, 2, 4), n_iters=(0, 4)),
                     attention=dict(contexts=(8160,), key_spaces=("post_rope", "pre_rope"), decode_tokens=16,
                                    rounds=2)),
