@@ -115,3 +115,18 @@ def test_quantized_cache_peer_counts_its_packed_bytes(smollm2):
     row = grid.run_cell(model, tok, sample, {"method": "quantized", "nbits": 4, "residual_length": 32},
                         "niah_single_1", 8)
     assert 3.0 < row["kv_ratio"] < 8.0  # 4-bit codes + per-group scales/shifts vs fp32, plus the residual
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("press", ["snapkv", "expected_attention"])
+def test_press_cells_answer_exactly_like_the_kvpress_pipeline(smollm2, press):
+    """A press in the grid is kvpress's own press: same prompt split, same answer as its pipeline."""
+    import kvpress
+    from transformers import pipeline
+    model, tok = smollm2
+    sample = grid.ruler.generate("niah_single_1", 1, 512, tok, seed=3)[0]
+    row = grid.run_cell(model, tok, sample, {"method": "press", "press": press, "ratio": 4}, "niah_single_1", 12)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
+    answer = pipe(sample["context"], question=sample["question"], answer_prefix=sample["answer_prefix"].strip(),
+                  press=getattr(kvpress, grid.PRESSES[press])(compression_ratio=0.75), max_new_tokens=12)["answer"]
+    assert row["prediction"].strip() == answer.strip()
