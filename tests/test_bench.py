@@ -93,3 +93,9 @@ def test_attention_bench_compares_three_paths_on_the_same_tokens(smollm2, tmp_pa
     assert (tmp_path / "smollm2-135m_300_post_rope.json").exists() and "factors vs dense" in attention.table(p)
     with pytest.raises(ValueError, match="context_tokens=9000 .* is out of range; accepted: \\[1, 8192\\]"):
         attention.run(9000, model=model, tokenizer=tok, out=tmp_path)
+
+
+def test_latency_harness_refuses_context_lengths_the_model_cannot_hold(tiny_llama, tmp_path):
+    from kvsvd.bench import cache as latency
+    with pytest.raises(ValueError, match=r"context_lengths \[600, 0\] out of range; accepted: integers in \[1, 480\]"):
+        latency.run([256, 600, 0], decode_tokens=32, out=tmp_path, model=tiny_llama, tokenizer=None)

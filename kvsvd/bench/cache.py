@@ -78,6 +78,11 @@ def run(context_lengths=(1024, 2048, 4096), decode_tokens: int = 32, out: str | 
     if model is None:
         from ..models import load_model
         model, tokenizer = load_model(model_name)
+    limit = model.config.max_position_embeddings - decode_tokens
+    bad = [n for n in context_lengths if not (isinstance(n, int) and 1 <= n <= limit)]
+    if bad:
+        raise ValueError(f"context_lengths {bad} out of range; accepted: integers in [1, {limit}] "
+                         f"({model_name}: {model.config.max_position_embeddings} positions minus {decode_tokens} decoded)")
     payloads = []
     for n in tqdm(context_lengths, desc="latency (context lengths)"):
         path = Path(out) / f"{model_name}_{n}.json"
