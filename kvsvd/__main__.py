@@ -1,7 +1,7 @@
 """Command line.
 
     python -m kvsvd bench kernels [--profile cpu|gpu|smoke] [--device ...] [--out ...]
-    python -m kvsvd bench cache [--contexts 1024 2048 4096] | attention [--context 8192] | niah
+    python -m kvsvd bench cache [--contexts 1024 2048 4096] | attention [--context 8160 ...] [--model M --device D] | niah
     python -m kvsvd figures [--results results]
     python -m kvsvd eval CONFIG.yaml        (torchrun --nproc_per_node N -m kvsvd eval CONFIG.yaml)
 """
@@ -30,7 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--out", default="results/cache")
     cache.add_argument("--force", action="store_true", help="remeasure context lengths already on disk")
     att = bench_sub.add_parser("attention", help="decode speed: dense vs reconstruct-on-read vs attention from factors")
-    att.add_argument("--context", type=int, default=8192, help="context tokens")
+    att.add_argument("--context", type=int, nargs="+", default=[8160], help="context tokens (one run each)")
+    att.add_argument("--model", default="smollm2-135m",
+                     help="smollm2-135m, or a random-weight shape: llama-3.1-8b-shaped, tiny-llama-shaped")
+    att.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    att.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                     help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     att.add_argument("--decode", type=int, default=16, help="decode tokens per round")
     att.add_argument("--rounds", type=int, default=2, help="rounds (path order rotated each round)")
     att.add_argument("--ratio", type=float, default=4.0, help="× fewer KV bytes")
@@ -67,9 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.which == "attention":
         from .bench import attention as attention_bench
-        print(attention_bench.table(attention_bench.run(args.context, args.decode, args.ratio, args.group,
-                                                        args.key_space, args.rounds, args.out,
-                                                        force=args.force)))
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = getattr(torch, args.dtype or ("bfloat16" if device.startswith("cuda") else "float32"))
+        for context in args.context:
+            print(attention_bench.table(attention_bench.run(
+                context, args.decode, args.ratio, args.group, args.key_space, args.rounds, args.out,
+                model_name=args.model, force=args.force, device=device, dtype=dtype)))
         return 0
     if args.which == "cache":
         from .bench import cache as cache_bench

@@ -188,8 +188,20 @@ def attention_output(q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int,
     return scores.masked_fill(mask, float("-inf")).softmax(-1) @ vh
 
 
-def _held_bytes(store) -> int:
+def held_bytes(store) -> int:
+    """Bytes of every tensor a compressor's store holds (factors, scales, basis, mean)."""
     return sum(t.numel() * t.element_size() for ts in store.held().values() for t in ts)
+
+
+def replaced_attention(sample: KVSample, kind: str, layer: int, x_hat: Tensor, n_queries: int = 64) -> Tensor:
+    """Causal attention outputs of the last ``n_queries`` queries of ``layer`` with its ``kind``
+    matrix (k_pre, k_post or v; (T, H_kv·d) float32) replaced by ``x_hat`` and the rest exact."""
+    k, v = sample.matrix("k_post", layer), sample.v[layer]
+    if kind == "v":
+        v = x_hat
+    else:
+        k = x_hat if kind == "k_post" else sample.rotate(x_hat)
+    return attention_output(sample.rotate(sample.q[layer]), k, v, sample.heads, sample.kv_heads, n_queries)
 
 
 def _rel(a: Tensor, b: Tensor) -> float:
@@ -232,16 +244,10 @@ def compressibility(sample: KVSample, *, kinds=KINDS, groups=(1, 2, 4, 8), ratio
             x = torch.stack([sample.matrix(kind, l) for l in ls], 1)[None]             # (1, T, G, F)
             store = COMPRESSORS[method](x, rank, cfg, kind=kind[0], layers=ls, heads=sample.kv_heads,
                                         calibration=calibration)
-            held = _held_bytes(store)  # pca: its calibrated basis and mean count too (as large as svd's w)
+            held = held_bytes(store)  # pca: its calibrated basis and mean count too (as large as svd's w)
             for j, l in enumerate(ls):
                 x_hat = store.layer(j, torch.float32)[0]
-                k = sample.matrix("k_post", l)
-                v = sample.v[l]
-                if kind == "v":
-                    v = x_hat
-                else:
-                    k = x_hat if kind == "k_post" else sample.rotate(x_hat)
-                attn = attention_output(sample.rotate(sample.q[l]), k, v, sample.heads, sample.kv_heads, n_queries)
+                attn = replaced_attention(sample, kind, l, x_hat, n_queries)
                 rows.append({"kind": kind, "method": method, "group_size": G, "target_ratio": ratio,
                              "factor_dtype": fdt, "rank": rank, "full_rank": rank == min(T, G * F),
                              "per_layer_rank": rank / G, "layer": l,

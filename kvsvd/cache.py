@@ -24,6 +24,7 @@ can be assigned, so kvpress presses and its pipeline use this cache unchanged.
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -300,6 +301,13 @@ class LowRankCache(Cache):
             layers.extend(group.members)
         layers.extend(DynamicLayer() for _ in range(end + 1, self.num_layers))
         super().__init__(layers=layers)
+
+    def __deepcopy__(self, memo: dict) -> "LowRankCache":
+        """An independent copy of the cached K/V state; the model config is shared, not copied."""
+        memo[id(self.model_config)] = self.model_config
+        new = memo[id(self)] = self.__class__.__new__(self.__class__)
+        new.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()})
+        return new
 
     @property
     def decodes_from_factors(self) -> bool:

@@ -1,14 +1,22 @@
 """Answering one RULER sample with a cache: prefill (and compress) the context, then decode the
 question uncompressed, as kvpress's pipeline does; positions are explicit, so a press that
-evicts context tokens does not shift the question's RoPE positions."""
+evicts context tokens does not shift the question's RoPE positions.
+
+A grid answers one sample with many caches. The prefill forward is the same for all of them
+(a cache or press changes what is *kept*, never what the context's layers compute: a press
+prunes layer l after layer l has attended), so :func:`record_prefill` runs it once and
+:func:`replay_prefill` fills each cache from the record: the same ``update`` calls with the
+same K/V and cos/sin, then the press's own forward hook with the same arguments."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import time
+from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
 
 from .cache import LowRankCache
 
@@ -45,26 +53,86 @@ def _prefill(model, ctx: torch.Tensor, cache, press) -> None:
         model.model(input_ids=ctx.to(model.device), past_key_values=cache)
 
 
+@dataclass
+class Prefill:
+    """A recorded dense prefill of ``n_tokens`` context tokens: per attention layer the call's
+    kwargs (hidden_states (1, T, hidden), position_embeddings cos/sin (1, T, d), mask,
+    cache_position), the post-RoPE keys/values (1, H_kv, T, d) it appended and its output
+    (attn_output, attn_weights); ``ms`` the forward's wall time."""
+    calls: list[tuple[dict, torch.Tensor, torch.Tensor, tuple]]
+    n_tokens: int
+    ms: float
+
+
+@torch.no_grad()
+def record_prefill(model, ctx: torch.Tensor) -> Prefill:
+    """Run the dense prefill of ``ctx`` (1, T) once and record what each attention layer saw."""
+    calls: list = []
+
+    def hook(module, args, kwargs, output):
+        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        calls.append(({k: v for k, v in kwargs.items() if k != "past_key_values"}, layer.keys, layer.values, output))
+
+    hooks = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    try:
+        t0 = time.perf_counter()
+        _prefill(model, ctx, DynamicCache(), None)
+        ms = (time.perf_counter() - t0) * 1e3
+    finally:
+        for h in hooks:
+            h.remove()
+    return Prefill(calls, ctx.shape[1], ms)
+
+
+def replay_prefill(model, prefill: Prefill, cache, press=None) -> None:
+    """Fill ``cache`` exactly as ``model.model(ctx, past_key_values=cache)`` under ``press`` would,
+    without the forward: each layer's ``update`` (with copies of the recorded K/V, so no cache
+    aliases the record), then the press's forward hook on that layer."""
+    with press(model) if press is not None else contextlib.nullcontext():
+        for layer, (kwargs, keys, values, output) in zip(model.model.layers, prefill.calls):
+            module = layer.self_attn
+            cos, sin = kwargs["position_embeddings"]
+            cache.update(keys.clone(), values.clone(), module.layer_idx,
+                         {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")})
+            if press is not None:
+                press.forward_hook(module, (), {**kwargs, "past_key_values": cache}, output)
+
+
 @torch.no_grad()
 def answer(model, tokenizer, sample: dict, cache, max_new_tokens: int = 32, press=None,
            gold: str | None = None, new_cache=None,
-           prompt: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+           prompt: tuple[torch.Tensor, torch.Tensor] | None = None, prefill: Prefill | None = None) -> dict:
     """Greedy answer of ``sample`` with ``cache`` (prefill under ``press`` when given).
 
     Returns the prediction, the time of each phase (ms), and with ``gold`` the log-likelihood of
     the gold answer under teacher forcing, computed on a copy of the compressed cache (or, for a
     cache that cannot be deep-copied such as quanto's, on a second prefill into ``new_cache()``).
-    ``prompt`` is ``split_prompt``'s result when the caller already has it.
+    ``prompt`` is ``split_prompt``'s result when the caller already has it. With ``prefill`` (the
+    context's :func:`record_prefill`) the cache is filled by replay: ``prefill_ms`` is then the
+    recorded forward's and ``compress_ms`` covers the press's scoring and pruning as well.
     """
     ctx, question = prompt if prompt is not None else split_prompt(tokenizer, sample)
     dev, n_ctx = model.device, ctx.shape[1]
+    if prefill is not None and prefill.n_tokens != n_ctx:
+        raise ValueError(f"prefill holds {prefill.n_tokens} tokens but the context has {n_ctx}: record it for this sample")
+
+    def fill(target) -> None:
+        if prefill is None:
+            _prefill(model, ctx, target, press)
+        else:
+            replay_prefill(model, prefill, target, press)
+
     t0 = time.perf_counter()
-    _prefill(model, ctx, cache, press)
+    fill(cache)
     t1 = time.perf_counter()
     if isinstance(cache, LowRankCache):
         cache.compress_pending()
     t2 = time.perf_counter()
-    out: dict = {"context_tokens": n_ctx, "prefill_ms": (t1 - t0) * 1e3, "compress_ms": (t2 - t1) * 1e3}
+    out: dict = {"context_tokens": n_ctx, "prefill_shared": prefill is not None}
+    if prefill is None:
+        out.update(prefill_ms=(t1 - t0) * 1e3, compress_ms=(t2 - t1) * 1e3)
+    else:
+        out.update(prefill_ms=prefill.ms, compress_ms=(t2 - t0) * 1e3)
     if isinstance(cache, LowRankCache):
         out["compression_log"] = cache.compression_log
     if gold is not None:
@@ -76,7 +144,7 @@ def answer(model, tokenizer, sample: dict, cache, max_new_tokens: int = 32, pres
             if new_cache is None:
                 raise
             forced_cache = new_cache()
-            _prefill(model, ctx, forced_cache, press)
+            fill(forced_cache)
         logits = _forward(model, forced, forced_cache, n_ctx)
         logp = logits[0, question.shape[1] - 1:-1].float().log_softmax(-1)
         out["gold_logprob"] = float(logp.gather(-1, gold_ids[0, :, None]).sum())

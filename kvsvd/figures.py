@@ -601,13 +601,13 @@ def attention_paths(R: Path):
     rows = []
     for path in sorted((R / "attention").glob("*.json")):
         p = json.loads(path.read_text())
-        c = p["config"]
+        c, fewer = p["config"], p["results"]["factors"]["kv_ratio"]
         for name, r in p["results"].items():
             rows.append({"context": p["context_tokens"], "key_space": c["key_space"], "path": name,
                          "ms": r["ms_per_token_median"], "ratio": r["kv_ratio"], "device": p["device"],
-                         "setup": f"{c['method']} G={c['layer_group_size']} {c['key_space']}"})
+                         "where": f"{p['model']} {p['context_tokens']} tok,\n{c['method']} G={c['layer_group_size']} "
+                                  f"{c['key_space']} {fewer:.1f}×"})
     df = pd.DataFrame(rows)
-    df["where"] = df["context"].astype(str) + " tok, " + df["setup"]
     fig, ax = plt.subplots(figsize=(8, 4))
     sns.barplot(df, x="where", y="ms", hue="path", ax=ax)
     ax.set(xlabel="context and compressed cache", ylabel="decode ms / token (median)",

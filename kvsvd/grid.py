@@ -20,6 +20,10 @@ A list value in a method entry expands into one method per value (a product over
 1 − 1/ratio; ``method: quantized`` is transformers' QuantizedCache (``nbits``, ``backend``:
 quanto or hqq). The dense reference (``method: none``) always runs first for every sample.
 
+For each sample the dense prefill runs once and every cell is filled from its record
+(``evaluate.replay_prefill``: the same cache updates and press hooks, without the forward);
+only ObservedAttention, which reads eager attention weights, runs its own prefill.
+
 Each finished cell is appended (and flushed) as one JSON line, so a rerun skips finished
 cells and an interrupted run loses at most the cell in flight; a corrupt last line (a
 process killed mid-write) is dropped and redone. Under ``torchrun`` the samples are sharded
@@ -44,7 +48,7 @@ from transformers import DynamicCache
 from . import ruler
 from .cache import LowRankCache
 from .config import METHODS as KVSVD_METHODS, CompressionConfig, config_for_ratio
-from .evaluate import answer, split_prompt
+from .evaluate import Prefill, answer, record_prefill, split_prompt
 
 PRESSES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress", "knorm": "KnormPress",
            "expected_attention": "ExpectedAttentionPress", "pyramidkv": "PyramidKVPress", "tova": "TOVAPress",
@@ -213,7 +217,17 @@ def kv_bytes(cache, model, processed_tokens: int) -> tuple[int, int]:
     return dense, sum(storages.values())
 
 
-def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: int) -> dict:
+def shares_prefill(method: dict) -> bool:
+    """Whether a cell can be filled from the sample's recorded dense (SDPA) prefill."""
+    return method.get("press") != "observed_attention"  # it needs the eager attention weights
+
+
+def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: int,
+             prefill: Prefill | None = None) -> dict:
+    """One cell; with ``prefill`` (``record_prefill`` of this sample's context) the cache is
+    filled from the record instead of a forward of its own."""
+    if prefill is not None and not shares_prefill(method):
+        raise ValueError(f"method {method} cannot be filled from a recorded prefill (it needs its own forward)")
     prompt = split_prompt(tok, sample)
     n_ctx = prompt[0].shape[1]
     cache, press = build(method, model, n_ctx)
@@ -226,7 +240,7 @@ def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: 
         model.set_attn_implementation("eager")
     try:
         res = answer(model, tok, sample, cache, max_new_tokens=max_new_tokens, press=press, gold=gold,
-                     new_cache=lambda: build(method, model, n_ctx)[0], prompt=prompt)
+                     new_cache=lambda: build(method, model, n_ctx)[0], prompt=prompt, prefill=prefill)
     finally:
         if eager:
             model.set_attn_implementation(previous)
@@ -246,6 +260,12 @@ def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: 
     return row
 
 
+def units(grid: Grid) -> list[tuple[str, int, int]]:
+    """(task, context_length, sample index) in run order: every task at the shortest length first,
+    so an interrupted grid has whole tables at the lengths it finished."""
+    return [(t, L, i) for L in sorted(grid.context_lengths) for t in grid.tasks for i in range(grid.n_samples)]
+
+
 def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
     """Run (or resume) a grid; returns the results path. Shards over torchrun processes."""
     grid = load_grid(source)
@@ -259,16 +279,22 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
     shard = grid.out if world == 1 else grid.out.with_suffix(f".rank{rank}.jsonl")
     rows = read_rows(grid.out, grid.config_hash) + (read_rows(shard, grid.config_hash) if shard != grid.out else [])
     done = {r["key"]: r for r in rows}
-    units = [(t, L, i) for t in grid.tasks for L in grid.context_lengths for i in range(grid.n_samples)]
-    mine = units[rank::world]
+    mine = units(grid)[rank::world]
     todo = [(u, m) for u in mine for m in grid.methods if cell_key(m, *u) not in done]
     samples: dict[tuple[str, int], list[dict]] = {}
+    recorded: tuple[tuple, Prefill | None] = ((), None)  # the current sample's dense prefill
     with open(shard, "a") as f:
         for (task, L, i), method in tqdm(todo, desc=f"{grid.name} (rank {rank}/{world})"):
             if (task, L) not in samples:
                 samples[task, L] = ruler.generate(task, grid.n_samples, L, tokenizer, seed=grid.seed)
             sample = samples[task, L][i]
-            row = run_cell(model, tokenizer, sample, method, task, grid.max_new_tokens)
+            prefill = None
+            if shares_prefill(method):
+                if recorded[0] != (task, L, i):
+                    recorded = ((), None)  # free the previous sample's record first
+                    recorded = ((task, L, i), record_prefill(model, split_prompt(tokenizer, sample)[0].to(model.device)))
+                prefill = recorded[1]
+            row = run_cell(model, tokenizer, sample, method, task, grid.max_new_tokens, prefill)
             dense = done.get(cell_key({"method": "none"}, task, L, i))
             row["agreement_with_dense"] = None if dense is None else float(
                 row["prediction"].strip() == dense["prediction"].strip())
@@ -292,8 +318,7 @@ def _merge_shards(grid: Grid, world: int) -> None:
     shards = [grid.out.with_suffix(f".rank{r}.jsonl") for r in range(world)]
     for path in shards:
         rows.update({r["key"]: r for r in read_rows(path, grid.config_hash)})
-    order = [cell_key(m, t, L, i) for t in grid.tasks for L in grid.context_lengths for i in range(grid.n_samples)
-             for m in grid.methods]
+    order = [cell_key(m, *u) for u in units(grid) for m in grid.methods]
     tmp = grid.out.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(rows[k]) + "\n" for k in order if k in rows))
     tmp.replace(grid.out)

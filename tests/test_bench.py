@@ -90,9 +90,24 @@ def test_attention_bench_compares_three_paths_on_the_same_tokens(smollm2, tmp_pa
     assert p["factors_vs_dense"] == pytest.approx(p["results"]["factors"]["tokens_per_s"]
                                                   / p["results"]["dense"]["tokens_per_s"])
     assert model.config._attn_implementation == "sdpa"  # restored
-    assert (tmp_path / "smollm2-135m_300_post_rope.json").exists() and "factors vs dense" in attention.table(p)
+    assert (tmp_path / "smollm2-135m_300_post_rope_4x.json").exists() and "factors vs dense" in attention.table(p)
     with pytest.raises(ValueError, match="context_tokens=9000 .* is out of range; accepted: \\[1, 8192\\]"):
         attention.run(9000, model=model, tokenizer=tok, out=tmp_path)
+
+
+def test_attention_bench_on_a_random_weight_shape_uses_random_tokens(tmp_path):
+    """The GPU measurement's path (random Llama-3.1-shaped weights, no tokenizer), at a tiny shape."""
+    from kvsvd.bench import attention
+    from kvsvd.models import random_model
+    p = attention.run(1024, decode_tokens=2, rounds=3, ratio=8, out=tmp_path, model_name="tiny-llama-shaped")
+    assert p["random_weights"] and p["device_name"] is None and p["config"]["method"] == "xkv"
+    assert all(len(r["step_ms"]) == 6 for r in p["results"].values())
+    assert p["results"]["factors"]["kv_ratio"] > 4
+    assert (tmp_path / "tiny-llama-shaped_1024_post_rope_8x.json").exists()
+    model = random_model("tiny-llama-shaped")
+    assert model.config.rope_parameters["rope_type"] == "llama3" and model.config.num_key_value_heads == 2
+    with pytest.raises(ValueError, match="random model 'llama-9b' is unknown; accepted: llama-3.1-8b-shaped"):
+        random_model("llama-9b")
 
 
 def test_latency_harness_refuses_context_lengths_the_model_cannot_hold(tiny_llama, tmp_path):

@@ -1,5 +1,7 @@
 """LowRankCache: exactness at full rank, honest bytes, RoPE round trip, generate/batch/kvpress."""
 
+import copy
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -87,6 +89,7 @@ def test_quantised_rows_round_trip():
         assert ((y - x).abs() <= 0.51 * tol * x.abs().amax(-1, keepdim=True) * 1.01).all()
 
 
+@torch.no_grad()
 def test_reduced_rank_keeps_the_answer_close(tiny_llama):
     ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(4))
     ref = DynamicCache()
@@ -94,9 +97,12 @@ def test_reduced_rank_keeps_the_answer_close(tiny_llama):
     cache = LowRankCache(CompressionConfig(method="xkv", layer_group_size=2, rank_k=16, rank_v=24, residual_length=0),
                          tiny_llama.config)
     tiny_llama(ids[:, :-1], past_key_values=cache)
+    copied = copy.deepcopy(cache)  # what teacher forcing decodes on
     logits = tiny_llama(ids[:, -1:], past_key_values=cache).logits[:, -1]
     assert cache.memory_report()["ratio"] > 1.5
     assert torch.nn.functional.cosine_similarity(logits, ref_logits).item() > 0.95
+    assert copied.model_config is cache.model_config and copied.get_seq_length() == 199  # untouched by the step
+    assert torch.equal(tiny_llama(ids[:, -1:], past_key_values=copied).logits[:, -1], logits)
 
 
 def test_batch_with_left_padding_and_repeated_generate(tiny_llama):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from kvsvd import grid
 
@@ -120,13 +121,43 @@ def test_quantized_cache_peer_counts_its_packed_bytes(smollm2):
 @pytest.mark.model
 @pytest.mark.parametrize("press", ["snapkv", "expected_attention"])
 def test_press_cells_answer_exactly_like_the_kvpress_pipeline(smollm2, press):
-    """A press in the grid is kvpress's own press: same prompt split, same answer as its pipeline."""
+    """A press in the grid is kvpress's own press: same prompt split, same answer as its pipeline,
+    also when the grid fills the cell from the sample's recorded prefill."""
     import kvpress
     from transformers import pipeline
+
+    from kvsvd.evaluate import record_prefill, split_prompt
     model, tok = smollm2
     sample = grid.ruler.generate("niah_single_1", 1, 512, tok, seed=3)[0]
-    row = grid.run_cell(model, tok, sample, {"method": "press", "press": press, "ratio": 4}, "niah_single_1", 12)
+    prefill = record_prefill(model, split_prompt(tok, sample)[0])
+    row = grid.run_cell(model, tok, sample, {"method": "press", "press": press, "ratio": 4}, "niah_single_1", 12,
+                        prefill)
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
     answer = pipe(sample["context"], question=sample["question"], answer_prefix=sample["answer_prefix"].strip(),
                   press=getattr(kvpress, grid.PRESSES[press])(compression_ratio=0.75), max_new_tokens=12)["answer"]
     assert row["prediction"].strip() == answer.strip()
+
+
+@pytest.mark.model
+def test_cells_filled_from_the_recorded_prefill_equal_cells_with_their_own_forward(smollm2):
+    """Replaying the shared dense prefill (cache updates + press hooks) is the same computation."""
+    from kvsvd.evaluate import record_prefill, split_prompt
+    model, tok = smollm2
+    sample = grid.ruler.generate("niah_single_2", 1, 512, tok, seed=5)[0]
+    prefill = record_prefill(model, split_prompt(tok, sample)[0])
+    recorded_keys = [keys.clone() for _, keys, _, _ in prefill.calls]
+    methods = [{"method": "none"}, {"method": "xkv", "layer_group_size": 2, "ratio": 4, "key_space": "pre_rope"},
+               {"method": "svd", "ratio": 4, "key_space": "post_rope"}, {"method": "minicache", "start_layer": 10},
+               {"method": "quantized", "nbits": 2, "residual_length": 32}]
+    methods += [{"method": "press", "press": p, "ratio": 4} for p in grid.PRESSES if p != "observed_attention"]
+    for method in methods:
+        own = grid.run_cell(model, tok, sample, method, "niah_single_2", 10)
+        shared = grid.run_cell(model, tok, sample, method, "niah_single_2", 10, prefill)
+        assert shared["prefill_shared"] and not own["prefill_shared"]
+        assert shared["prediction"] == own["prediction"], method
+        assert shared["kv_bytes_held"] == own["kv_bytes_held"], method
+        assert shared["gold_logprob"] == pytest.approx(own["gold_logprob"], abs=1e-3), method
+    assert all(torch.equal(a, b) for a, b in zip(recorded_keys, (k for _, k, _, _ in prefill.calls)))  # untouched
+    with pytest.raises(ValueError, match="needs its own forward"):
+        grid.run_cell(model, tok, sample, {"method": "press", "press": "observed_attention", "ratio": 4},
+                      "niah_single_2", 10, prefill)

@@ -4,6 +4,10 @@
 - ``reconstruct``: a LowRankCache read through SDPA (K/V rebuilt from the factors each step);
 - ``factors``: the same compressed cache with ``attn_implementation="kvsvd"`` (kvsvd.attention).
 
+``model_name`` is ``smollm2-135m`` (its prose as context) or a ``models.RANDOM_SHAPES`` name such as
+``llama-3.1-8b-shaped`` (random weights and random context tokens: the step time does not
+depend on the values), built on ``device`` in ``dtype``.
+
 The compressed cache is built once (prefill + compression) and deep-copied for the two low-rank
 paths. Every path decodes the same teacher-forced tokens (the dense path's greedy output), so
 they do identical work; paths run in blocks, ``rounds`` times in rotated order, and the
@@ -45,19 +49,28 @@ def _decode(model, cache, tokens: list[int], start: int) -> list[float]:
 @torch.no_grad()
 def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0, layer_group_size: int = 2,
         key_space: str = "post_rope", rounds: int = 2, out: str | Path = "results/attention",
-        model_name: str = "smollm2-135m", model=None, tokenizer=None, force: bool = False) -> dict:
+        model_name: str = "smollm2-135m", model=None, tokenizer=None, force: bool = False,
+        device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
     """One measurement (returned, and written as JSON); an existing file is returned unless ``force``."""
-    path = Path(out) / f"{model_name}_{context_tokens}_{key_space}.json"
+    path = Path(out) / f"{model_name}_{context_tokens}_{key_space}_{ratio:g}x.json"
     if path.exists() and not force:
         return json.loads(path.read_text())
     if model is None:
-        from ..models import load_model
-        model, tokenizer = load_model(model_name)
+        from ..models import RANDOM_SHAPES, load_model, random_model
+        if model_name in RANDOM_SHAPES:
+            model = random_model(model_name, dtype=dtype, device=device)
+        else:
+            model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     limit = model.config.max_position_embeddings
     if not 1 <= context_tokens + decode_tokens * rounds <= limit:
         raise ValueError(f"context_tokens={context_tokens} (+ {decode_tokens}×{rounds} decoded) is out of range; "
                          f"accepted: [1, {limit}] for {model_name}")
-    ids = tokenizer(natural_text(context_tokens * 8), return_tensors="pt").input_ids[:, :context_tokens].to(model.device)
+    if tokenizer is None:  # random weights: random tokens
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(model.config.vocab_size, (1, context_tokens), generator=gen).to(model.device)
+    else:
+        ids = tokenizer(natural_text(context_tokens * 8), return_tensors="pt").input_ids[:, :context_tokens]
+        ids = ids.to(model.device)
     previous = model.config._attn_implementation
     model.set_attn_implementation("sdpa")
     dense = DynamicCache()
@@ -69,8 +82,10 @@ def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0,
                     position_ids=pos).logits
         tokens.append(int(nxt[0, -1].argmax()))
     dense.crop(context_tokens)  # back to the bare context
+    factor_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model.dtype]
     cfg = config_for_ratio(ratio, context_tokens, model.config, method="svd" if layer_group_size == 1 else "xkv",
-                           layer_group_size=layer_group_size, key_space=key_space)
+                           layer_group_size=layer_group_size, key_space=key_space,
+                           factor_dtype=factor_dtype)  # factors at the model's dtype, as the budget assumes
     low = LowRankCache(cfg, model.config)
     model(ids, past_key_values=low, logits_to_keep=1)
     low.compress_pending()
@@ -96,6 +111,8 @@ def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0,
                          t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))}
     payload = {"model": model_name, "context_tokens": context_tokens, "decode_tokens": decode_tokens, "rounds": rounds,
                "config": cfg.to_dict(), "device": str(model.device), "threads": torch.get_num_threads(),
+               "device_name": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None,
+               "random_weights": tokenizer is None,
                "torch": torch.__version__, "dtype": str(model.dtype), "results": res,
                "factors_vs_dense": res["factors"]["tokens_per_s"] / res["dense"]["tokens_per_s"],
                "factors_vs_reconstruct": res["factors"]["tokens_per_s"] / res["reconstruct"]["tokens_per_s"]}
