@@ -57,8 +57,8 @@ METHODS = ("none", "press", "quantized", *KVSVD_METHODS)
 GRID_KEYS = {"name", "model", "tasks", "context_lengths", "n_samples", "seed", "max_new_tokens", "methods", "out"}
 METHOD_KEYS = ({"method", "ratio", "press", "k_share", "nbits", "backend"}
                | set(CompressionConfig.__dataclass_fields__) - {"method"})
-TIMING_KEYS = {"prefill_ms", "compress_ms", "decode_ms_per_token", "compression_breakdown_ms", "peak_rss_mb",
-               "peak_cuda_mb"}
+TIMING_KEYS = {"prefill_ms", "replay_ms", "compress_ms", "decode_ms_per_token", "compression_breakdown_ms",
+               "peak_rss_mb", "peak_cuda_mb"}
 
 
 @dataclass
