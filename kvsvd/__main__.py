@@ -4,6 +4,7 @@
     python -m kvsvd bench cache [--contexts 1024 2048 4096] | attention [--context 8160 ...] [--model M --device D] | niah
     python -m kvsvd figures [--results results]
     python -m kvsvd eval CONFIG.yaml        (torchrun --nproc_per_node N -m kvsvd eval CONFIG.yaml)
+    python -m kvsvd report RESULTS.jsonl    (score tables and the issue-4 goal checks, markdown)
 """
 
 from __future__ import annotations
@@ -52,11 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     figs.add_argument("--results", default="results", help="results folder (figures go to RESULTS/figures)")
     ev = sub.add_parser("eval", help="run (or resume) an evaluation grid from a YAML config")
     ev.add_argument("config", help="grid YAML (see kvsvd.grid)")
+    rep = sub.add_parser("report", help="score tables and goal checks of a grid's results (markdown)")
+    rep.add_argument("results_file", help="a grid's JSONL results")
     args = parser.parse_args(argv)
     if args.command == "figures":
         from .figures import redraw_all
         for name in redraw_all(args.results):
             print(f"{args.results}/figures/{name}.png (.svg)")
+        return 0
+    if args.command == "report":
+        from .report import markdown
+        print(markdown(args.results_file))
         return 0
     if args.command == "eval":
         from .grid import run as run_grid

@@ -417,17 +417,9 @@ def pca_vs_svd(R: Path):
 
 def _eval(R: Path) -> pd.DataFrame:
     from .grid import load_results
+    from .report import tidy
     frames = [load_results(p) for p in sorted((R / "eval").glob("*.jsonl"))]
-    df = pd.concat([f for f in frames if not f.empty], ignore_index=True)
-    df["family"] = df["m_method"].map({"none": "dense", "press": "kvpress", "quantized": "quantized cache",
-                                      "svd": "kvsvd", "xkv": "kvsvd", "minicache": "kvsvd", "pca": "kvsvd"})
-    df["n_iter"] = df["m_n_iter"].fillna(2).astype(int) if "m_n_iter" in df else 2
-    df["svd_fn"] = df["m_svd"].fillna("rsvd") if "m_svd" in df else "rsvd"
-    df["key_space"] = df["m_key_space"].fillna("pre_rope") if "m_key_space" in df else "pre_rope"
-    df["requested"] = df["m_ratio"] if "m_ratio" in df else np.nan
-    default_g = df["m_method"].map({"svd": 1, "pca": 1, "minicache": 2, "xkv": 4})
-    df["group_size"] = df["m_layer_group_size"].fillna(default_g) if "m_layer_group_size" in df else default_g
-    return df.drop_duplicates(subset=["label", "task", "context_length", "index"])
+    return tidy(pd.concat([f for f in frames if not f.empty], ignore_index=True))
 
 
 @figure("04_pareto_accuracy_vs_bytes", "eval/*.jsonl")

@@ -276,9 +276,8 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
         from .models import load_model
         model, tokenizer = load_model(grid.model, device="cuda" if torch.cuda.is_available() else "cpu")
     grid.out.parent.mkdir(parents=True, exist_ok=True)
-    shard = grid.out if world == 1 else grid.out.with_suffix(f".rank{rank}.jsonl")
-    rows = read_rows(grid.out, grid.config_hash) + (read_rows(shard, grid.config_hash) if shard != grid.out else [])
-    done = {r["key"]: r for r in rows}
+    shard = grid.out if world == 1 else _shard(grid, rank)
+    done = {r["key"]: r for path in [grid.out, *_shards(grid)] for r in read_rows(path, grid.config_hash)}
     mine = units(grid)[rank::world]
     todo = [(u, m) for u in mine for m in grid.methods if cell_key(m, *u) not in done]
     samples: dict[tuple[str, int], list[dict]] = {}
@@ -306,16 +305,26 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
             os.fsync(f.fileno())
     if world > 1:
         torch.distributed.barrier()
-        if rank == 0:
-            _merge_shards(grid, world)
+    if rank == 0 and _shards(grid):
+        _merge_shards(grid)
+    if world > 1:
         torch.distributed.barrier()
     return grid.out
 
 
-def _merge_shards(grid: Grid, world: int) -> None:
+def _shard(grid: Grid, rank: int) -> Path:
+    return grid.out.with_suffix(f".rank{rank}.jsonl")
+
+
+def _shards(grid: Grid) -> list[Path]:
+    """Shard files next to ``out``: this run's, or those an interrupted run with another process count left."""
+    return sorted(grid.out.parent.glob(_shard(grid, 0).name.replace(".rank0.", ".rank*.")))
+
+
+def _merge_shards(grid: Grid) -> None:
     """Rank 0: fold every shard into ``out`` in the grid's canonical cell order."""
     rows = {r["key"]: r for r in read_rows(grid.out, grid.config_hash)}
-    shards = [grid.out.with_suffix(f".rank{r}.jsonl") for r in range(world)]
+    shards = _shards(grid)
     for path in shards:
         rows.update({r["key"]: r for r in read_rows(path, grid.config_hash)})
     order = [cell_key(m, *u) for u in units(grid) for m in grid.methods]

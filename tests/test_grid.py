@@ -74,6 +74,13 @@ def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path):
     grid.run(cfg(tmp_path), model, tok)
     again = grid.read_rows(out)
     assert [r["key"] for r in again] == [r["key"] for r in rows]
+    # a torchrun run with another process count was interrupted: its shard counts as done, then is merged
+    complete = out.read_text()
+    lines = complete.splitlines(keepends=True)
+    out.write_text("".join(lines[:3]))
+    (tmp_path / "r.rank1.jsonl").write_text("".join(lines[3:]))
+    grid.run(cfg(tmp_path), model, tok)
+    assert out.read_text() == complete and not list(tmp_path.glob("r.rank*.jsonl"))
     df = grid.load_results(out)
     assert len(df) == 6 and set(df["label"]) == {"dense", "xkv G2 3x", "knorm 3x"}
     with pytest.raises(ValueError, match="another grid config"):

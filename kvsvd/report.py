@@ -1,0 +1,105 @@
+"""Tables of a grid's results: mean RULER score per method × task, and the issue-4 goal checks.
+
+``python -m kvsvd report results/eval_targets/cpu_targets.jsonl`` prints, per context length, one
+markdown table (rows: methods with their measured × fewer KV bytes; columns: tasks, the mean
+over the headline tasks, samples per task) and the goals: at ≈4× fewer bytes the best kvsvd
+method (rsvd, n_iter=2) within 2 points of dense and ahead of every kvpress press, and n_iter=2
+as accurate as the exact SVD on the same configuration.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+FAMILY = {"none": "dense", "press": "kvpress", "quantized": "quantized cache", "svd": "kvsvd", "xkv": "kvsvd",
+          "minicache": "kvsvd", "pca": "kvsvd"}
+REPORTED_ONLY = ("vt",)  # SmolLM2 scores ~0 on vt even dense: reported, not averaged into the headline
+
+
+def tidy(df: pd.DataFrame) -> pd.DataFrame:
+    """``grid.load_results`` rows with derived columns: family, n_iter, svd_fn, key_space,
+    requested (the ratio asked for), group_size; one row per (label, task, length, sample)."""
+    df = df.copy()
+    df["family"] = df["m_method"].map(FAMILY)
+    df["n_iter"] = df["m_n_iter"].fillna(2).astype(int) if "m_n_iter" in df else 2
+    df["svd_fn"] = df["m_svd"].fillna("rsvd") if "m_svd" in df else "rsvd"
+    df["key_space"] = df["m_key_space"].fillna("pre_rope") if "m_key_space" in df else "pre_rope"
+    df["requested"] = df["m_ratio"] if "m_ratio" in df else np.nan
+    default_g = df["m_method"].map({"svd": 1, "pca": 1, "minicache": 2, "xkv": 4})
+    df["group_size"] = df["m_layer_group_size"].fillna(default_g) if "m_layer_group_size" in df else default_g
+    return df.drop_duplicates(subset=["label", "task", "context_length", "index"])
+
+
+def score_table(df: pd.DataFrame, context_length: int) -> pd.DataFrame:
+    """Rows: methods (dense first, then by measured ratio); columns: mean score per task, ``average``
+    over the headline tasks, ``ratio`` (mean measured × fewer bytes) and ``n`` (fewest samples of any task)."""
+    d = df[df["context_length"] == context_length]
+    per = d.pivot_table(index="label", columns="task", values="score", aggfunc="mean")
+    headline = [t for t in per.columns if t not in REPORTED_ONLY]
+    table = per[headline + [t for t in per.columns if t in REPORTED_ONLY]].copy()
+    table["average"] = per[headline].mean(axis=1)
+    table["ratio"] = d.groupby("label")["kv_ratio"].mean()
+    table["n"] = d.groupby(["label", "task"]).size().groupby("label").min()
+    table["family"] = d.groupby("label")["family"].first()
+    order = table.assign(dense=table["family"] != "dense").sort_values(["dense", "ratio", "average"],
+                                                                       ascending=[True, True, False])
+    return order.drop(columns="dense")
+
+
+def goal_checks(df: pd.DataFrame, context_length: int, ratio: float = 4) -> dict:
+    """The issue-4 goals at ``ratio`` (requested) fewer bytes, on the headline-task average."""
+    table = score_table(df, context_length)
+    d = df[df["context_length"] == context_length].drop_duplicates("label").set_index("label")
+    at = d.index[d["requested"] == ratio]
+    kvsvd = [lbl for lbl in at if d.at[lbl, "family"] == "kvsvd" and d.at[lbl, "svd_fn"] == "rsvd"
+             and d.at[lbl, "n_iter"] == 2]
+    presses = [lbl for lbl in at if d.at[lbl, "family"] == "kvpress"]
+    out: dict = {"context_length": context_length, "ratio": ratio,
+                 "dense": float(table.loc["dense", "average"]) if "dense" in table.index else float("nan")}
+    if kvsvd:
+        best = table.loc[kvsvd, "average"].idxmax()
+        out.update(best_kvsvd=best, best_kvsvd_score=float(table.at[best, "average"]),
+                   best_kvsvd_ratio=float(table.at[best, "ratio"]))
+        out["within_2_of_dense"] = out["dense"] - out["best_kvsvd_score"] <= 2
+    if presses:
+        bp = table.loc[presses, "average"].idxmax()
+        out.update(best_press=bp, best_press_score=float(table.at[bp, "average"]))
+        if kvsvd:
+            out["ahead_of_every_press"] = out["best_kvsvd_score"] > out["best_press_score"]
+    exact = [lbl for lbl in at if d.at[lbl, "svd_fn"] == "full_svd"]
+    for lbl in exact:  # the same configuration with rsvd n_iter=2: the label without the svd suffix
+        twin = lbl.removesuffix(" full_svd")
+        if twin in table.index:
+            out.setdefault("n_iter2_vs_exact", []).append(
+                {"config": twin, "rsvd_q2": float(table.at[twin, "average"]),
+                 "full_svd": float(table.at[lbl, "average"])})
+    return out
+
+
+def markdown(path: str | Path) -> str:
+    """Every context length of a results file: its score table and goal checks, as markdown."""
+    from .grid import load_results
+    df = tidy(load_results(path))
+    parts = []
+    for L in sorted(set(df["context_length"])):
+        t = score_table(df, L)
+        cols = [c for c in t.columns if c not in ("ratio", "n", "family")]
+        lines = [f"### {Path(path).stem}, {L} tokens",
+                 "| method | × fewer bytes | " + " | ".join(cols) + " | n |",
+                 "|---|---:|" + "---:|" * len(cols) + "---:|"]
+        lines += [f"| {lbl} | {r['ratio']:.2f} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + f" | {int(r['n'])} |"
+                  for lbl, r in t.iterrows()]
+        for ratio in (4, 8):
+            g = goal_checks(df, L, ratio)
+            lines.append(f"\n≈{ratio}×: dense {g['dense']:.1f}; best kvsvd {g.get('best_kvsvd')} "
+                         f"{g.get('best_kvsvd_score', float('nan')):.1f} ({g.get('best_kvsvd_ratio', float('nan')):.2f}×); "
+                         f"best press {g.get('best_press')} {g.get('best_press_score', float('nan')):.1f}; "
+                         f"within 2 of dense: {g.get('within_2_of_dense')}; ahead of every press: "
+                         f"{g.get('ahead_of_every_press')}"
+                         + "".join(f"; {e['config']}: rsvd q2 {e['rsvd_q2']:.1f} vs full_svd {e['full_svd']:.1f}"
+                                   for e in g.get("n_iter2_vs_exact", [])))
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
