@@ -43,7 +43,8 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 @dataclass
 class Factors:
-    """One layer's x ≈ u @ w (+ mean): u (B, T, r), w (B|1, r, H, d), mean (H, d) or None; float32."""
+    """One layer's x ≈ u @ w (+ mean): u (B, T, r) as stored (float32/bfloat16/float16: the Triton
+    kernel reads it as is, the PyTorch path upcasts), w (B|1, r, H, d) and mean (H, d) or None float32."""
     u: Tensor
     w: Tensor
     mean: Tensor | None = None
@@ -52,7 +53,7 @@ class Factors:
         """q (B, H, g, n, d) → q·xᵀ (B, H, g, n, T); u is read once for every head."""
         B, H, g, n, _ = q.shape
         qe = torch.einsum("bhgnd,brhd->bhgnr", q, self.w.expand(B, -1, -1, -1))       # (B, H, g, n, r)
-        s = (qe.reshape(B, H * g * n, -1) @ self.u.mT).reshape(B, H, g, n, -1)
+        s = (qe.reshape(B, H * g * n, -1) @ self.u.float().mT).reshape(B, H, g, n, -1)
         if self.mean is not None:
             s = s + torch.einsum("bhgnd,hd->bhgn", q, self.mean)[..., None]
         return s
@@ -60,7 +61,7 @@ class Factors:
     def combine(self, p: Tensor) -> Tensor:
         """p (B, H, g, n, T) → p·x (B, H, g, n, d)."""
         B, H, g, n, _ = p.shape
-        pu = (p.reshape(B, H * g * n, -1) @ self.u).reshape(B, H, g * n, -1)           # (B, H, g·n, r)
+        pu = (p.reshape(B, H * g * n, -1) @ self.u.float()).reshape(B, H, g * n, -1)   # (B, H, g·n, r)
         o = torch.einsum("bhmr,brhd->bhmd", pu, self.w.expand(B, -1, -1, -1)).reshape(B, H, g, n, -1)
         if self.mean is not None:
             o = o + p.sum(-1, keepdim=True) * self.mean[None, :, None, None]
@@ -68,11 +69,12 @@ class Factors:
 
 
 def store_factors(store: LowRankStore, j: int, heads: int) -> Factors:
-    """Layer j's factors of a LowRankStore (int8/int4 token factors are dequantised)."""
+    """Layer j's factors of a LowRankStore: float token factors as stored (no per-step copy), int8/int4
+    ones dequantised to float32 (a copy each step: a fused dequantising kernel would avoid it)."""
     from .store import dequantize_rows
     F = store.features
     cols = slice(j * F, (j + 1) * F)
-    u = store.u.float() if store.bits == 0 else dequantize_rows(store.u, store.scale, store.bits, store.rank,
+    u = store.u if store.bits == 0 else dequantize_rows(store.u, store.scale, store.bits, store.rank,
                                                                 torch.float32)
     w = store.w[..., cols].float().unflatten(-1, (heads, F // heads))
     mean = None if store.mean is None else store.mean[0, 0, cols].float().reshape(heads, -1)

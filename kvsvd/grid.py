@@ -276,6 +276,8 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
         from .models import load_model
         model, tokenizer = load_model(grid.model, device="cuda" if torch.cuda.is_available() else "cpu")
     grid.out.parent.mkdir(parents=True, exist_ok=True)
+    if world == 1 and _shards(grid):  # left by an interrupted torchrun run: fold them in first
+        _merge_shards(grid)
     shard = grid.out if world == 1 else _shard(grid, rank)
     done = {r["key"]: r for path in [grid.out, *_shards(grid)] for r in read_rows(path, grid.config_hash)}
     mine = units(grid)[rank::world]

@@ -41,7 +41,7 @@ def _lowrank_decode_kernel(Q, UK, UV, O, LSE, T, M, RK, RV, split,
         t = t0 + tl.arange(0, BLOCK_T)
         live = t < end
         uk = tl.load(UK + b * s_kb + t[:, None] * s_kt + rk[None, :], mask=live[:, None] & (rk[None, :] < RK),
-                     other=0.0)
+                     other=0.0).to(tl.float32)
         sc = tl.dot(q, tl.trans(uk), input_precision="ieee")                     # (BLOCK_M, BLOCK_T)
         sc = tl.where(live[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
@@ -49,7 +49,7 @@ def _lowrank_decode_kernel(Q, UK, UV, O, LSE, T, M, RK, RV, split,
         p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         uv = tl.load(UV + b * s_vb + t[:, None] * s_vt + rv[None, :], mask=live[:, None] & (rv[None, :] < RV),
-                     other=0.0)
+                     other=0.0).to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p, uv, input_precision="ieee")
         m_i = m_new
     tl.store(O + b * s_ob + s * s_os + rows[:, None] * s_om + rv[None, :], acc / l_i[:, None],
@@ -57,22 +57,33 @@ def _lowrank_decode_kernel(Q, UK, UV, O, LSE, T, M, RK, RV, split,
     tl.store(LSE + b * s_lb + s * s_ls + rows, m_i + tl.log(l_i), mask=rows < M)
 
 
-def lowrank_decode(qe: Tensor, uk: Tensor, uv: Tensor, split: int = 1024, block_t: int = 64) -> tuple[Tensor, Tensor]:
-    """softmax(qe·U_kᵀ)·U_v for qe (B, M, r_k), U_k (B, T, r_k), U_v (B, T, r_v), float32.
+def lowrank_decode(qe: Tensor, uk: Tensor, uv: Tensor, split: int | None = None,
+                   block_t: int | None = None) -> tuple[Tensor, Tensor]:
+    """softmax(qe·U_kᵀ)·U_v for qe (B, M, r_k), U_k (B, T, r_k), U_v (B, T, r_v).
 
-    Returns (out (B, M, r_v), lse (B, M)): the normalised output and the log-sum-exp of the scores.
+    U_k/U_v are read in their stored dtype (float32, bfloat16 or float16) and upcast in registers,
+    so BF16 factors cost half the bytes of FP32 ones; scores, softmax and sums are float32.
+    ``block_t`` tokens per inner step (default: by rank, keeping a tile of U ≤ 8192 entries);
+    ``split`` tokens per program (default: about four programs per multiprocessor on CUDA).
+    Returns (out (B, M, r_v), lse (B, M)) in float32: the normalised output and the log-sum-exp.
     """
     B, M, RK = qe.shape
     T, RV = uk.shape[1], uv.shape[2]
     if uk.shape[:2] != uv.shape[:2] or uk.shape[2] != RK:
         raise ValueError(f"shapes qe {tuple(qe.shape)}, uk {tuple(uk.shape)}, uv {tuple(uv.shape)} do not match")
+    pow2 = lambda x: max(16, triton.next_power_of_2(x))  # noqa: E731  (tl.dot needs dims >= 16)
+    if block_t is None:
+        block_t = max(16, min(64, triton.next_power_of_2(8192 // (pow2(RK) + pow2(RV)) + 1) // 2))
+    if split is None:
+        programs = 4 * torch.cuda.get_device_properties(qe.device).multi_processor_count if qe.is_cuda else 8
+        split = block_t * max(1, triton.cdiv(T, programs * block_t))
     if split < block_t or split % block_t:
         raise ValueError(f"split={split} is out of range; accepted: a positive multiple of block_t={block_t}")
-    qe, uk, uv = (x.float().contiguous() for x in (qe, uk, uv))
+    qe = qe.float().contiguous()
+    uk, uv = (x if x.stride(-1) == 1 else x.contiguous() for x in (uk, uv))
     S = triton.cdiv(T, split)
     out = torch.empty(B, S, M, RV, dtype=torch.float32, device=qe.device)
     lse = torch.empty(B, S, M, dtype=torch.float32, device=qe.device)
-    pow2 = lambda x: max(16, triton.next_power_of_2(x))  # noqa: E731  (tl.dot needs dims >= 16)
     _lowrank_decode_kernel[(B, S)](qe, uk, uv, out, lse, T, M, RK, RV, split,
                                    qe.stride(0), qe.stride(1), uk.stride(0), uk.stride(1), uv.stride(0), uv.stride(1),
                                    out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1),

@@ -62,6 +62,7 @@ def test_full_rank_factor_path_matches_dense_attention(tiny_llama, method, G, ke
 
 
 @pytest.mark.parametrize("kw", [dict(method="xkv", layer_group_size=2, key_space="post_rope"),
+                                dict(method="xkv", layer_group_size=2, key_space="post_rope", factor_dtype="bf16"),
                                 dict(method="xkv", layer_group_size=2, key_space="pre_rope", factor_dtype="int8"),
                                 dict(method="svd", layer_group_size=1, key_space="post_rope", factor_dtype="int4"),
                                 dict(method="minicache", layer_group_size=2, start_layer=0)])

@@ -22,6 +22,16 @@ def test_kernel_matches_softmax_over_the_token_factor(T, split):
         lowrank_decode(qe, uk, uv, split=100, block_t=32)
 
 
+def test_kernel_reads_bf16_factors_as_stored_and_picks_its_own_tiling():
+    g = torch.Generator().manual_seed(1)
+    qe, uk, uv = torch.randn(1, 6, 40, generator=g), torch.randn(1, 200, 40, generator=g), torch.randn(1, 200, 70, generator=g)
+    uk, uv = uk.bfloat16(), uv.bfloat16()
+    out, lse = lowrank_decode(qe, uk, uv)  # default split / block_t
+    s = qe @ uk.float().mT
+    torch.testing.assert_close(out, torch.softmax(s, -1) @ uv.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1), atol=1e-5, rtol=1e-5)
+
+
 def test_attend_dispatches_decode_steps_to_the_kernel_and_agrees_with_pytorch():
     g = torch.Generator().manual_seed(7)
     k = Factors(torch.randn(1, 90, 12, generator=g), torch.randn(1, 12, 3, 8, generator=g), torch.randn(3, 8, generator=g))
@@ -35,7 +45,8 @@ def test_attend_dispatches_decode_steps_to_the_kernel_and_agrees_with_pytorch():
     torch.testing.assert_close(lse_kernel, lse_torch, atol=1e-4, rtol=1e-4)
 
 
-def test_generate_through_the_kernel_matches_reconstruct_on_read(tiny_llama, monkeypatch):
+@pytest.mark.parametrize("factor_dtype", ["fp32", "bf16"])
+def test_generate_through_the_kernel_matches_reconstruct_on_read(tiny_llama, monkeypatch, factor_dtype):
     import kvsvd.attention as attention
     from kvsvd import CompressionConfig, LowRankCache
     calls = []
@@ -44,7 +55,7 @@ def test_generate_through_the_kernel_matches_reconstruct_on_read(tiny_llama, mon
     from test_cache import greedy
     ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(8))
     cfg = CompressionConfig(method="xkv", layer_group_size=2, rank_k=10, rank_v=16, key_space="post_rope",
-                            residual_length=4)
+                            residual_length=4, factor_dtype=factor_dtype)
     seq, logits = greedy(tiny_llama, ids, LowRankCache(cfg, tiny_llama.config), n=6)
     with attn(tiny_llama, "kvsvd"):
         seq2, logits2 = greedy(tiny_llama, ids, LowRankCache(cfg, tiny_llama.config), n=6)
