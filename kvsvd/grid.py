@@ -8,7 +8,7 @@ A grid is a YAML file (or dict)::
     context_lengths: [1024]
     n_samples: 2
     seed: 0
-    max_new_tokens: 24
+    max_new_tokens: 24        # or per task: {niah_single_1: 24, niah_multivalue: 64}
     out: results/eval/cpu_smoke.jsonl
     methods:
       - {method: xkv, layer_group_size: [2, 5], ratio: [4, 8], key_space: pre_rope}
@@ -71,7 +71,7 @@ class Grid:
     methods: list[dict]
     out: Path
     seed: int = 0
-    max_new_tokens: int = 32
+    max_new_tokens: dict[str, int] = field(default_factory=dict)  # task -> decode budget
     raw: dict = field(default_factory=dict)
 
     @property
@@ -132,9 +132,14 @@ def load_grid(source: str | Path | dict) -> Grid:
         raise ValueError(f"context_lengths={lengths} out of range; accepted: >= 256")
     if not isinstance(raw["n_samples"], int) or raw["n_samples"] < 1:
         raise ValueError(f"n_samples={raw['n_samples']!r} out of range; accepted: >= 1")
+    budget = raw.get("max_new_tokens", 32)
+    budget = budget if isinstance(budget, dict) else {task: budget for task in _as_list(raw["tasks"])}
+    if set(budget) != set(_as_list(raw["tasks"])) or not all(isinstance(n, int) and n >= 1 for n in budget.values()):
+        raise ValueError(f"max_new_tokens={raw.get('max_new_tokens')!r} is out of range; accepted: an integer >= 1, "
+                         f"or one for each task of {_as_list(raw['tasks'])}")
     return Grid(name=str(raw["name"]), model=str(raw["model"]), tasks=_as_list(raw["tasks"]), context_lengths=lengths,
                 n_samples=raw["n_samples"], methods=expand_methods(_as_list(raw["methods"])), out=Path(raw["out"]),
-                seed=int(raw.get("seed", 0)), max_new_tokens=int(raw.get("max_new_tokens", 32)), raw=raw)
+                seed=int(raw.get("seed", 0)), max_new_tokens=budget, raw=raw)
 
 
 def cell_key(method: dict, task: str, context_length: int, index: int) -> str:
@@ -295,7 +300,7 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
                     recorded = ((), None)  # free the previous sample's record first
                     recorded = ((task, L, i), record_prefill(model, split_prompt(tokenizer, sample)[0].to(model.device)))
                 prefill = recorded[1]
-            row = run_cell(model, tokenizer, sample, method, task, grid.max_new_tokens, prefill)
+            row = run_cell(model, tokenizer, sample, method, task, grid.max_new_tokens[task], prefill)
             dense = done.get(cell_key({"method": "none"}, task, L, i))
             row["agreement_with_dense"] = None if dense is None else float(
                 row["prediction"].strip() == dense["prediction"].strip())

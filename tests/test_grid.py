@@ -27,6 +27,8 @@ def cfg(tmp_path, **kw):
     ({"methods": [{"method": "svd", "ratio": 1}]}, r"methods\[0\].ratio=1 is out of range"),
     ({"methods": [{"method": "svd", "rnak_k": 3}]}, r"methods\[0\] has unknown key\(s\) \['rnak_k'\]"),
     ({"context_lengths": [100]}, "context_lengths"),
+    ({"max_new_tokens": {"vt": 30}}, r"max_new_tokens=\{'vt': 30\} is out of range; accepted: an integer >= 1, or one "),
+    ({"max_new_tokens": 0}, "max_new_tokens=0 is out of range"),
 ])
 def test_bad_grid_configs_name_the_key(tmp_path, change, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -39,6 +41,8 @@ def test_methods_expand_as_a_product_with_dense_first(tmp_path):
     g = grid.load_grid(cfg(tmp_path, methods=[{"method": "xkv", "layer_group_size": [2, 5], "ratio": [4, 8]}]))
     assert g.methods[0] == {"method": "none"} and len(g.methods) == 5
     assert {(m["layer_group_size"], m["ratio"]) for m in g.methods[1:]} == {(2, 4), (2, 8), (5, 4), (5, 8)}
+    assert g.max_new_tokens == {"niah_single_1": 12}  # one budget for every task
+    assert grid.load_grid(cfg(tmp_path, max_new_tokens={"niah_single_1": 5})).max_new_tokens == {"niah_single_1": 5}
 
 
 def test_corrupt_last_line_is_dropped_and_other_configs_refused(tmp_path):
