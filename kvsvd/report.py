@@ -35,8 +35,10 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
 
 def score_table(df: pd.DataFrame, context_length: int) -> pd.DataFrame:
     """Rows: methods (dense first, then by measured ratio); columns: mean score per task, ``average``
-    over the headline tasks, ``ratio`` (mean measured × fewer bytes) and ``n`` (fewest samples of any task)."""
+    over the headline tasks, ``ratio`` (mean measured × fewer bytes) and ``n`` (fewest samples of any
+    task). Only samples that every method has finished count, so all rows average the same samples."""
     d = df[df["context_length"] == context_length]
+    d = d[d.groupby(["task", "index"])["label"].transform("nunique") == d["label"].nunique()]
     per = d.pivot_table(index="label", columns="task", values="score", aggfunc="mean")
     headline = [t for t in per.columns if t not in REPORTED_ONLY]
     table = per[headline + [t for t in per.columns if t in REPORTED_ONLY]].copy()
