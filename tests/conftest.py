@@ -43,6 +43,13 @@ def orth_error(U: torch.Tensor) -> float:
 
 
 @pytest.fixture(scope="session")
+def kernel_device() -> str:
+    """Where the Triton kernel tests run: the GPU when there is one and the interpreter is off
+    (``TRITON_INTERPRET=0 pytest tests/test_triton_attention.py``), else the CPU, interpreted."""
+    return "cuda" if torch.cuda.is_available() and os.environ["TRITON_INTERPRET"] == "0" else "cpu"
+
+
+@pytest.fixture(scope="session")
 def tiny_llama():
     """A 4-layer random Llama (GQA, 2 KV heads × 16) for tests where any weights will do."""
     from transformers import LlamaConfig, LlamaForCausalLM
