@@ -13,6 +13,8 @@ same quantities. On a CPU the kernel runs under ``TRITON_INTERPRET=1`` (the test
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -57,6 +59,12 @@ def _lowrank_decode_kernel(Q, UK, UV, O, LSE, T, M, RK, RV, split,
     tl.store(LSE + b * s_lb + s * s_ls + rows, m_i + tl.log(l_i), mask=rows < M)
 
 
+@functools.lru_cache(maxsize=None)
+def _programs(device_index: int | None) -> int:
+    """About four programs per multiprocessor (looked up once per device, not on every step)."""
+    return 4 * torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def lowrank_decode(qe: Tensor, uk: Tensor, uv: Tensor, split: int | None = None,
                    block_t: int | None = None) -> tuple[Tensor, Tensor]:
     """softmax(qe·U_kᵀ)·U_v for qe (B, M, r_k), U_k (B, T, r_k), U_v (B, T, r_v).
@@ -75,7 +83,7 @@ def lowrank_decode(qe: Tensor, uk: Tensor, uv: Tensor, split: int | None = None,
     if block_t is None:
         block_t = max(16, min(64, triton.next_power_of_2(8192 // (pow2(RK) + pow2(RV)) + 1) // 2))
     if split is None:
-        programs = 4 * torch.cuda.get_device_properties(qe.device).multi_processor_count if qe.is_cuda else 8
+        programs = _programs(qe.device.index) if qe.is_cuda else 8
         split = block_t * max(1, triton.cdiv(T, programs * block_t))
     if split < block_t or split % block_t:
         raise ValueError(f"split={split} is out of range; accepted: a positive multiple of block_t={block_t}")
