@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import CompressionConfig
+from .config import CompressionConfig, factor_entry_bytes
 from .methods import COMPRESSORS
 from .rope import apply_rope
 
@@ -158,20 +158,13 @@ def layer_similarity(sample: KVSample, kind: str, rank: int = 32) -> pd.DataFram
 
 # ----------------------------------------------------------------------- compressibility (notebook 03)
 
-FACTOR_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}
-
-
 def rank_for_ratio(ratio: float, tokens: int, features: int, factor_dtype: str, dense_itemsize: int = 4) -> int:
     """Largest rank whose factors (u: tokens × r, w: r × features, plus per-token scales for int8/int4)
     fit in 1/ratio of the dense (tokens × features) matrix; at least 1."""
     if ratio <= 1:
         raise ValueError(f"ratio={ratio} is out of range; accepted: > 1")
-    if factor_dtype not in FACTOR_BYTES:
-        raise ValueError(f"factor_dtype={factor_dtype!r} is unknown; accepted: {', '.join(FACTOR_BYTES)}")
-    quant = factor_dtype in ("int8", "int4")
-    per_rank = tokens * FACTOR_BYTES[factor_dtype] + features * (2 if quant else FACTOR_BYTES[factor_dtype])
-    fixed = tokens * 2 if quant else 0
-    return max(1, int((tokens * features * dense_itemsize / ratio - fixed) // per_rank))
+    e_u, e_w, e_s = factor_entry_bytes(factor_dtype)
+    return max(1, int((tokens * features * dense_itemsize / ratio - tokens * e_s) // (tokens * e_u + features * e_w)))
 
 
 def attention_output(q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, n_queries: int) -> Tensor:

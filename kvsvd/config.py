@@ -104,37 +104,61 @@ class CompressionConfig:
         return asdict(self)
 
 
+FACTOR_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}  # per token-factor entry
+SCALE_BYTES = 2  # int8/int4 token factors: one bf16 scale per token and matrix; the right factor is bf16
+
+
+def factor_entry_bytes(factor_dtype: str) -> tuple[float, float, float]:
+    """(token-factor entry, right-factor entry, per-token scale) bytes of a ``factor_dtype``."""
+    _choice("factor_dtype", factor_dtype, FACTOR_DTYPES)
+    if factor_dtype in ("int8", "int4"):
+        return FACTOR_BYTES[factor_dtype], 2, SCALE_BYTES
+    return FACTOR_BYTES[factor_dtype], FACTOR_BYTES[factor_dtype], 0
+
+
 def ranks_for_ratio(ratio: float, tokens: int, group_size: int, features: int, *, num_layers: int,
                     start_layer: int = 0, residual_length: int = 0, rope_dim: int = 0,
-                    k_share: float = 1 / 3) -> tuple[int, int]:
+                    k_share: float = 1 / 3, factor_dtype: str = "fp32", dense_itemsize: int = 4) -> tuple[int, int]:
     """(rank_k, rank_v) such that the whole cache holds ≈ 1/ratio of the dense K+V bytes.
 
-    Budget, in entries per batch row: dense = 2·T·L·F. Held = uncompressed layers (2·T·F
-    each) + residual (2·R·F per compressed layer) + RoPE tables (2·T·rope_dim, pre-RoPE keys)
-    + factors: per group (T−R)·(r_k + r_v) + (r_k + r_v)·G·F. ``k_share`` of the total rank
-    goes to keys: value-heavy splits (rank_k ≈ rank_v / 2) kept needle answers best in the
-    exact-SVD measurement in shared/REFERENCES.md.
+    Budget in bytes per batch row, e = ``dense_itemsize`` (the model dtype): dense = 2·T·L·F·e.
+    Held = uncompressed layers (2·T·F·e each) + residual (2·R·F·e per compressed layer) + RoPE
+    tables (2·T·rope_dim·e, pre-RoPE keys) + factors: per group (T−R)·(r_k + r_v)·e_u +
+    (r_k + r_v)·G·F·e_w, plus 2·(T−R) per-token scales for int8/int4 (``factor_entry_bytes``):
+    narrower factors buy proportionally more rank. ``k_share`` of the total rank goes to keys:
+    value-heavy splits (rank_k ≈ rank_v / 2) kept needle answers best in the exact-SVD
+    measurement in shared/REFERENCES.md. A budget that would need more than the full rank
+    min(T−R, G·F) raises (compression would hold more than the matrix).
     """
     if ratio <= 1:
         raise ValueError(f"ratio={ratio} is out of range; accepted: > 1")
+    e_u, e_w, e_s = factor_entry_bytes(factor_dtype)
     groups = (num_layers - start_layer) // group_size
-    budget = 2 * tokens * num_layers * features / ratio
-    fixed = 2 * tokens * features * (num_layers - groups * group_size) \
-        + 2 * residual_length * features * groups * group_size + 2 * tokens * rope_dim
-    per_rank = groups * ((tokens - residual_length) + group_size * features)
-    total = (budget - fixed) / per_rank
+    n = tokens - residual_length
+    budget = 2 * tokens * num_layers * features * dense_itemsize / ratio
+    fixed = dense_itemsize * (2 * tokens * features * (num_layers - groups * group_size)
+                              + 2 * residual_length * features * groups * group_size + 2 * tokens * rope_dim) \
+        + groups * 2 * n * e_s
+    total = (budget - fixed) / (groups * (n * e_u + group_size * features * e_w))
     if total < 2:
         raise ValueError(f"ratio={ratio} leaves no room for factors after residual/RoPE/uncompressed layers")
     rank_k = max(1, round(k_share * total))
-    return rank_k, max(1, round(total) - rank_k)
+    rank_v = max(1, round(total) - rank_k)
+    full = min(n, group_size * features)
+    if max(rank_k, rank_v) > full:
+        raise ValueError(f"ratio={ratio} with factor_dtype={factor_dtype!r} asks for ranks ({rank_k}, {rank_v}) above "
+                         f"the full rank {full} = min(T-R, G*F); accepted: a larger ratio or a wider factor_dtype")
+    return rank_k, rank_v
 
 
 def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "xkv", layer_group_size: int = 4,
-                     k_share: float = 1 / 3, **fields) -> CompressionConfig:
-    """A CompressionConfig whose ranks give ≈ ``ratio`` times fewer K+V bytes at ``tokens`` tokens.
+                     k_share: float = 1 / 3, dense_itemsize: int = 4, **fields) -> CompressionConfig:
+    """A CompressionConfig whose ranks give ≈ ``ratio`` times fewer K+V bytes at ``tokens`` tokens
+    than a dense cache of ``dense_itemsize``-byte entries (the model dtype: 4 for FP32, 2 for BF16).
 
     The first (layers mod G) layers stay dense so the rest splits into whole groups (unless
-    ``start_layer`` is given); residual and RoPE bytes are budgeted as in :func:`ranks_for_ratio`.
+    ``start_layer`` is given); residual, RoPE and scale bytes and the width of ``factor_dtype``
+    are budgeted as in :func:`ranks_for_ratio`.
     """
     text = model_config.get_text_config(decoder=True)
     L, d = text.num_hidden_layers, text.head_dim
@@ -144,5 +168,6 @@ def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "
     rope = d if fields.get("key_space", CompressionConfig.key_space) == "pre_rope" else 0
     rank_k, rank_v = ranks_for_ratio(ratio, tokens, G, text.num_key_value_heads * d, num_layers=L,
                                      start_layer=fields["start_layer"], residual_length=fields["residual_length"],
-                                     rope_dim=rope, k_share=k_share)
+                                     rope_dim=rope, k_share=k_share, dense_itemsize=dense_itemsize,
+                                     factor_dtype=fields.get("factor_dtype", CompressionConfig.factor_dtype))
     return CompressionConfig(method=method, layer_group_size=G, rank_k=rank_k, rank_v=rank_v, **fields)

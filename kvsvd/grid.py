@@ -16,7 +16,8 @@ A grid is a YAML file (or dict)::
 
 A list value in a method entry expands into one method per value (a product over lists).
 ``ratio`` asks for that many times fewer KV bytes: kvsvd methods get ranks from
-``ranks_for_ratio`` (counting residual and RoPE bytes), presses get compression_ratio =
+``ranks_for_ratio`` (counting residual, RoPE and scale bytes and the ``factor_dtype`` width against the
+model dtype: int8 factors at 4x get ~4x the rank of FP32 factors on an FP32 model), presses get compression_ratio =
 1 − 1/ratio; ``method: quantized`` is transformers' QuantizedCache (``nbits``, ``backend``:
 quanto or hqq). The dense reference (``method: none``) always runs first for every sample.
 
@@ -196,7 +197,7 @@ def build(method: dict, model, context_tokens: int):
     G = fields.setdefault("layer_group_size", {"svd": 1, "pca": 1, "minicache": 2}.get(kind, 4))
     if "ratio" in method and kind in ("svd", "xkv", "pca"):
         config = config_for_ratio(method["ratio"], context_tokens, model.config,
-                                  k_share=method.get("k_share", 1 / 3), **fields)
+                                  k_share=method.get("k_share", 1 / 3), dense_itemsize=model.dtype.itemsize, **fields)
     else:
         config = CompressionConfig(**{"start_layer": model.config.num_hidden_layers % G, **fields})
     return LowRankCache(config, model.config), None

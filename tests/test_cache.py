@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 from kvsvd import CompressionConfig, LowRankCache
+from kvsvd.config import config_for_ratio
 from kvsvd.store import dequantize_rows, quantize_rows
 from conftest import held_storage_bytes
 
@@ -77,6 +78,23 @@ def test_memory_report_counts_the_tensors_actually_held(tiny_llama, method, G, f
     if method != "minicache":
         assert rep["ratio"] > 1.0 and rep["factors_bytes"] > 0
     assert (rep["scales_bytes"] > 0) == factor_dtype.startswith("int")
+
+
+@pytest.mark.parametrize("factor_dtype", ["fp32", "bf16", "int8", "int4"])
+@torch.no_grad()
+def test_config_for_ratio_budgets_the_factor_width(tiny_llama, factor_dtype):
+    """The ratio asked for is the ratio held, whatever the factor width: narrower factors buy rank."""
+    ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(5))
+    cfg = config_for_ratio(4, 400, tiny_llama.config, method="xkv", layer_group_size=2, residual_length=4,
+                           factor_dtype=factor_dtype, dense_itemsize=4)
+    fp32 = config_for_ratio(4, 400, tiny_llama.config, method="xkv", layer_group_size=2, residual_length=4)
+    assert cfg.rank_v >= {"fp32": 1, "bf16": 1.8, "int8": 3, "int4": 4}[factor_dtype] * fp32.rank_v
+    cache = LowRankCache(cfg, tiny_llama.config)
+    tiny_llama(ids, past_key_values=cache)
+    cache.compress_pending()
+    assert cache.memory_report()["ratio"] == pytest.approx(4, rel=0.03)
+    with pytest.raises(ValueError, match="ratio=1.5 with factor_dtype='int4' asks for ranks .* above the full rank"):
+        config_for_ratio(1.5, 400, tiny_llama.config, method="xkv", layer_group_size=2, factor_dtype="int4")
 
 
 def test_quantised_rows_round_trip():

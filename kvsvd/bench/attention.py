@@ -85,7 +85,7 @@ def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0,
     factor_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model.dtype]
     cfg = config_for_ratio(ratio, context_tokens, model.config, method="svd" if layer_group_size == 1 else "xkv",
                            layer_group_size=layer_group_size, key_space=key_space,
-                           factor_dtype=factor_dtype)  # factors at the model's dtype, as the budget assumes
+                           factor_dtype=factor_dtype, dense_itemsize=model.dtype.itemsize)  # factors at the model's dtype
     low = LowRankCache(cfg, model.config)
     model(ids, past_key_values=low, logits_to_keep=1)
     low.compress_pending()
