@@ -229,12 +229,13 @@ def shares_prefill(method: dict) -> bool:
 
 
 def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: int,
-             prefill: Prefill | None = None) -> dict:
+             prefill: Prefill | None = None, prompt: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
     """One cell; with ``prefill`` (``record_prefill`` of this sample's context) the cache is
-    filled from the record instead of a forward of its own."""
+    filled from the record instead of a forward of its own; ``prompt`` is ``split_prompt``'s
+    result when the caller has it already."""
     if prefill is not None and not shares_prefill(method):
         raise ValueError(f"method {method} cannot be filled from a recorded prefill (it needs its own forward)")
-    prompt = split_prompt(tok, sample)
+    prompt = prompt if prompt is not None else split_prompt(tok, sample)
     n_ctx = prompt[0].shape[1]
     cache, press = build(method, model, n_ctx)
     if model.device.type == "cuda":
@@ -289,19 +290,18 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
     mine = units(grid)[rank::world]
     todo = [(u, m) for u in mine for m in grid.methods if cell_key(m, *u) not in done]
     samples: dict[tuple[str, int], list[dict]] = {}
-    recorded: tuple[tuple, Prefill | None] = ((), None)  # the current sample's dense prefill
+    recorded: tuple[tuple, tuple | None, Prefill | None] = ((), None, None)  # the current sample's prompt, prefill
     with open(shard, "a") as f:
         for (task, L, i), method in tqdm(todo, desc=f"{grid.name} (rank {rank}/{world})"):
             if (task, L) not in samples:
                 samples[task, L] = ruler.generate(task, grid.n_samples, L, tokenizer, seed=grid.seed)
             sample = samples[task, L][i]
-            prefill = None
-            if shares_prefill(method):
-                if recorded[0] != (task, L, i):
-                    recorded = ((), None)  # free the previous sample's record first
-                    recorded = ((task, L, i), record_prefill(model, split_prompt(tokenizer, sample)[0].to(model.device)))
-                prefill = recorded[1]
-            row = run_cell(model, tokenizer, sample, method, task, grid.max_new_tokens[task], prefill)
+            if recorded[0] != (task, L, i):  # a new sample: drop the previous one's record
+                recorded = ((task, L, i), split_prompt(tokenizer, sample), None)
+            if shares_prefill(method) and recorded[2] is None:
+                recorded = (*recorded[:2], record_prefill(model, recorded[1][0].to(model.device)))
+            row = run_cell(model, tokenizer, sample, method, task, grid.max_new_tokens[task],
+                           recorded[2] if shares_prefill(method) else None, prompt=recorded[1])
             dense = done.get(cell_key({"method": "none"}, task, L, i))
             row["agreement_with_dense"] = None if dense is None else float(
                 row["prediction"].strip() == dense["prediction"].strip())

@@ -2,7 +2,8 @@
 
 ``python -m kvsvd report results/eval_targets/cpu_targets.jsonl`` prints, per context length, one
 markdown table (rows: methods with their measured × fewer KV bytes; columns: tasks, the mean
-over the headline tasks, samples per task) and the goals: at ≈4× fewer bytes the best kvsvd
+over the headline tasks, its paired difference to dense with a 95% bootstrap interval, the gold
+answer's mean negative log-likelihood per token under teacher forcing, samples per task) and the goals: at ≈4× fewer bytes the best kvsvd
 method (rsvd, n_iter=2) within 2 points of dense and ahead of every kvpress press, and n_iter=2
 as accurate as the exact SVD on the same configuration.
 """
@@ -43,12 +44,32 @@ def score_table(df: pd.DataFrame, context_length: int) -> pd.DataFrame:
     headline = [t for t in per.columns if t not in REPORTED_ONLY]
     table = per[headline + [t for t in per.columns if t in REPORTED_ONLY]].copy()
     table["average"] = per[headline].mean(axis=1)
+    table = table.join(delta_vs_dense(d, headline))
+    if "gold_logprob" in d:
+        nll = -(d["gold_logprob"] / d["gold_tokens"])
+        table["gold_nll"] = nll[d["task"].isin(headline)].groupby([d["label"], d["task"]]).mean().groupby("label").mean()
     table["ratio"] = d.groupby("label")["kv_ratio"].mean()
     table["n"] = d.groupby(["label", "task"]).size().groupby("label").min()
     table["family"] = d.groupby("label")["family"].first()
     order = table.assign(dense=table["family"] != "dense").sort_values(["dense", "ratio", "average"],
                                                                        ascending=[True, True, False])
     return order.drop(columns="dense")
+
+
+def delta_vs_dense(d: pd.DataFrame, headline: list[str], n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Per method: ``delta`` = headline average minus dense's, from paired per-sample differences,
+    and its 95% bootstrap interval ``delta_lo`` / ``delta_hi`` (samples resampled within each task,
+    the same resample for every method). NaN without a dense row."""
+    s = d[d["task"].isin(headline)].pivot_table(index=["task", "index"], columns="label", values="score")
+    if "dense" not in s:
+        return pd.DataFrame(index=s.columns, columns=["delta", "delta_lo", "delta_hi"], dtype=float)
+    diff = s.sub(s["dense"], axis=0)
+    rng = np.random.default_rng(seed)
+    boot = np.mean([g.to_numpy()[rng.integers(0, len(g), (n_boot, len(g)))].mean(1)
+                    for _, g in diff.groupby(level="task")], axis=0)  # (n_boot, methods)
+    lo, hi = np.percentile(boot, [2.5, 97.5], axis=0)
+    return pd.DataFrame({"delta": diff.groupby(level="task").mean().mean(), "delta_lo": lo, "delta_hi": hi},
+                        index=diff.columns)
 
 
 def goal_checks(df: pd.DataFrame, context_length: int, ratio: float = 4) -> dict:
@@ -66,6 +87,7 @@ def goal_checks(df: pd.DataFrame, context_length: int, ratio: float = 4) -> dict
         out.update(best_kvsvd=best, best_kvsvd_score=float(table.at[best, "average"]),
                    best_kvsvd_ratio=float(table.at[best, "ratio"]))
         out["within_2_of_dense"] = out["dense"] - out["best_kvsvd_score"] <= 2
+        out["best_kvsvd_delta_ci"] = (float(table.at[best, "delta_lo"]), float(table.at[best, "delta_hi"]))
     if presses:
         bp = table.loc[presses, "average"].idxmax()
         out.update(best_press=bp, best_press_score=float(table.at[bp, "average"]))
@@ -88,18 +110,21 @@ def markdown(path: str | Path) -> str:
     parts = []
     for L in sorted(set(df["context_length"])):
         t = score_table(df, L)
-        cols = [c for c in t.columns if c not in ("ratio", "n", "family")]
+        cols = [c for c in t.columns if c not in ("ratio", "n", "family", "delta", "delta_lo", "delta_hi", "gold_nll")]
         lines = [f"### {Path(path).stem}, {L} tokens",
-                 "| method | × fewer bytes | " + " | ".join(cols) + " | n |",
-                 "|---|---:|" + "---:|" * len(cols) + "---:|"]
-        lines += [f"| {lbl} | {r['ratio']:.2f} | " + " | ".join(f"{r[c]:.1f}" for c in cols) + f" | {int(r['n'])} |"
-                  for lbl, r in t.iterrows()]
+                 "| method | × fewer bytes | " + " | ".join(cols) + " | Δ dense [95% CI] | gold NLL/token | n |",
+                 "|---|---:|" + "---:|" * len(cols) + "---:|---:|---:|"]
+        lines += [f"| {lbl} | {r['ratio']:.2f} | " + " | ".join(f"{r[c]:.1f}" for c in cols)
+                  + f" | {r['delta']:+.1f} [{r['delta_lo']:+.1f}, {r['delta_hi']:+.1f}] | {r.get('gold_nll', np.nan):.3f}"
+                  + f" | {int(r['n'])} |" for lbl, r in t.iterrows()]
         for ratio in (4, 8):
             g = goal_checks(df, L, ratio)
             lines.append(f"\n≈{ratio}×: dense {g['dense']:.1f}; best kvsvd {g.get('best_kvsvd')} "
                          f"{g.get('best_kvsvd_score', float('nan')):.1f} ({g.get('best_kvsvd_ratio', float('nan')):.2f}×); "
                          f"best press {g.get('best_press')} {g.get('best_press_score', float('nan')):.1f}; "
-                         f"within 2 of dense: {g.get('within_2_of_dense')}; ahead of every press: "
+                         f"within 2 of dense: {g.get('within_2_of_dense')} (Δ 95% CI "
+                         f"{g.get('best_kvsvd_delta_ci', (np.nan, np.nan))[0]:+.1f} to "
+                         f"{g.get('best_kvsvd_delta_ci', (np.nan, np.nan))[1]:+.1f}); ahead of every press: "
                          f"{g.get('ahead_of_every_press')}"
                          + "".join(f"; {e['config']}: rsvd q2 {e['rsvd_q2']:.1f} vs full_svd {e['full_svd']:.1f}"
                                    for e in g.get("n_iter2_vs_exact", [])))

@@ -2,6 +2,7 @@
 
 import json
 
+import pandas as pd
 import pytest
 
 from kvsvd import report
@@ -29,7 +30,7 @@ def results(tmp_path):
             for method, score, ratio in METHODS.values():
                 rows.append({"key": json.dumps([method, task, i]), "method": method, "task": task,
                              "context_length": 2048, "index": i, "score": max(0.0, score + offset),
-                             "kv_ratio": ratio})
+                             "kv_ratio": ratio, "gold_logprob": -0.04 * (100 - score), "gold_tokens": 4})
     rows.append({**rows[0], "key": "unfinished", "index": 3, "score": 0.0})  # only dense has sample 3 yet
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -55,5 +56,16 @@ def test_goal_checks_use_the_rsvd_n_iter2_methods_and_compare_with_the_exact_svd
 def test_report_command_prints_the_tables(results, capsys):
     assert main(["report", str(results)]) == 0
     out = capsys.readouterr().out
-    assert "| xkv G2 4x pre_rope | 3.70 | 89.0 | 9.0 | 89.0 | 3 |" in out
+    assert "| xkv G2 4x pre_rope | 3.70 | 89.0 | 9.0 | 89.0 | -1.0 [-1.0, -1.0] | 0.110 | 3 |" in out
     assert "≈4×: dense 90.0; best kvsvd xkv G2 4x pre_rope 89.0" in out
+
+
+def test_difference_to_dense_is_paired_with_a_bootstrap_interval():
+    rows = [{"label": label, "task": task, "index": i, "score": score}
+            for task in ("niah_single_1", "niah_single_2") for i in range(10)
+            for label, score in (("dense", 100.0), ("flaky", 100.0 * (i % 2)), ("same", 100.0))]
+    d = report.delta_vs_dense(pd.DataFrame(rows), ["niah_single_1", "niah_single_2"])
+    assert d.at["same", "delta"] == d.at["same", "delta_lo"] == d.at["same", "delta_hi"] == 0
+    assert d.at["flaky", "delta"] == -50 and -80 < d.at["flaky", "delta_lo"] < -50 < d.at["flaky", "delta_hi"] < -20
+    no_dense = report.delta_vs_dense(pd.DataFrame([r for r in rows if r["label"] != "dense"]), ["niah_single_1"])
+    assert no_dense["delta"].isna().all()
