@@ -37,15 +37,17 @@ SETTINGS: dict[str, dict[str, dict]] = {
                     factor_dtypes=("fp32", "bf16", "int8", "int4"), calib_tokens=8192),
     },
     "04_ruler_accuracy_and_latency": {
-        "smoke": dict(grids=("configs/smoke.yaml",), contexts=(256,), decode_tokens=4,
+        "smoke": dict(grids=("configs/smoke.yaml",), targets=dict(config="configs/smoke.yaml", run=True),
+                      contexts=(256,), decode_tokens=4,
                       latency=dict(ratios=(4.0,), groups=(1, 2), n_iters=(0,), sweep_group=2),
                       attention=dict(contexts=(512,), key_spaces=("post_rope",), decode_tokens=2, rounds=2)),
         "cpu": dict(grids=("configs/cpu.yaml", "configs/cpu_sweeps.yaml", "configs/cpu_peers.yaml"),
-                    contexts=(1024, 2048, 4096),
+                    targets=dict(config="configs/cpu_targets.yaml", run=False), contexts=(1024, 2048, 4096),
                     decode_tokens=24, latency=dict(ratios=(4.0,), groups=(1, 2, 4), n_iters=(0, 4)),
                     attention=dict(contexts=(8160,), key_spaces=("post_rope", "pre_rope"), decode_tokens=16,
                                    rounds=2)),
-        "gpu": dict(grids=("configs/gpu.yaml",), contexts=(4096, 8192), decode_tokens=64,
+        "gpu": dict(grids=("configs/gpu.yaml",), targets=dict(config="configs/cpu_targets.yaml", run=False),
+                    contexts=(4096, 8192), decode_tokens=64,
                     latency=dict(ratios=(4.0, 8.0), groups=(1, 2, 4, 8), n_iters=(0, 1, 4)),
                     attention=dict(contexts=(4096, 8160), key_spaces=("post_rope", "pre_rope"), decode_tokens=64,
                                    rounds=2)),
@@ -62,17 +64,28 @@ def settings(notebook: str, profile: str) -> dict:
     return dict(SETTINGS[notebook][profile])
 
 
-def run_grids(paths, results: Path, model, tokenizer) -> list[Path]:
-    """Run (or resume) each grid YAML with its rows written to ``results/eval/<name>.jsonl``."""
+def run_grids(paths, results: Path, model, tokenizer, folder: str = "eval") -> list[Path]:
+    """Run (or resume) each grid YAML with its rows written to ``results/<folder>/<name>.jsonl``."""
     import yaml
 
     from .grid import run
     outs = []
     for path in paths:
         raw = yaml.safe_load(Path(path).read_text())
-        raw["out"] = str(Path(results) / "eval" / f"{raw['name']}.jsonl")
+        raw["out"] = str(Path(results) / folder / f"{raw['name']}.jsonl")
         outs.append(run(raw, model, tokenizer))
     return outs
+
+
+def target_grid(config: str | Path, run: bool, results: Path, model, tokenizer) -> Path | None:
+    """The issue-4 target grid's rows, ``results/eval_targets/<name>.jsonl``: run (or resumed) here
+    when ``run`` (the smoke profile: seconds); otherwise the file already there (the CPU target grid
+    takes hours on 2 cores and runs on its own, ``python -m kvsvd eval CONFIG``), or None."""
+    if run:
+        return run_grids([config], results, model, tokenizer, folder="eval_targets")[0]
+    import yaml
+    out = Path(results) / "eval_targets" / f"{yaml.safe_load(Path(config).read_text())['name']}.jsonl"
+    return out if out.exists() else None
 
 
 # ------------------------------------------------------------------------- widget computations
