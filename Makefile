@@ -9,7 +9,7 @@ NOTEBOOKS := $(notdir $(wildcard notebooks/[0-9]*.ipynb))
 NB_RESULTS := $(if $(filter /%,$(RESULTS)),$(RESULTS),../$(RESULTS))
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test reproduce figures bench lab clean
+.PHONY: setup test reproduce figures bench lab clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -45,6 +45,14 @@ reproduce: setup
 # Redraws every figure from the saved results alone (no model, no computation).
 figures: setup
 	$(PY) -m kvsvd figures --results $(RESULTS)
+
+# Wheels for the GPU machine's image (it has torch/triton but transformers 5.17, which kvsvd and kvpress
+# do not support, and no gguf/kvpress/wonderwords): they travel in .whl/ (ignored, ~14 MB); see README.
+GPU_WHEELS := transformers==5.2.0 tokenizers==0.22.2 kvpress==0.5.5 gguf==0.19.0 wonderwords==3.0.1
+gpu-wheels: setup
+	$(PY) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl $(GPU_WHEELS)
 
 lab: setup
 	$(PY) -m jupyter lab notebooks/
