@@ -27,8 +27,10 @@ only ObservedAttention, which reads eager attention weights, runs its own prefil
 
 Each finished cell is appended (and flushed) as one JSON line, so a rerun skips finished
 cells and an interrupted run loses at most the cell in flight; a corrupt last line (a
-process killed mid-write) is dropped and redone. Under ``torchrun`` the samples are sharded
-over the processes (gloo on CPU, nccl on GPU) and rank 0 merges the shards into ``out``.
+process killed mid-write) is dropped and redone. A grid may grow in place (more methods,
+tasks, lengths or samples: only new cells run); a file from another model or seed, or with a
+task decoded under another ``max_new_tokens``, is refused. Under ``torchrun`` the samples are
+sharded over the processes (gloo on CPU, nccl on GPU) and rank 0 merges the shards into ``out``.
 """
 
 from __future__ import annotations
@@ -77,8 +79,11 @@ class Grid:
 
     @property
     def config_hash(self) -> str:
-        """Identity of the grid's contents (everything but the output path)."""
-        body = {k: v for k, v in self.raw.items() if k != "out"}
+        """Identity of what every cell shares: the model and the samples' seed. Cells are named by
+        method, task, context length and sample (their key), so a grid may grow (more methods,
+        tasks, lengths or samples) and keep its finished cells; a task's decode budget is checked
+        per row (:func:`check_budgets`)."""
+        body = {"model": self.model, "seed": self.seed}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -173,6 +178,15 @@ def read_rows(path: Path, config_hash: str | None = None) -> list[dict]:
             raise ValueError(f"{path} was written by another grid config (config_hash {sorted(other)} != "
                              f"{config_hash}): choose another 'out' or remove the file")
     return rows
+
+
+def check_budgets(grid: Grid, rows) -> None:
+    """Rows of the grid's tasks must have been decoded with the task's ``max_new_tokens``."""
+    for r in rows:
+        want = grid.max_new_tokens.get(r["task"])
+        if want is not None and r.get("max_new_tokens") != want:
+            raise ValueError(f"max_new_tokens[{r['task']}]={want} but {grid.out} holds cells of that task decoded "
+                             f"with {r.get('max_new_tokens')}: choose another 'out' or remove the file")
 
 
 def _model_dims(model) -> tuple[int, int, int, int]:
@@ -287,6 +301,7 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
         _merge_shards(grid)
     shard = grid.out if world == 1 else _shard(grid, rank)
     done = {r["key"]: r for path in [grid.out, *_shards(grid)] for r in read_rows(path, grid.config_hash)}
+    check_budgets(grid, done.values())
     mine = units(grid)[rank::world]
     todo = [(u, m) for u in mine for m in grid.methods if cell_key(m, *u) not in done]
     samples: dict[tuple[str, int], list[dict]] = {}
@@ -306,7 +321,8 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
             row["agreement_with_dense"] = None if dense is None else float(
                 row["prediction"].strip() == dense["prediction"].strip())
             row.update(key=cell_key(method, task, L, i), config_hash=grid.config_hash, grid=grid.name,
-                       method=method, task=task, context_length=L, index=i, outputs=sample["outputs"])
+                       method=method, task=task, context_length=L, index=i, outputs=sample["outputs"],
+                       max_new_tokens=grid.max_new_tokens[task])
             done[row["key"]] = row
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -330,13 +346,16 @@ def _shards(grid: Grid) -> list[Path]:
 
 
 def _merge_shards(grid: Grid) -> None:
-    """Rank 0: fold every shard into ``out`` in the grid's canonical cell order."""
+    """Rank 0: fold every shard into ``out`` in the grid's canonical cell order (rows of cells the
+    grid no longer names are kept, after them)."""
     rows = {r["key"]: r for r in read_rows(grid.out, grid.config_hash)}
     shards = _shards(grid)
     for path in shards:
         rows.update({r["key"]: r for r in read_rows(path, grid.config_hash)})
     order = [cell_key(m, *u) for u in units(grid) for m in grid.methods]
     tmp = grid.out.with_suffix(".tmp")
+    named = set(order)
+    order += [k for k in rows if k not in named]
     tmp.write_text("".join(json.dumps(rows[k]) + "\n" for k in order if k in rows))
     tmp.replace(grid.out)
     for path in shards:

@@ -87,8 +87,20 @@ def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path):
     assert out.read_text() == complete and not list(tmp_path.glob("r.rank*.jsonl"))
     df = grid.load_results(out)
     assert len(df) == 6 and set(df["label"]) == {"dense", "xkv G2 3x", "knorm 3x"}
+    grid.run(cfg(tmp_path, n_samples=3), model, tok)  # a grown grid runs only its new cells
+    grown = out.read_text()
+    assert grown.startswith(complete) and len(grid.read_rows(out)) == 9
+    assert all(r["max_new_tokens"] == 12 for r in grid.read_rows(out))
+    with pytest.raises(ValueError, match=r"max_new_tokens\[niah_single_1\]=5 but .* decoded with 12"):
+        grid.run(cfg(tmp_path, max_new_tokens=5), model, tok)
     with pytest.raises(ValueError, match="another grid config"):
-        grid.run(cfg(tmp_path, n_samples=3), model, tok)
+        grid.run(cfg(tmp_path, seed=1), model, tok)
+    # a shrunk grid keeps the rows it no longer names when shards are merged
+    lines = grown.splitlines(keepends=True)
+    out.write_text("".join(lines[:6]))
+    (tmp_path / "r.rank0.jsonl").write_text("".join(lines[6:]))
+    grid.run(cfg(tmp_path, methods=BASE["methods"][:1]), model, tok)
+    assert sorted(out.read_text().splitlines()) == sorted(grown.splitlines())
 
 
 @pytest.mark.model
