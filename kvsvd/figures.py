@@ -614,7 +614,7 @@ def attention_paths(R: Path):
 @figure("04_target_grid", "eval_targets/*.jsonl")
 def target_grid(R: Path):
     from .grid import load_results
-    from .report import goal_checks, score_table, tidy
+    from .report import goal_checks, score_table, task_columns, tidy
     df = tidy(pd.concat([load_results(p) for p in sorted((R / "eval_targets").glob("*.jsonl"))], ignore_index=True))
     lengths = sorted(set(df["context_length"]))
     tables = {L: score_table(df, L) for L in lengths}
@@ -625,7 +625,7 @@ def target_grid(R: Path):
     caps = []
     for (heat, delta), L in zip(axes, lengths):
         t = tables[L]
-        tasks = [c for c in t.columns if c not in ("ratio", "n", "family", "delta", "delta_lo", "delta_hi", "gold_nll")]
+        tasks = task_columns(t)
         names = [f"{lbl} ({r:.1f}×)" for lbl, r in zip(t.index, t["ratio"])]
         sns.heatmap(t[tasks].set_axis(names), annot=True, fmt=".0f", cmap="viridis", vmin=0, vmax=100, cbar=False,
                     ax=heat, annot_kws={"fontsize": 7})

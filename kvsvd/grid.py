@@ -17,7 +17,7 @@ A grid is a YAML file (or dict)::
 A list value in a method entry expands into one method per value (a product over lists).
 ``ratio`` asks for that many times fewer KV bytes: kvsvd methods get ranks from
 ``ranks_for_ratio`` (counting residual, RoPE and scale bytes and the ``factor_dtype`` width against the
-model dtype: int8 factors at 4x get ~4x the rank of FP32 factors on an FP32 model), presses get compression_ratio =
+model dtype: int8 factors at 4x get ~3.5x the rank of FP32 factors on an FP32 model), presses get compression_ratio =
 1 − 1/ratio; ``method: quantized`` is transformers' QuantizedCache (``nbits``, ``backend``:
 quanto or hqq). The dense reference (``method: none``) always runs first for every sample.
 

@@ -56,6 +56,11 @@ def score_table(df: pd.DataFrame, context_length: int) -> pd.DataFrame:
     return order.drop(columns="dense")
 
 
+def task_columns(table: pd.DataFrame) -> list[str]:
+    """The per-task and ``average`` columns of a :func:`score_table`."""
+    return [c for c in table.columns if c not in ("ratio", "n", "family", "delta", "delta_lo", "delta_hi", "gold_nll")]
+
+
 def delta_vs_dense(d: pd.DataFrame, headline: list[str], n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
     """Per method: ``delta`` = headline average minus dense's, from paired per-sample differences,
     and its 95% bootstrap interval ``delta_lo`` / ``delta_hi`` (samples resampled within each task,
@@ -110,7 +115,7 @@ def markdown(path: str | Path) -> str:
     parts = []
     for L in sorted(set(df["context_length"])):
         t = score_table(df, L)
-        cols = [c for c in t.columns if c not in ("ratio", "n", "family", "delta", "delta_lo", "delta_hi", "gold_nll")]
+        cols = task_columns(t)
         lines = [f"### {Path(path).stem}, {L} tokens",
                  "| method | × fewer bytes | " + " | ".join(cols) + " | Δ dense [95% CI] | gold NLL/token | n |",
                  "|---|---:|" + "---:|" * len(cols) + "---:|---:|---:|"]
