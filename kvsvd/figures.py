@@ -641,7 +641,7 @@ def target_grid(R: Path):
         delta.set(ylim=(len(t), 0), yticks=[], xlabel="average minus dense (points), 95% bootstrap CI",
                   title="paired difference to dense (dotted: the −2 goal)")
         delta.legend(fontsize=7, loc="lower right")
-        g = goal_checks(df, L, 4)
+        g = goal_checks(df, L, 4, t)
         if "best_kvsvd" in g:
             lo, hi = g["best_kvsvd_delta_ci"]
             caps.append(f"{L} tokens: dense {g['dense']:.1f}; at ≈4× the best kvsvd method {g['best_kvsvd']} scores "

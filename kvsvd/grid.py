@@ -75,7 +75,6 @@ class Grid:
     out: Path
     seed: int = 0
     max_new_tokens: dict[str, int] = field(default_factory=dict)  # task -> decode budget
-    raw: dict = field(default_factory=dict)
 
     @property
     def config_hash(self) -> str:
@@ -145,7 +144,7 @@ def load_grid(source: str | Path | dict) -> Grid:
                          f"or one for each task of {_as_list(raw['tasks'])}")
     return Grid(name=str(raw["name"]), model=str(raw["model"]), tasks=_as_list(raw["tasks"]), context_lengths=lengths,
                 n_samples=raw["n_samples"], methods=expand_methods(_as_list(raw["methods"])), out=Path(raw["out"]),
-                seed=int(raw.get("seed", 0)), max_new_tokens=budget, raw=raw)
+                seed=int(raw.get("seed", 0)), max_new_tokens=budget)
 
 
 def cell_key(method: dict, task: str, context_length: int, index: int) -> str:

@@ -77,9 +77,10 @@ def delta_vs_dense(d: pd.DataFrame, headline: list[str], n_boot: int = 2000, see
                         index=diff.columns)
 
 
-def goal_checks(df: pd.DataFrame, context_length: int, ratio: float = 4) -> dict:
-    """The issue-4 goals at ``ratio`` (requested) fewer bytes, on the headline-task average."""
-    table = score_table(df, context_length)
+def goal_checks(df: pd.DataFrame, context_length: int, ratio: float = 4, table: pd.DataFrame | None = None) -> dict:
+    """The issue-4 goals at ``ratio`` (requested) fewer bytes, on the headline-task average
+    (``table``: this length's :func:`score_table` when the caller has it already)."""
+    table = score_table(df, context_length) if table is None else table
     d = df[df["context_length"] == context_length].drop_duplicates("label").set_index("label")
     at = d.index[d["requested"] == ratio]
     kvsvd = [lbl for lbl in at if d.at[lbl, "family"] == "kvsvd" and d.at[lbl, "svd_fn"] == "rsvd"
@@ -123,7 +124,7 @@ def markdown(path: str | Path) -> str:
                   + f" | {r['delta']:+.1f} [{r['delta_lo']:+.1f}, {r['delta_hi']:+.1f}] | {r.get('gold_nll', np.nan):.3f}"
                   + f" | {int(r['n'])} |" for lbl, r in t.iterrows()]
         for ratio in (4, 8):
-            g = goal_checks(df, L, ratio)
+            g = goal_checks(df, L, ratio, t)
             lines.append(f"\n≈{ratio}×: dense {g['dense']:.1f}; best kvsvd {g.get('best_kvsvd')} "
                          f"{g.get('best_kvsvd_score', float('nan')):.1f} ({g.get('best_kvsvd_ratio', float('nan')):.2f}×); "
                          f"best press {g.get('best_press')} {g.get('best_press_score', float('nan')):.1f}; "
