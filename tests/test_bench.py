@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import kvsvd
 from kvsvd.__main__ import main
 from kvsvd.bench import kernels
 
@@ -114,3 +115,37 @@ def test_latency_harness_refuses_context_lengths_the_model_cannot_hold(tiny_llam
     from kvsvd.bench import cache as latency
     with pytest.raises(ValueError, match=r"context_lengths \[600, 0\] out of range; accepted: integers in \[1, 480\]"):
         latency.run([256, 600, 0], decode_tokens=32, out=tmp_path, model=tiny_llama, tokenizer=None)
+
+
+def test_rank_independent_work_is_done_once_per_matrix(tmp_path, monkeypatch):
+    """full_svd is timed in the first configuration of a matrix only (same records in every file),
+    and each configuration's error still comes from its own rank."""
+    calls = {"full_svd": 0}
+    real = kernels.get_svd
+
+    def counting(name):
+        fn = real(name)
+        if name != "full_svd":
+            return fn
+
+        def wrapped(*args, **kwargs):
+            calls["full_svd"] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(kernels, "get_svd", counting)
+    monkeypatch.setitem(kernels.PROFILES, "two_ranks", kernels.Profile(
+        shapes=[(256, 48)], ranks=[4, 12], n_iters=[1, 2], repeats=3, methods=["full_svd", "rsvd"]))
+    results = kernels.run("two_ranks", out=tmp_path)
+    assert len(results) == 4 and len(list(tmp_path.glob("*.json"))) == 4
+    assert calls["full_svd"] == 1 + 3  # one full-rank warm-up and 3 timed calls, not 4 × (1 + 3)
+    full = [r["methods"]["full_svd"] for r in results]
+    assert all(f["records"] == full[0]["records"] and f["timed_once_per_matrix"] for f in full)
+    for res in results:
+        assert res["methods"]["full_svd"]["summary"]["rel_error"] == pytest.approx(1.0, abs=1e-5)
+        assert not res["methods"]["rsvd"]["timed_once_per_matrix"]
+        assert len(res["methods"]["rsvd"]["records"]) == 3
+    errs = {r["config"]["rank"]: r["methods"]["full_svd"]["summary"]["error"] for r in results}
+    A = kernels.kv_like_matrix(256, 48)
+    for rank, err in errs.items():
+        assert err == pytest.approx(float(kvsvd.optimal_error(A, rank)), rel=1e-5)
