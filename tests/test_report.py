@@ -48,7 +48,9 @@ def test_goal_checks_use_the_rsvd_n_iter2_methods_and_compare_with_the_exact_svd
     g = report.goal_checks(report.tidy(load_results(results)), 2048, ratio=4)
     assert g["best_kvsvd"] == "xkv G2 4x pre_rope"  # not the q0 sweep row, though it scores higher
     assert g["within_2_of_dense"] and g["ahead_of_every_press"] and g["best_press"] == "knorm 4x"
-    assert g["n_iter2_vs_exact"] == [{"config": "xkv G2 4x pre_rope", "rsvd_q2": 89.0, "full_svd": 88.0}]
+    (e,) = g["n_iter2_vs_exact"]
+    assert (e["config"], e["rsvd_q2"], e["full_svd"]) == ("xkv G2 4x pre_rope", 89.0, 88.0)
+    assert e["delta"] == pytest.approx(1.0) and e["delta_ci"][0] <= e["delta"] <= e["delta_ci"][1]
     g8 = report.goal_checks(report.tidy(load_results(results)), 2048, ratio=8)
     assert not g8["within_2_of_dense"] and not g8["ahead_of_every_press"]
 
@@ -64,8 +66,10 @@ def test_difference_to_dense_is_paired_with_a_bootstrap_interval():
     rows = [{"label": label, "task": task, "index": i, "score": score}
             for task in ("niah_single_1", "niah_single_2") for i in range(10)
             for label, score in (("dense", 100.0), ("flaky", 100.0 * (i % 2)), ("same", 100.0))]
-    d = report.delta_vs_dense(pd.DataFrame(rows), ["niah_single_1", "niah_single_2"])
+    d = report.paired_delta(pd.DataFrame(rows), ["niah_single_1", "niah_single_2"])
     assert d.at["same", "delta"] == d.at["same", "delta_lo"] == d.at["same", "delta_hi"] == 0
     assert d.at["flaky", "delta"] == -50 and -80 < d.at["flaky", "delta_lo"] < -50 < d.at["flaky", "delta_hi"] < -20
-    no_dense = report.delta_vs_dense(pd.DataFrame([r for r in rows if r["label"] != "dense"]), ["niah_single_1"])
+    vs_flaky = report.paired_delta(pd.DataFrame(rows), ["niah_single_1", "niah_single_2"], reference="flaky")
+    assert vs_flaky.at["same", "delta"] == 50 and vs_flaky.at["flaky", "delta"] == 0
+    no_dense = report.paired_delta(pd.DataFrame([r for r in rows if r["label"] != "dense"]), ["niah_single_1"])
     assert no_dense["delta"].isna().all()
