@@ -13,7 +13,8 @@ import argparse
 import sys
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (every subcommand and option)."""
     parser = argparse.ArgumentParser(prog="kvsvd")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run a benchmark")
@@ -55,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("config", help="grid YAML (see kvsvd.grid)")
     rep = sub.add_parser("report", help="score tables and goal checks of a grid's results (markdown)")
     rep.add_argument("results_file", help="a grid's JSONL results")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "figures":
         from .figures import redraw_all
         for name in redraw_all(args.results):

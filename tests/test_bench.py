@@ -149,3 +149,22 @@ def test_rank_independent_work_is_done_once_per_matrix(tmp_path, monkeypatch):
     A = kernels.kv_like_matrix(256, 48)
     for rank, err in errs.items():
         assert err == pytest.approx(float(kvsvd.optimal_error(A, rank)), rel=1e-5)
+
+
+def test_gpu_script_commands_parse_and_fit_one_device_call():
+    """.ci/gpu cannot run without a GPU; its kvsvd commands must still parse, and the time
+    limits of its steps must leave room inside one 600 s device call."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from kvsvd.__main__ import build_parser
+    script = (Path(__file__).parents[1] / ".ci" / "gpu").read_text()
+    commands = re.findall(r"\$PY -m kvsvd (.+)", script)
+    assert len(commands) == 2
+    for cmd in commands:
+        args = build_parser().parse_args(shlex.split(cmd.replace('"$T"', "32768")))
+        assert args.command == "bench"
+    limits = [int(t) for t in re.findall(r"timeout (\d+)", script)]
+    loops = len(re.findall(r"for T in (\d+) (\d+);", script)[0])
+    assert sum(limits) + limits[-1] * (loops - 1) <= 570
