@@ -72,7 +72,7 @@ def task_columns(table: pd.DataFrame) -> list[str]:
 
 
 def paired_delta(d: pd.DataFrame, headline: list[str], n_boot: int = 2000, seed: int = 0,
-                   reference: str = "dense") -> pd.DataFrame:
+                 reference: str = "dense") -> pd.DataFrame:
     """Per method: ``delta`` = headline average minus the ``reference`` method's (dense unless
     told), from paired per-sample differences, and its 95% bootstrap interval ``delta_lo`` /
     ``delta_hi`` (samples resampled within each task, the same resample for every method).
@@ -112,10 +112,10 @@ def goal_checks(df: pd.DataFrame, context_length: int, ratio: float = 4, table: 
         if kvsvd:
             out["ahead_of_every_press"] = out["best_kvsvd_score"] > out["best_press_score"]
     exact = [lbl for lbl in at if d.at[lbl, "svd_fn"] == "full_svd"]
+    done = finished(df, context_length) if exact else None
     for lbl in exact:  # the same configuration with rsvd n_iter=2: the label without the svd suffix
         twin = lbl.removesuffix(" full_svd")
         if twin in table.index:
-            done = finished(df, context_length)
             paired = paired_delta(done, headline_tasks(done), reference=lbl).loc[twin]
             out.setdefault("n_iter2_vs_exact", []).append(
                 {"config": twin, "rsvd_q2": float(table.at[twin, "average"]),
