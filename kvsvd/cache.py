@@ -17,6 +17,10 @@ Timeline of one group:
 Reads rebuild the segments densely (the reconstruct-on-read path). For ``pre_rope`` keys the
 cache inverts RoPE with the model's own cos/sin on the way in and re-applies it on read; the
 cos/sin tables of the timeline are held once for all groups and counted as ``rope`` bytes.
+With ``memoize_reads`` a group keeps what it rebuilt until its segments change: the same
+tensors, computed once instead of at every step (an evaluation device for accuracy grids,
+where decode would otherwise rebuild an unchanging prefix per token); those dense copies are
+reported as ``rebuilt_bytes``, apart from the compressed state's ``total_bytes``.
 
 ``layer.keys`` / ``layer.values`` are the whole timeline (segments rebuilt + residual) and
 can be assigned, so kvpress presses and its pipeline use this cache unchanged.
@@ -81,6 +85,7 @@ class LayerGroup:
         self.segments: list[Segment] = []
         self.compressed_length = 0      # tokens held in segments
         self.prefill_pending = False    # the first forward's tokens wait for compression
+        self.rebuilt: dict[tuple[int, bool, torch.dtype], tuple[int, Tensor]] = {}  # memoize_reads: n_segments, read
 
     def compress_pending(self) -> None:
         """Compress the stored prefill (all but the last residual_length tokens)."""
@@ -129,7 +134,9 @@ class LayerGroup:
         """Layer j's compressed tokens rebuilt densely: (B, H, T_compressed, d), or None."""
         if not self.segments:
             return None
-        cache = self.cache
+        cache, key = self.cache, (j, values, dtype)
+        if key in self.rebuilt and self.rebuilt[key][0] == len(self.segments):
+            return self.rebuilt[key][1]
         parts = []
         for seg in self.segments:
             x = (seg.values if values else seg.keys).layer(j, dtype)            # (B, T, H·d)
@@ -137,7 +144,10 @@ class LayerGroup:
             if not values and cache.config.key_space == "pre_rope":
                 x = apply_rope(x, *cache.rope.span(seg.start, seg.start + seg.length))
             parts.append(x)
-        return torch.cat(parts, dim=-2)
+        out = torch.cat(parts, dim=-2)
+        if cache.memoize_reads:
+            self.rebuilt[key] = (len(self.segments), out)
+        return out
 
 
 class LowRankLayer(CacheLayerMixin):
@@ -262,12 +272,13 @@ class LowRankCache(Cache):
     >>> cache.memory_report()
     """
 
-    def __init__(self, config: CompressionConfig, model_config) -> None:
+    def __init__(self, config: CompressionConfig, model_config, *, memoize_reads: bool = False) -> None:
         from .calibrate import Calibration
 
         text = model_config.get_text_config(decoder=True)
         self.config = config
         self.model_config = model_config
+        self.memoize_reads = memoize_reads
         self.num_layers = text.num_hidden_layers
         self.kv_heads = text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
@@ -347,7 +358,8 @@ class LowRankCache(Cache):
         layers outside the range, segments shorter than the rank, MiniCache retained tokens;
         rope: cos/sin tables for pre-RoPE keys; calibration: PCA means and bases; index:
         MiniCache merge masks. dense_equivalent: what a DynamicCache would hold for the same
-        tokens; ratio = dense_equivalent / total.
+        tokens; ratio = dense_equivalent / total. rebuilt: the dense reads ``memoize_reads``
+        keeps (not part of total: the compressed state does not need them).
         """
         seen: set[tuple[int, int]] = set()
         report: dict[str, float] = {}
@@ -360,6 +372,7 @@ class LowRankCache(Cache):
                     total += key[1]
             report[f"{kind}_bytes"] = total
         report["total_bytes"] = sum(report.values())
+        report["rebuilt_bytes"] = sum(_storage_key(t)[1] for g in self.groups for _, t in g.rebuilt.values())
         dense = 0
         for layer in self.layers:
             if layer.is_initialized:

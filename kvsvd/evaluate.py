@@ -6,7 +6,10 @@ A grid answers one sample with many caches. The prefill forward is the same for 
 (a cache or press changes what is *kept*, never what the context's layers compute: a press
 prunes layer l after layer l has attended), so :func:`record_prefill` runs it once and
 :func:`replay_prefill` fills each cache from the record: the same ``update`` calls with the
-same K/V and cos/sin, then the press's own forward hook with the same arguments."""
+same K/V and cos/sin, then the press's own forward hook with the same arguments. A press that
+reads the forward's own outputs (ObservedAttention: eager attention weights, too large to record)
+cannot be replayed; :func:`fan_out_prefill` fills several such caches (one press class, several
+ratios) from one forward instead."""
 
 from __future__ import annotations
 
@@ -64,6 +67,15 @@ class Prefill:
     ms: float
 
 
+@dataclass
+class Filled:
+    """A cache :func:`fan_out_prefill` has filled already with ``n_tokens`` context tokens, in a
+    forward of ``ms`` shared with other caches."""
+    cache: object
+    n_tokens: int
+    ms: float
+
+
 @torch.no_grad()
 def record_prefill(model, ctx: torch.Tensor) -> Prefill:
     """Run the dense prefill of ``ctx`` (1, T) once and record what each attention layer saw."""
@@ -84,24 +96,54 @@ def record_prefill(model, ctx: torch.Tensor) -> Prefill:
     return Prefill(calls, ctx.shape[1], ms)
 
 
+def _fill_layer(module, kwargs: dict, keys: torch.Tensor, values: torch.Tensor, output: tuple, cache, press) -> None:
+    """What one attention layer's forward does to ``cache`` under ``press``, given what it saw and
+    produced: ``update`` with copies of its K/V (no cache aliases another), then the press's hook."""
+    cos, sin = kwargs["position_embeddings"]
+    cache.update(keys.clone(), values.clone(), module.layer_idx,
+                 {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")})
+    if press is not None:
+        press.forward_hook(module, (), {**kwargs, "past_key_values": cache}, output)
+
+
 def replay_prefill(model, prefill: Prefill, cache, press=None) -> None:
     """Fill ``cache`` exactly as ``model.model(ctx, past_key_values=cache)`` under ``press`` would,
-    without the forward: each layer's ``update`` (with copies of the recorded K/V, so no cache
-    aliases the record), then the press's forward hook on that layer."""
+    without the forward: each recorded layer call through :func:`_fill_layer`."""
     with press(model) if press is not None else contextlib.nullcontext():
         for layer, (kwargs, keys, values, output) in zip(model.model.layers, prefill.calls):
-            module = layer.self_attn
-            cos, sin = kwargs["position_embeddings"]
-            cache.update(keys.clone(), values.clone(), module.layer_idx,
-                         {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")})
-            if press is not None:
-                press.forward_hook(module, (), {**kwargs, "past_key_values": cache}, output)
+            _fill_layer(layer.self_attn, kwargs, keys, values, output, cache, press)
+
+
+@torch.no_grad()
+def fan_out_prefill(model, ctx: torch.Tensor, targets: list[tuple[object, object]]) -> list[Filled]:
+    """Fill every ``(cache, press)`` of ``targets`` from one prefill forward of ``ctx`` (1, T): the
+    first as its own prefill under its press, each other as :func:`replay_prefill` would from that
+    forward's layer calls, taken live (before the first press prunes) and not kept. The presses must
+    be of one class: the first's context (``press(model)``) serves them all."""
+    (first, press), rest = targets[0], targets[1:]
+    if any(type(p) is not type(press) for _, p in rest):
+        raise ValueError(f"fan_out_prefill needs presses of one class, got {sorted({type(p).__name__ for _, p in targets})}")
+
+    def hook(module, args, kwargs, output):
+        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        for cache, other in rest:
+            _fill_layer(module, kwargs, layer.keys, layer.values, output, cache, other)
+
+    hooks = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+    try:  # registered before the press enters: they run before its hooks prune the forward's cache
+        t0 = time.perf_counter()
+        _prefill(model, ctx.to(model.device), first, press)
+        ms = (time.perf_counter() - t0) * 1e3
+    finally:
+        for h in hooks:
+            h.remove()
+    return [Filled(cache, ctx.shape[1], ms) for cache, _ in targets]
 
 
 @torch.no_grad()
 def answer(model, tokenizer, sample: dict, cache, max_new_tokens: int = 32, press=None,
            gold: str | None = None, new_cache=None,
-           prompt: tuple[torch.Tensor, torch.Tensor] | None = None, prefill: Prefill | None = None) -> dict:
+           prompt: tuple[torch.Tensor, torch.Tensor] | None = None, prefill: Prefill | Filled | None = None) -> dict:
     """Greedy answer of ``sample`` with ``cache`` (prefill under ``press`` when given).
 
     Returns the prediction, the time of each phase (ms), and with ``gold`` the log-likelihood of
@@ -109,17 +151,23 @@ def answer(model, tokenizer, sample: dict, cache, max_new_tokens: int = 32, pres
     cache that cannot be deep-copied such as quanto's, on a second prefill into ``new_cache()``).
     ``prompt`` is ``split_prompt``'s result when the caller already has it. With ``prefill`` (the
     context's :func:`record_prefill`) the cache is filled by replay: ``prefill_ms`` is then the
-    recorded forward's and ``replay_ms`` the replay's (for a press: its scoring and pruning);
-    ``compress_ms`` is always LowRankCache's compression of the prefill alone.
+    recorded forward's and ``replay_ms`` the replay's (for a press: its scoring and pruning); with
+    a :class:`Filled` (of this very ``cache``) it is filled already and ``prefill_ms`` is the shared
+    forward's; ``compress_ms`` is always LowRankCache's compression of the prefill alone.
     """
     ctx, question = prompt if prompt is not None else split_prompt(tokenizer, sample)
     dev, n_ctx = model.device, ctx.shape[1]
     if prefill is not None and prefill.n_tokens != n_ctx:
         raise ValueError(f"prefill holds {prefill.n_tokens} tokens but the context has {n_ctx}: record it for this sample")
+    if isinstance(prefill, Filled) and prefill.cache is not cache:
+        raise ValueError("answer(prefill=Filled(...)) must be given the cache it filled")
 
     def fill(target) -> None:
         if prefill is None:
             _prefill(model, ctx, target, press)
+        elif isinstance(prefill, Filled):
+            if target is not cache:
+                raise ValueError("a cache filled by fan_out_prefill cannot be filled again: it must be deep-copyable")
         else:
             replay_prefill(model, prefill, target, press)
 
@@ -132,6 +180,8 @@ def answer(model, tokenizer, sample: dict, cache, max_new_tokens: int = 32, pres
     out: dict = {"context_tokens": n_ctx, "prefill_shared": prefill is not None, "compress_ms": (t2 - t1) * 1e3}
     if prefill is None:
         out["prefill_ms"] = (t1 - t0) * 1e3
+    elif isinstance(prefill, Filled):  # one forward shared with other caches
+        out["prefill_ms"] = prefill.ms
     else:  # the recorded forward, and the replay (copies of K/V, the press's scoring and pruning)
         out.update(prefill_ms=prefill.ms, replay_ms=(t1 - t0) * 1e3)
     if isinstance(cache, LowRankCache):

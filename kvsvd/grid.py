@@ -9,6 +9,7 @@ A grid is a YAML file (or dict)::
     n_samples: 2
     seed: 0
     max_new_tokens: 24        # or per task: {niah_single_1: 24, niah_multivalue: 64}
+    memoize_reads: false      # true: kvsvd caches rebuild their compressed prefix once, not per step
     out: results/eval/cpu_smoke.jsonl
     methods:
       - {method: xkv, layer_group_size: [2, 5], ratio: [4, 8], key_space: pre_rope}
@@ -23,7 +24,15 @@ quanto or hqq). The dense reference (``method: none``) always runs first for eve
 
 For each sample the dense prefill runs once and every cell is filled from its record
 (``evaluate.replay_prefill``: the same cache updates and press hooks, without the forward);
-only ObservedAttention, which reads eager attention weights, runs its own prefill.
+only ObservedAttention, which reads eager attention weights (too large to record), runs a prefill of
+its own, one per sample for all its ratios (``evaluate.fan_out_prefill``).
+
+With ``memoize_reads: true`` a kvsvd cache rebuilds its compressed segments once instead of at
+every decode step (``LowRankCache(memoize_reads=True)``: the same tensors, so the same answers and
+log-likelihoods; a test checks they are equal). It is for accuracy grids, where rebuilding the
+unchanging prefix per token dominates the run: such rows hold ``reads_memoized``, the dense copies as
+``kv_bytes_rebuilt`` (``kv_bytes_held`` stays the compressed state), and their decode time as
+``decode_ms_per_token_memoized`` — it is not the method's decode latency (``bench cache`` measures that).
 
 Each finished cell is appended (and flushed) as one JSON line, so a rerun skips finished
 cells and an interrupted run loses at most the cell in flight; a corrupt last line (a
@@ -35,6 +44,7 @@ sharded over the processes (gloo on CPU, nccl on GPU) and rank 0 merges the shar
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import itertools
@@ -51,17 +61,18 @@ from transformers import DynamicCache
 from . import ruler
 from .cache import LowRankCache
 from .config import METHODS as KVSVD_METHODS, CompressionConfig, config_for_ratio
-from .evaluate import Prefill, answer, record_prefill, split_prompt
+from .evaluate import Filled, Prefill, answer, fan_out_prefill, record_prefill, split_prompt
 
 PRESSES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress", "knorm": "KnormPress",
            "expected_attention": "ExpectedAttentionPress", "pyramidkv": "PyramidKVPress", "tova": "TOVAPress",
            "observed_attention": "ObservedAttentionPress"}
 METHODS = ("none", "press", "quantized", *KVSVD_METHODS)
-GRID_KEYS = {"name", "model", "tasks", "context_lengths", "n_samples", "seed", "max_new_tokens", "methods", "out"}
+GRID_KEYS = {"name", "model", "tasks", "context_lengths", "n_samples", "seed", "max_new_tokens", "methods", "out",
+             "memoize_reads"}
 METHOD_KEYS = ({"method", "ratio", "press", "k_share", "nbits", "backend"}
                | set(CompressionConfig.__dataclass_fields__) - {"method"})
-TIMING_KEYS = {"prefill_ms", "replay_ms", "compress_ms", "decode_ms_per_token", "compression_breakdown_ms",
-               "peak_rss_mb", "peak_cuda_mb"}
+TIMING_KEYS = {"prefill_ms", "replay_ms", "compress_ms", "decode_ms_per_token", "decode_ms_per_token_memoized",
+               "compression_breakdown_ms", "peak_rss_mb", "peak_cuda_mb"}
 
 
 @dataclass
@@ -75,6 +86,7 @@ class Grid:
     out: Path
     seed: int = 0
     max_new_tokens: dict[str, int] = field(default_factory=dict)  # task -> decode budget
+    memoize_reads: bool = False  # kvsvd caches rebuild their compressed segments once (LowRankCache)
 
     @property
     def config_hash(self) -> str:
@@ -142,9 +154,11 @@ def load_grid(source: str | Path | dict) -> Grid:
     if set(budget) != set(_as_list(raw["tasks"])) or not all(isinstance(n, int) and n >= 1 for n in budget.values()):
         raise ValueError(f"max_new_tokens={raw.get('max_new_tokens')!r} is out of range; accepted: an integer >= 1, "
                          f"or one for each task of {_as_list(raw['tasks'])}")
+    if not isinstance(raw.get("memoize_reads", False), bool):
+        raise ValueError(f"memoize_reads={raw['memoize_reads']!r} is out of range; accepted: true or false")
     return Grid(name=str(raw["name"]), model=str(raw["model"]), tasks=_as_list(raw["tasks"]), context_lengths=lengths,
                 n_samples=raw["n_samples"], methods=expand_methods(_as_list(raw["methods"])), out=Path(raw["out"]),
-                seed=int(raw.get("seed", 0)), max_new_tokens=budget)
+                seed=int(raw.get("seed", 0)), max_new_tokens=budget, memoize_reads=raw.get("memoize_reads", False))
 
 
 def cell_key(method: dict, task: str, context_length: int, index: int) -> str:
@@ -193,8 +207,9 @@ def _model_dims(model) -> tuple[int, int, int, int]:
     return c.num_hidden_layers, c.num_key_value_heads, c.head_dim, torch.empty((), dtype=model.dtype).element_size()
 
 
-def build(method: dict, model, context_tokens: int):
-    """(cache, press) for one method at a context of ``context_tokens`` tokens."""
+def build(method: dict, model, context_tokens: int, memoize_reads: bool = False):
+    """(cache, press) for one method at a context of ``context_tokens`` tokens (``memoize_reads``:
+    see ``LowRankCache``)."""
     kind = method["method"]
     if kind == "none":
         return DynamicCache(), None
@@ -213,7 +228,7 @@ def build(method: dict, model, context_tokens: int):
                                   k_share=method.get("k_share", 1 / 3), dense_itemsize=model.dtype.itemsize, **fields)
     else:
         config = CompressionConfig(**{"start_layer": model.config.num_hidden_layers % G, **fields})
-    return LowRankCache(config, model.config), None
+    return LowRankCache(config, model.config, memoize_reads=memoize_reads), None
 
 
 def kv_bytes(cache, model, processed_tokens: int) -> tuple[int, int]:
@@ -241,29 +256,45 @@ def shares_prefill(method: dict) -> bool:
     return method.get("press") != "observed_attention"  # it needs the eager attention weights
 
 
-def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: int,
-             prefill: Prefill | None = None, prompt: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
-    """One cell; with ``prefill`` (``record_prefill`` of this sample's context) the cache is
-    filled from the record instead of a forward of its own; ``prompt`` is ``split_prompt``'s
-    result when the caller has it already."""
-    if prefill is not None and not shares_prefill(method):
-        raise ValueError(f"method {method} cannot be filled from a recorded prefill (it needs its own forward)")
-    prompt = prompt if prompt is not None else split_prompt(tok, sample)
-    n_ctx = prompt[0].shape[1]
-    cache, press = build(method, model, n_ctx)
-    if model.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    gold = " " + " ".join(sample["outputs"])
-    eager = method.get("press") == "observed_attention"  # it reads the attention weights
+@contextlib.contextmanager
+def attention_for(model, method: dict):
+    """The attention the method's prefill and decode run with: eager for ObservedAttention (it
+    reads the attention weights), the model's own otherwise."""
     previous = model.config._attn_implementation
+    eager = method.get("press") == "observed_attention"
     if eager:
         model.set_attn_implementation("eager")
     try:
-        res = answer(model, tok, sample, cache, max_new_tokens=max_new_tokens, press=press, gold=gold,
-                     new_cache=lambda: build(method, model, n_ctx)[0], prompt=prompt, prefill=prefill)
+        yield
     finally:
         if eager:
             model.set_attn_implementation(previous)
+
+
+def fan_out(model, methods: list[dict], ctx: torch.Tensor, memoize_reads: bool = False) -> list[Filled]:
+    """Caches of ``methods`` (one press, several ratios) filled from one prefill forward of ``ctx``."""
+    with attention_for(model, methods[0]):
+        return fan_out_prefill(model, ctx, [build(m, model, ctx.shape[1], memoize_reads) for m in methods])
+
+
+def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: int,
+             prefill: Prefill | Filled | None = None, prompt: tuple[torch.Tensor, torch.Tensor] | None = None,
+             memoize_reads: bool = False) -> dict:
+    """One cell; with ``prefill`` (``record_prefill`` of this sample's context) the cache is
+    filled from the record instead of a forward of its own, with a :class:`Filled` (``fan_out``)
+    its cache is that one; ``prompt`` is ``split_prompt``'s result when the caller has it already;
+    ``memoize_reads`` as the grid key."""
+    if isinstance(prefill, Prefill) and not shares_prefill(method):
+        raise ValueError(f"method {method} cannot be filled from a recorded prefill (it needs its own forward)")
+    prompt = prompt if prompt is not None else split_prompt(tok, sample)
+    n_ctx = prompt[0].shape[1]
+    cache, press = (prefill.cache, None) if isinstance(prefill, Filled) else build(method, model, n_ctx, memoize_reads)
+    if model.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    gold = " " + " ".join(sample["outputs"])
+    with attention_for(model, method):
+        res = answer(model, tok, sample, cache, max_new_tokens=max_new_tokens, press=press, gold=gold,
+                     new_cache=lambda: build(method, model, n_ctx, memoize_reads)[0], prompt=prompt, prefill=prefill)
     dense, held = kv_bytes(cache, model, res["processed_tokens"])
     stages: dict[str, float] = {}
     for entry in res.pop("compression_log", []):
@@ -277,6 +308,9 @@ def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: 
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if isinstance(cache, LowRankCache):
         row["rank_k"], row["rank_v"] = cache.config.rank_k, cache.config.rank_v
+        if memoize_reads:
+            row.update(reads_memoized=True, kv_bytes_rebuilt=cache.memory_report()["rebuilt_bytes"],
+                       decode_ms_per_token_memoized=row.pop("decode_ms_per_token"))
     return row
 
 
@@ -305,21 +339,28 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
     todo = [(u, m) for u in mine for m in grid.methods if cell_key(m, *u) not in done]
     samples: dict[tuple[str, int], list[dict]] = {}
     recorded: tuple[tuple, tuple | None, Prefill | None] = ((), None, None)  # the current sample's prompt, prefill
+    filled: dict[str, Filled] = {}  # fanned-out caches of the current sample's cells that cannot share the record
     with open(shard, "a") as f:
         for (task, L, i), method in tqdm(todo, desc=f"{grid.name} (rank {rank}/{world})"):
             if (task, L) not in samples:
                 samples[task, L] = ruler.generate(task, grid.n_samples, L, tokenizer, seed=grid.seed)
             sample = samples[task, L][i]
+            key = cell_key(method, task, L, i)
             if recorded[0] != (task, L, i):  # a new sample: drop the previous one's record
-                recorded = ((task, L, i), split_prompt(tokenizer, sample), None)
+                recorded, filled = ((task, L, i), split_prompt(tokenizer, sample), None), {}
             if shares_prefill(method) and recorded[2] is None:
                 recorded = (*recorded[:2], record_prefill(model, recorded[1][0].to(model.device)))
+            if not shares_prefill(method) and key not in filled:  # this press's cells of the sample: one forward
+                group = [m for u, m in todo if u == (task, L, i) and m.get("press") == method.get("press")]
+                filled.update(zip((cell_key(m, task, L, i) for m in group),
+                                  fan_out(model, group, recorded[1][0], grid.memoize_reads)))
             row = run_cell(model, tokenizer, sample, method, task, grid.max_new_tokens[task],
-                           recorded[2] if shares_prefill(method) else None, prompt=recorded[1])
+                           recorded[2] if shares_prefill(method) else filled.pop(key), prompt=recorded[1],
+                           memoize_reads=grid.memoize_reads)
             dense = done.get(cell_key({"method": "none"}, task, L, i))
             row["agreement_with_dense"] = None if dense is None else float(
                 row["prediction"].strip() == dense["prediction"].strip())
-            row.update(key=cell_key(method, task, L, i), config_hash=grid.config_hash, grid=grid.name,
+            row.update(key=key, config_hash=grid.config_hash, grid=grid.name,
                        method=method, task=task, context_length=L, index=i, outputs=sample["outputs"],
                        max_new_tokens=grid.max_new_tokens[task])
             done[row["key"]] = row

@@ -80,6 +80,25 @@ def test_memory_report_counts_the_tensors_actually_held(tiny_llama, method, G, f
     assert (rep["scales_bytes"] > 0) == factor_dtype.startswith("int")
 
 
+@pytest.mark.parametrize("method, G, factor_dtype, key_space", [
+    ("xkv", 2, "int8", "pre_rope"), ("svd", 1, "bf16", "post_rope"), ("minicache", 2, "fp32", "post_rope")])
+def test_memoized_reads_are_the_same_reads_computed_once(tiny_llama, method, G, factor_dtype, key_space):
+    """memoize_reads changes when the segments are rebuilt, not what: the same logits bit for bit, also
+    when decode compresses new blocks (the memo is then renewed); its copies are reported apart."""
+    ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(6))
+    cfg = CompressionConfig(method=method, layer_group_size=G, rank_k=8 * G, rank_v=12 * G, start_layer=0,
+                            end_layer=-1, factor_dtype=factor_dtype, key_space=key_space, residual_length=5, block_size=8)
+    plain, memo = LowRankCache(cfg, tiny_llama.config), LowRankCache(cfg, tiny_llama.config, memoize_reads=True)
+    seq, logits = greedy(tiny_llama, ids, plain, n=24)
+    seq_memo, logits_memo = greedy(tiny_llama, ids, memo, n=24)
+    assert torch.equal(seq, seq_memo) and torch.equal(logits, logits_memo)
+    assert len(memo.groups[0].segments) > 1  # decode added segments after the prefill's
+    rep, rep_memo = plain.memory_report(), memo.memory_report()
+    assert rep["rebuilt_bytes"] == 0 and rep_memo["total_bytes"] == rep["total_bytes"]
+    dense_segments = sum(2 * G * 2 * g.compressed_length * 16 * 4 for g in memo.groups)  # K+V × layers × heads × d × fp32
+    assert rep_memo["rebuilt_bytes"] == dense_segments
+
+
 @pytest.mark.parametrize("factor_dtype", ["fp32", "bf16", "int8", "int4"])
 @torch.no_grad()
 def test_config_for_ratio_budgets_the_factor_width(tiny_llama, factor_dtype):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kvsvd import grid
+from kvsvd.evaluate import fan_out_prefill
 
 BASE = {"name": "t", "model": "smollm2-135m", "tasks": ["niah_single_1"], "context_lengths": [384], "n_samples": 2,
         "max_new_tokens": 12, "methods": [{"method": "xkv", "layer_group_size": 2, "ratio": 3},
@@ -29,6 +30,7 @@ def cfg(tmp_path, **kw):
     ({"context_lengths": [100]}, "context_lengths"),
     ({"max_new_tokens": {"vt": 30}}, r"max_new_tokens=\{'vt': 30\} is out of range; accepted: an integer >= 1, or one "),
     ({"max_new_tokens": 0}, "max_new_tokens=0 is out of range"),
+    ({"memoize_reads": "yes"}, "memoize_reads='yes' is out of range; accepted: true or false"),
 ])
 def test_bad_grid_configs_name_the_key(tmp_path, change, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -185,3 +187,43 @@ def test_cells_filled_from_the_recorded_prefill_equal_cells_with_their_own_forwa
     with pytest.raises(ValueError, match="needs its own forward"):
         grid.run_cell(model, tok, sample, {"method": "press", "press": "observed_attention", "ratio": 4},
                       "niah_single_2", 10, prefill)
+    observed = [{"method": "press", "press": "observed_attention", "ratio": r} for r in (2, 4, 8)]
+    ctx = split_prompt(tok, sample)[0]
+    for method, filled in zip(observed, grid.fan_out(model, observed, ctx)):  # one eager forward for all three
+        own = grid.run_cell(model, tok, sample, method, "niah_single_2", 10)
+        fanned = grid.run_cell(model, tok, sample, method, "niah_single_2", 10, filled)
+        assert fanned["prefill_shared"] and fanned["prediction"] == own["prediction"], method
+        assert fanned["kv_bytes_held"] == own["kv_bytes_held"], method
+        assert fanned["gold_logprob"] == pytest.approx(own["gold_logprob"], abs=1e-3), method
+    with pytest.raises(ValueError, match="presses of one class"):
+        grid.fan_out(model, [observed[0], {"method": "press", "press": "knorm", "ratio": 4}], ctx)
+
+
+@pytest.mark.model
+def test_memoized_reads_give_the_same_cells(smollm2):
+    """A grid with memoize_reads answers exactly as one without; its rows say so and name their decode time."""
+    model, tok = smollm2
+    sample = grid.ruler.generate("niah_single_2", 1, 512, tok, seed=7)[0]
+    for method in ({"method": "xkv", "layer_group_size": 5, "ratio": 4, "key_space": "pre_rope", "factor_dtype": "int8"},
+                   {"method": "minicache", "start_layer": 10}):
+        plain = grid.run_cell(model, tok, sample, method, "niah_single_2", 10)
+        memo = grid.run_cell(model, tok, sample, method, "niah_single_2", 10, memoize_reads=True)
+        assert memo["prediction"] == plain["prediction"] and memo["gold_logprob"] == plain["gold_logprob"], method
+        assert memo["kv_bytes_held"] == plain["kv_bytes_held"] and memo["reads_memoized"]
+        assert memo["kv_bytes_rebuilt"] > 0 and "reads_memoized" not in plain
+        assert "decode_ms_per_token" not in memo and memo["decode_ms_per_token_memoized"] > 0
+
+
+@pytest.mark.model
+def test_grid_fills_a_samples_observed_attention_cells_from_one_forward(smollm2, tmp_path, monkeypatch):
+    model, tok = smollm2
+    calls = []
+    monkeypatch.setattr(grid, "fan_out_prefill", lambda *a: calls.append(len(a[2])) or fan_out_prefill(*a))
+    methods = [{"method": "press", "press": "observed_attention", "ratio": [2, 4]}]
+    rows = grid.read_rows(grid.run(cfg(tmp_path, methods=methods, n_samples=1), model, tok))
+    assert calls == [2] and [r["method"].get("ratio") for r in rows] == [None, 2, 4]
+    sample = grid.ruler.generate("niah_single_1", 1, 384, tok)[0]
+    for r in rows[1:]:
+        own = grid.run_cell(model, tok, sample, r["method"], "niah_single_1", 12)
+        assert r["prefill_shared"] and r["prediction"] == own["prediction"]
+        assert r["kv_bytes_held"] == own["kv_bytes_held"]
