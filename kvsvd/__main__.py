@@ -4,6 +4,7 @@
     python -m kvsvd bench cache [--contexts 1024 2048 4096] | attention [--context 8160 ...] [--model M --device D] | niah
     python -m kvsvd figures [--results results]
     python -m kvsvd eval CONFIG.yaml        (torchrun --nproc_per_node N -m kvsvd eval CONFIG.yaml)
+    python -m kvsvd seal CONFIG.yaml LENGTH (move a finished context length into RESULTS.LENGTH.jsonl.gz)
     python -m kvsvd report RESULTS.jsonl    (score tables and the issue-4 goal checks, markdown)
 """
 
@@ -54,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     figs.add_argument("--results", default="results", help="results folder (figures go to RESULTS/figures)")
     ev = sub.add_parser("eval", help="run (or resume) an evaluation grid from a YAML config")
     ev.add_argument("config", help="grid YAML (see kvsvd.grid)")
+    seal = sub.add_parser("seal", help="move a finished context length's rows into a read-only gzip part")
+    seal.add_argument("config", help="grid YAML (see kvsvd.grid)")
+    seal.add_argument("context_length", type=int, help="one of the grid's context_lengths, every cell finished")
     rep = sub.add_parser("report", help="score tables and goal checks of a grid's results (markdown)")
     rep.add_argument("results_file", help="a grid's JSONL results")
     return parser
@@ -73,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval":
         from .grid import run as run_grid
         print(run_grid(args.config))
+        return 0
+    if args.command == "seal":
+        from .grid import seal
+        print(seal(args.config, args.context_length))
         return 0
 
     import torch

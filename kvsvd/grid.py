@@ -40,12 +40,17 @@ process killed mid-write) is dropped and redone. A grid may grow in place (more 
 tasks, lengths or samples: only new cells run); a file from another model or seed, or with a
 task decoded under another ``max_new_tokens``, is refused. Under ``torchrun`` the samples are
 sharded over the processes (gloo on CPU, nccl on GPU) and rank 0 merges the shards into ``out``.
+
+A long grid keeps its tracked file small by sealing finished context lengths (``seal`` or
+``python -m kvsvd seal CONFIG.yaml LENGTH``): their rows move into a read-only gzip part
+``NAME.<LENGTH>.jsonl.gz`` beside ``NAME.jsonl``, which resuming and ``load_results`` read with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import gzip
 import hashlib
 import itertools
 import json
@@ -167,10 +172,12 @@ def cell_key(method: dict, task: str, context_length: int, index: int) -> str:
 
 
 def read_rows(path: Path, config_hash: str | None = None) -> list[dict]:
-    """Rows of a results file; a corrupt last line is truncated away (it is redone)."""
+    """Rows of a results file (``.jsonl``, or a sealed ``.jsonl.gz`` part); a corrupt last line of a live
+    file is truncated away (it is redone), a corrupt line anywhere else raises."""
     if not path.exists():
         return []
-    lines = path.read_bytes().split(b"\n")
+    sealed = path.suffix == ".gz"
+    lines = (gzip.decompress(path.read_bytes()) if sealed else path.read_bytes()).split(b"\n")
     rows, good_bytes = [], 0
     for i, line in enumerate(lines):
         if not line.strip():
@@ -179,8 +186,8 @@ def read_rows(path: Path, config_hash: str | None = None) -> list[dict]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if any(x.strip() for x in lines[i + 1:]):
-                raise ValueError(f"{path}: line {i + 1} is corrupt and is not the last line") from None
+            if sealed or any(x.strip() for x in lines[i + 1:]):
+                raise ValueError(f"{path}: line {i + 1} is corrupt and is not the last line of a live file") from None
             with open(path, "r+b") as f:  # killed mid-write: drop the partial line
                 f.truncate(good_bytes)
             break
@@ -191,6 +198,16 @@ def read_rows(path: Path, config_hash: str | None = None) -> list[dict]:
             raise ValueError(f"{path} was written by another grid config (config_hash {sorted(other)} != "
                              f"{config_hash}): choose another 'out' or remove the file")
     return rows
+
+
+def sealed_parts(out: Path) -> list[Path]:
+    """The sealed parts of results file ``out``: ``NAME.<context_length>.jsonl.gz`` beside ``NAME.jsonl``."""
+    return sorted(out.parent.glob(f"{out.stem}.*.jsonl.gz"))
+
+
+def read_results(out: Path, config_hash: str | None = None) -> dict[str, dict]:
+    """Every row of results file ``out`` and its sealed parts, by cell key (the live file's row wins)."""
+    return {r["key"]: r for path in [*sealed_parts(out), out] for r in read_rows(path, config_hash)}
 
 
 def check_budgets(grid: Grid, rows) -> None:
@@ -333,7 +350,8 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
     if world == 1 and _shards(grid):  # left by an interrupted torchrun run: fold them in first
         _merge_shards(grid)
     shard = grid.out if world == 1 else _shard(grid, rank)
-    done = {r["key"]: r for path in [grid.out, *_shards(grid)] for r in read_rows(path, grid.config_hash)}
+    done = read_results(grid.out, grid.config_hash)
+    done.update({r["key"]: r for path in _shards(grid) for r in read_rows(path, grid.config_hash)})
     check_budgets(grid, done.values())
     mine = units(grid)[rank::world]
     todo = [(u, m) for u in mine for m in grid.methods if cell_key(m, *u) not in done]
@@ -386,26 +404,57 @@ def _shards(grid: Grid) -> list[Path]:
 
 
 def _merge_shards(grid: Grid) -> None:
-    """Rank 0: fold every shard into ``out`` in the grid's canonical cell order (rows of cells the
-    grid no longer names are kept, after them)."""
+    """Rank 0: fold every shard into ``out``."""
     rows = {r["key"]: r for r in read_rows(grid.out, grid.config_hash)}
     shards = _shards(grid)
     for path in shards:
         rows.update({r["key"]: r for r in read_rows(path, grid.config_hash)})
-    order = [cell_key(m, *u) for u in units(grid) for m in grid.methods]
-    tmp = grid.out.with_suffix(".tmp")
-    named = set(order)
-    order += [k for k in rows if k not in named]
-    tmp.write_text("".join(json.dumps(rows[k]) + "\n" for k in order if k in rows))
-    tmp.replace(grid.out)
+    _write_rows(grid, rows, grid.out)
     for path in shards:
         path.unlink(missing_ok=True)
 
 
+def _write_rows(grid: Grid, rows: dict[str, dict], path: Path) -> None:
+    """Replace ``path`` (gzip for ``.gz``) by ``rows`` in the grid's canonical cell order; rows of cells the
+    grid no longer names are kept, after them."""
+    order = [cell_key(m, *u) for u in units(grid) for m in grid.methods]
+    named = set(order)
+    data = "".join(json.dumps(rows[k]) + "\n" for k in order + [k for k in rows if k not in named] if k in rows)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(gzip.compress(data.encode(), mtime=0) if path.suffix == ".gz" else data.encode())
+    tmp.replace(path)
+
+
+def seal(source: str | Path | dict, context_length: int) -> Path:
+    """Move every row of a finished ``context_length`` out of the grid's live file into the sealed part
+    ``NAME.<context_length>.jsonl.gz`` (merged with the part's rows if it exists); returns its path.
+    Refuses a length with unfinished cells or torchrun shards not yet merged."""
+    grid = load_grid(source)
+    if context_length not in grid.context_lengths:
+        raise ValueError(f"context_length={context_length} is out of range; accepted: one of the grid's "
+                         f"context_lengths {grid.context_lengths}")
+    if _shards(grid):
+        raise ValueError(f"{grid.out}: torchrun shards {[p.name for p in _shards(grid)]} are not merged; "
+                         "resume the grid (one process merges them) before sealing")
+    part = grid.out.with_name(f"{grid.out.stem}.{context_length}.jsonl.gz")
+    live = read_rows(grid.out, grid.config_hash)
+    rows = {r["key"]: r for r in read_rows(part, grid.config_hash)}
+    rows.update({r["key"]: r for r in live if r["context_length"] == context_length})
+    missing = [cell_key(m, *u) for u in units(grid) if u[1] == context_length for m in grid.methods
+               if cell_key(m, *u) not in rows]
+    if missing:
+        raise ValueError(f"context_length={context_length} has {len(missing)} unfinished cells (first: "
+                         f"{missing[0]}): seal a length only once the grid has finished it")
+    _write_rows(grid, rows, part)  # the part first: a kill between the two writes leaves duplicates, not a loss
+    _write_rows(grid, {r["key"]: r for r in live if r["context_length"] != context_length}, grid.out)
+    return part
+
+
 def load_results(path: str | Path):
-    """A tidy pandas DataFrame: one row per cell, the method's fields as columns."""
+    """A tidy pandas DataFrame: one row per cell of results file ``path`` and its sealed parts, the
+    method's fields as columns."""
     import pandas as pd
-    rows = read_rows(Path(path))
+    rows = read_results(Path(path)).values()
     records = []
     for r in rows:
         rec = {k: v for k, v in r.items() if k not in ("method", "compression_breakdown_ms")}

@@ -59,6 +59,51 @@ def test_corrupt_last_line_is_dropped_and_other_configs_refused(tmp_path):
         grid.read_rows(path)
 
 
+def fake_rows(g, lengths):
+    """Finished-looking rows of every cell of grid ``g`` at ``lengths`` (no model run)."""
+    return [{"key": grid.cell_key(m, t, L, i), "config_hash": g.config_hash, "method": m, "task": t,
+             "context_length": L, "index": i, "score": 100.0, "max_new_tokens": g.max_new_tokens[t]}
+            for t, L, i in grid.units(g) if L in lengths for m in g.methods]
+
+
+def test_sealed_parts_are_read_by_resume_and_load_and_refused_when_unfinished(tmp_path, capsys):
+    from kvsvd.__main__ import main
+    config = cfg(tmp_path, context_lengths=[384, 512])
+    g = grid.load_grid(config)
+    out, part = tmp_path / "r.jsonl", tmp_path / "r.384.jsonl.gz"
+    rows = fake_rows(g, [384]) + fake_rows(g, [512])[:-1]  # 512 lacks its last cell
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"context_length=512 has 1 unfinished cells"):
+        grid.seal(config, 512)
+    with pytest.raises(ValueError, match=r"context_length=1024 is out of range; accepted: one of the grid's"):
+        grid.seal(config, 1024)
+    (tmp_path / "r.rank1.jsonl").write_text("")
+    with pytest.raises(ValueError, match="shards .* are not merged"):
+        grid.seal(config, 384)
+    (tmp_path / "r.rank1.jsonl").unlink()
+    import yaml
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(config))
+    assert main(["seal", str(tmp_path / "g.yaml"), "384"]) == 0 and capsys.readouterr().out.strip() == str(part)
+    assert [r["key"] for r in grid.read_rows(part, g.config_hash)] == [r["key"] for r in rows[:6]]
+    assert [r["context_length"] for r in grid.read_rows(out)] == [512] * 5
+    assert list(grid.read_results(out)) == [r["key"] for r in rows]
+    assert len(grid.load_results(out)) == 11
+    sealed = part.read_bytes()
+    out.write_text(out.read_text() + json.dumps(fake_rows(g, [384])[0]) + "\n")  # killed between the two writes
+    assert len(grid.load_results(out)) == 11  # the duplicate counts once
+    grid.seal(config, 384)
+    assert part.read_bytes() == sealed and len(grid.read_rows(out)) == 5  # deterministic gzip, nothing lost
+    with pytest.raises(ValueError, match="written by another grid config"):
+        grid.run(cfg(tmp_path, context_lengths=[384, 512], seed=1), model=object(), tokenizer=None)
+    out.write_text(out.read_text() + json.dumps(fake_rows(g, [512])[-1]) + "\n")
+    before = out.read_text()
+    grid.run(config, model=object(), tokenizer=None)  # every cell done across part and live file: no model call
+    assert out.read_text() == before
+    part.write_bytes(__import__("gzip").compress(b'{"key": "a"}\n{"key": '))
+    with pytest.raises(ValueError, match="line 2 is corrupt"):
+        grid.read_results(out)
+
+
 @pytest.mark.model
 def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path):
     model, tok = smollm2
@@ -103,6 +148,13 @@ def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path):
     (tmp_path / "r.rank0.jsonl").write_text("".join(lines[6:]))
     grid.run(cfg(tmp_path, methods=BASE["methods"][:1]), model, tok)
     assert sorted(out.read_text().splitlines()) == sorted(grown.splitlines())
+    # a sealed length is done for resuming: a grown grid runs only the new sample into the live file
+    grid.seal(cfg(tmp_path, n_samples=3), 384)
+    assert out.read_text() == "" and len(grid.load_results(out)) == 9
+    grid.run(cfg(tmp_path, n_samples=4), model, tok)
+    new = grid.read_rows(out)
+    assert [r["index"] for r in new] == [3] * 3 and len(grid.load_results(out)) == 12
+    assert all(r["agreement_with_dense"] in (0.0, 1.0) for r in new if r["method"]["method"] != "none")
 
 
 @pytest.mark.model
