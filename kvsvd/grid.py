@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import gzip
 import hashlib
 import itertools
@@ -365,7 +366,9 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
             sample = samples[task, L][i]
             key = cell_key(method, task, L, i)
             if recorded[0] != (task, L, i):  # a new sample: drop the previous one's record
-                recorded, filled = ((task, L, i), split_prompt(tokenizer, sample), None), {}
+                recorded, filled = ((), None, None), {}
+                gc.collect()  # the last sample's caches and presses sit in reference cycles: RSS grew per sample
+                recorded = ((task, L, i), split_prompt(tokenizer, sample), None)
             if shares_prefill(method) and recorded[2] is None:
                 recorded = (*recorded[:2], record_prefill(model, recorded[1][0].to(model.device)))
             if not shares_prefill(method) and key not in filled:  # this press's cells of the sample: one forward

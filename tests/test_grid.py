@@ -105,9 +105,13 @@ def test_sealed_parts_are_read_by_resume_and_load_and_refused_when_unfinished(tm
 
 
 @pytest.mark.model
-def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path):
+def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path, monkeypatch):
     model, tok = smollm2
+    collects = []
+    monkeypatch.setattr(grid.gc, "collect", lambda: collects.append(1) or 0)
     out = grid.run(cfg(tmp_path), model, tok)
+    assert len(collects) == 2  # once per sample: the previous sample's cycles go before the next prefill
+    monkeypatch.undo()
     rows = grid.read_rows(out)
     assert len(rows) == 2 * 3 and rows[0]["method"] == {"method": "none"}
     for r in rows:
