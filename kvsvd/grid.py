@@ -206,9 +206,14 @@ def sealed_parts(out: Path) -> list[Path]:
     return sorted(out.parent.glob(f"{out.stem}.*.jsonl.gz"))
 
 
+def rows_by_key(paths: list[Path], config_hash: str | None = None) -> dict[str, dict]:
+    """The rows of ``paths`` by cell key, a later file's row winning over an earlier one's."""
+    return {r["key"]: r for path in paths for r in read_rows(path, config_hash)}
+
+
 def read_results(out: Path, config_hash: str | None = None) -> dict[str, dict]:
     """Every row of results file ``out`` and its sealed parts, by cell key (the live file's row wins)."""
-    return {r["key"]: r for path in [*sealed_parts(out), out] for r in read_rows(path, config_hash)}
+    return rows_by_key([*sealed_parts(out), out], config_hash)
 
 
 def check_budgets(grid: Grid, rows) -> None:
@@ -351,8 +356,7 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
     if world == 1 and _shards(grid):  # left by an interrupted torchrun run: fold them in first
         _merge_shards(grid)
     shard = grid.out if world == 1 else _shard(grid, rank)
-    done = read_results(grid.out, grid.config_hash)
-    done.update({r["key"]: r for path in _shards(grid) for r in read_rows(path, grid.config_hash)})
+    done = rows_by_key([*sealed_parts(grid.out), grid.out, *_shards(grid)], grid.config_hash)
     check_budgets(grid, done.values())
     mine = units(grid)[rank::world]
     todo = [(u, m) for u in mine for m in grid.methods if cell_key(m, *u) not in done]
@@ -408,11 +412,8 @@ def _shards(grid: Grid) -> list[Path]:
 
 def _merge_shards(grid: Grid) -> None:
     """Rank 0: fold every shard into ``out``."""
-    rows = {r["key"]: r for r in read_rows(grid.out, grid.config_hash)}
     shards = _shards(grid)
-    for path in shards:
-        rows.update({r["key"]: r for r in read_rows(path, grid.config_hash)})
-    _write_rows(grid, rows, grid.out)
+    _write_rows(grid, rows_by_key([grid.out, *shards], grid.config_hash), grid.out)
     for path in shards:
         path.unlink(missing_ok=True)
 
@@ -436,15 +437,15 @@ def seal(source: str | Path | dict, context_length: int) -> Path:
     if context_length not in grid.context_lengths:
         raise ValueError(f"context_length={context_length} is out of range; accepted: one of the grid's "
                          f"context_lengths {grid.context_lengths}")
-    if _shards(grid):
-        raise ValueError(f"{grid.out}: torchrun shards {[p.name for p in _shards(grid)]} are not merged; "
+    if shards := _shards(grid):
+        raise ValueError(f"{grid.out}: torchrun shards {[p.name for p in shards]} are not merged; "
                          "resume the grid (one process merges them) before sealing")
     part = grid.out.with_name(f"{grid.out.stem}.{context_length}.jsonl.gz")
     live = read_rows(grid.out, grid.config_hash)
-    rows = {r["key"]: r for r in read_rows(part, grid.config_hash)}
+    rows = rows_by_key([part], grid.config_hash)
     rows.update({r["key"]: r for r in live if r["context_length"] == context_length})
-    missing = [cell_key(m, *u) for u in units(grid) if u[1] == context_length for m in grid.methods
-               if cell_key(m, *u) not in rows]
+    keys = (cell_key(m, *u) for u in units(grid) if u[1] == context_length for m in grid.methods)
+    missing = [k for k in keys if k not in rows]
     if missing:
         raise ValueError(f"context_length={context_length} has {len(missing)} unfinished cells (first: "
                          f"{missing[0]}): seal a length only once the grid has finished it")

@@ -1,5 +1,6 @@
 """The evaluation grid: validation, resumable JSONL, corrupt lines, DataFrame, torchrun sharding."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -99,7 +100,7 @@ def test_sealed_parts_are_read_by_resume_and_load_and_refused_when_unfinished(tm
     before = out.read_text()
     grid.run(config, model=object(), tokenizer=None)  # every cell done across part and live file: no model call
     assert out.read_text() == before
-    part.write_bytes(__import__("gzip").compress(b'{"key": "a"}\n{"key": '))
+    part.write_bytes(gzip.compress(b'{"key": "a"}\n{"key": '))
     with pytest.raises(ValueError, match="line 2 is corrupt"):
         grid.read_results(out)
 
