@@ -14,7 +14,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .config import CompressionConfig, factor_entry_bytes
+from . import accounting
+from .accounting import DENSE_ENTRY_BYTES, factor_entry_bytes
+from .config import CompressionConfig
 from .methods import COMPRESSORS
 from .rope import apply_rope
 
@@ -158,13 +160,14 @@ def layer_similarity(sample: KVSample, kind: str, rank: int = 32) -> pd.DataFram
 
 # ----------------------------------------------------------------------- compressibility (notebook 03)
 
-def rank_for_ratio(ratio: float, tokens: int, features: int, factor_dtype: str, dense_itemsize: int = 4) -> int:
+def rank_for_ratio(ratio: float, tokens: int, features: int, factor_dtype: str) -> int:
     """Largest rank whose factors (u: tokens × r, w: r × features, plus per-token scales for int8/int4)
-    fit in 1/ratio of the dense (tokens × features) matrix; at least 1."""
+    fit in 1/ratio of the (tokens × features) matrix in a 16-bit cache; at least 1."""
     if ratio <= 1:
         raise ValueError(f"ratio={ratio} is out of range; accepted: > 1")
     e_u, e_w, e_s = factor_entry_bytes(factor_dtype)
-    return max(1, int((tokens * features * dense_itemsize / ratio - tokens * e_s) // (tokens * e_u + features * e_w)))
+    dense = tokens * features * DENSE_ENTRY_BYTES
+    return max(1, int((dense / ratio - tokens * e_s) // (tokens * e_u + features * e_w)))
 
 
 def attention_output(q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int, n_queries: int) -> Tensor:
@@ -182,8 +185,8 @@ def attention_output(q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int,
 
 
 def held_bytes(store) -> int:
-    """Bytes of every tensor a compressor's store holds (factors, scales, basis, mean)."""
-    return sum(t.numel() * t.element_size() for ts in store.held().values() for t in ts)
+    """Bytes of every tensor a compressor's store holds (factors, scales, basis, mean): ``kvsvd.accounting``."""
+    return int(accounting.report(store.held(), 0)["total_bytes"])
 
 
 def replaced_attention(sample: KVSample, kind: str, layer: int, x_hat: Tensor, n_queries: int = 64) -> Tensor:
@@ -203,7 +206,7 @@ def _rel(a: Tensor, b: Tensor) -> float:
 
 @torch.no_grad()
 def compressibility(sample: KVSample, *, kinds=KINDS, groups=(1, 2, 4, 8), ratios=(2, 4, 8, 16),
-                    factor_dtypes=("fp32",), layers: range | None = None, n_queries: int = 64,
+                    factor_dtypes=("bf16",), layers: range | None = None, n_queries: int = 64,
                     calibration=None, n_iter: int = 2) -> pd.DataFrame:
     """Reconstruction and attention-output error of each K or V matrix compressed on its own.
 
@@ -244,7 +247,7 @@ def compressibility(sample: KVSample, *, kinds=KINDS, groups=(1, 2, 4, 8), ratio
                 rows.append({"kind": kind, "method": method, "group_size": G, "target_ratio": ratio,
                              "factor_dtype": fdt, "rank": rank, "full_rank": rank == min(T, G * F),
                              "per_layer_rank": rank / G, "layer": l,
-                             "bytes_held": held / G, "dense_bytes": T * F * 4,
+                             "path": store.path, "bytes_held": held / G, "dense_bytes": T * F * DENSE_ENTRY_BYTES,
                              "recon_error": _rel(x_hat, x[0, :, j]), "attn_error": _rel(attn, dense_attn[l])})
     df = pd.DataFrame(rows)
     df["ratio"] = df["dense_bytes"] / df["bytes_held"]

@@ -14,9 +14,12 @@ Timeline of one group:
 - later tokens (question, decode) append to the residual; whenever it holds more than
   residual_length + block_size tokens, the oldest block_size become a new segment.
 
-Reads rebuild the segments densely (the reconstruct-on-read path). For ``pre_rope`` keys the
-cache inverts RoPE with the model's own cos/sin on the way in and re-applies it on read; the
-cos/sin tables of the timeline are held once for all groups and counted as ``rope`` bytes.
+Everything kept dense (the residual window, uncompressed layers) is stored in
+``config.dense_dtype`` (bf16 by default, what a 16-bit serving cache holds) and read back in the
+model dtype. Reads rebuild the segments densely (the reconstruct-on-read path). For ``pre_rope``
+keys the cache inverts RoPE with the model's own cos/sin on the way in and re-applies it on read;
+the cos/sin tables of the timeline are held once for all groups (FP32, at half width when their
+halves repeat, as in the rotate_half convention) and counted as ``rope`` bytes.
 With ``memoize_reads`` a group keeps what it rebuilt until its segments change: the same
 tensors, computed once instead of at every step (an evaluation device for accuracy grids,
 where decode would otherwise rebuild an unchanging prefix per token); those dense copies are
@@ -34,15 +37,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin
 
+from . import accounting
+from .accounting import STORAGE_DTYPES
 from .config import CompressionConfig
+from .dense import StoredLayer, with_fresh
 from .methods import COMPRESSORS
 from .rope import apply_rope, invert_rope
 from .timing import StageTimer
 
 Tensor = torch.Tensor
-KINDS = ("factors", "scales", "residual", "uncompressed", "rope", "calibration", "index")
 
 
 @dataclass
@@ -56,21 +61,31 @@ class Segment:
 
 @dataclass
 class RopeTable:
-    """cos/sin (B, T, d) of every token of the timeline, appended as the model hands them over."""
+    """cos/sin of every token of the timeline, appended as the model hands them over (B, T, d):
+    held in FP32 (exact for FP32 and 16-bit models alike), as (B, T, d/2) when both halves repeat."""
     chunks: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     length: int = 0
+    dim: int = 0
 
     def append(self, cos: Tensor, sin: Tensor) -> None:
-        self.chunks.append((cos, sin))
+        self.dim, h = cos.shape[-1], cos.shape[-1] // 2
+        if torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:]):
+            cos, sin = cos[..., :h], sin[..., :h]
+        self.chunks.append((cos.to(torch.float32, copy=True), sin.to(torch.float32, copy=True)))
         self.length += cos.shape[-2]
 
+    def _full(self, t: Tensor) -> Tensor:
+        return t if t.shape[-1] == self.dim else torch.cat([t, t], dim=-1)
+
     def span(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """cos, sin (B, stop − start, d) float32."""
         if len(self.chunks) > 1:  # consolidate once; chunks are per-forward tables
-            cos = torch.cat([c for c, _ in self.chunks], dim=-2)
-            sin = torch.cat([s for _, s in self.chunks], dim=-2)
+            same = len({c.shape[-1] for c, _ in self.chunks}) == 1
+            cos = torch.cat([c if same else self._full(c) for c, _ in self.chunks], dim=-2)
+            sin = torch.cat([s if same else self._full(s) for _, s in self.chunks], dim=-2)
             self.chunks = [(cos, sin)]
         cos, sin = self.chunks[0]
-        return cos[:, start:stop], sin[:, start:stop]
+        return self._full(cos[:, start:stop]), self._full(sin[:, start:stop])
 
     def tensors(self) -> list[Tensor]:
         return [t for pair in self.chunks for t in pair]
@@ -110,7 +125,7 @@ class LayerGroup:
         start = self.compressed_length
         ks, vs = [], []
         for m in self.members:
-            k, v = m.pop_oldest(n)                       # (B, H, n, d) post-RoPE, (B, H, n, d)
+            k, v = (t.to(m.dtype) for t in m.pop_oldest(n))   # (B, H, n, d) post-RoPE, (B, H, n, d)
             if cfg.key_space == "pre_rope":
                 if cache.rope.length < start + n or m.evicted:
                     raise ValueError("key_space='pre_rope' needs the cos/sin of every stored token, but tokens "
@@ -126,7 +141,7 @@ class LayerGroup:
         if ks[0].device.type == "cuda":
             torch.cuda.synchronize()
         cache.compression_log.append({"layers": self.layers, "tokens": n, "ms": (time.perf_counter() - t0) * 1e3,
-                                      "breakdown_ms": timer.breakdown_ms()})
+                                      "breakdown_ms": timer.breakdown_ms(), "paths": [store_k.path, store_v.path]})
         self.segments.append(Segment(start, n, store_k, store_v))
         self.compressed_length += n
 
@@ -157,6 +172,7 @@ class LowRankLayer(CacheLayerMixin):
 
     def __init__(self, group: LayerGroup, j: int):
         self.group, self.j = group, j
+        self.storage = STORAGE_DTYPES[group.cache.config.dense_dtype]
         self._res_k: Tensor | None = None
         self._res_v: Tensor | None = None
         self.evicted = False
@@ -183,9 +199,11 @@ class LowRankLayer(CacheLayerMixin):
         self._append(key_states, value_states)
         if self.j == len(group.members) - 1 and not group.prefill_pending:
             group.maybe_compress_block()
+        # the step attends its own new tokens as the model computed them, the earlier ones as stored
         if cache.decodes_from_factors:  # the kvsvd attention reads the segments' factors itself
-            return self._tagged(self._res_k), self._tagged(self._res_v)
-        return self.keys, self.values
+            return (self._tagged(with_fresh(self._res_k.to(self.dtype), key_states)),
+                    self._tagged(with_fresh(self._res_v.to(self.dtype), value_states)))
+        return with_fresh(self.keys, key_states), with_fresh(self.values, value_states)
 
     def _tagged(self, t: Tensor) -> Tensor:
         """A view of the dense residual that names this layer to ``kvsvd.attention``."""
@@ -221,8 +239,9 @@ class LowRankLayer(CacheLayerMixin):
     # -- the whole timeline, readable and assignable (kvpress) ------------------------------
     def _timeline(self, values: bool) -> Tensor | None:
         res = self._res_v if values else self._res_k
-        if not self.is_initialized:
+        if not self.is_initialized or res is None:
             return res
+        res = res.to(self.dtype)
         old = self.group.read(self.j, values, self.dtype)
         return res if old is None else torch.cat([old, res], dim=-2)
 
@@ -231,7 +250,9 @@ class LowRankLayer(CacheLayerMixin):
             c = self.group.compressed_length
             if value.shape[-2] < c:
                 raise ValueError(f"cannot shrink layer {self.group.layers[self.j]} below its {c} compressed tokens")
-            value = value[..., c:, :].clone()  # keep only the residual part; free the rebuilt copy
+            value = value[..., c:, :]
+        if value is not None:  # a copy in the storage dtype: the rebuilt timeline is freed
+            value = value.to(self.storage, copy=True)
         old = self._res_v if values else self._res_k
         if value is not None and old is not None and value.shape[-2] < old.shape[-2] and self.group.prefill_pending:
             self.evicted = True  # a press pruned the prefill: positions no longer match the RoPE table
@@ -248,19 +269,16 @@ class LowRankLayer(CacheLayerMixin):
         return 0 if self._res_k is None else self._res_k.shape[-2]
 
     def _append(self, k: Tensor, v: Tensor) -> None:
+        k, v = k.to(self.storage, copy=True), v.to(self.storage, copy=True)
         self._res_k = k if self._res_k is None else torch.cat([self._res_k, k], dim=-2)
         self._res_v = v if self._res_v is None else torch.cat([self._res_v, v], dim=-2)
 
     def pop_oldest(self, n: int) -> tuple[Tensor, Tensor]:
-        """Remove and return the n oldest residual tokens; the rest is copied so the old buffer is freed."""
+        """Remove and return the n oldest residual tokens (storage dtype); the rest is copied so the old
+        buffer is freed."""
         k, v = self._res_k[..., :n, :], self._res_v[..., :n, :]
         self._res_k, self._res_v = self._res_k[..., n:, :].clone(), self._res_v[..., n:, :].clone()
         return k, v
-
-
-def _storage_key(t: Tensor) -> tuple[int, int]:
-    s = t.untyped_storage()
-    return s.data_ptr(), s.nbytes()
 
 
 class LowRankCache(Cache):
@@ -304,13 +322,13 @@ class LowRankCache(Cache):
         self.rope = RopeTable()
         self.compression_log: list[dict] = []
         self.groups: list[LayerGroup] = []
-        layers: list[CacheLayerMixin] = [DynamicLayer() for _ in range(config.start_layer)]
+        layers: list[CacheLayerMixin] = [StoredLayer(config.dense_dtype) for _ in range(config.start_layer)]
         for g0 in range(config.start_layer, end + 1, G):
             group = LayerGroup(self, list(range(g0, g0 + G)))
             group.members = [LowRankLayer(group, j) for j in range(G)]
             self.groups.append(group)
             layers.extend(group.members)
-        layers.extend(DynamicLayer() for _ in range(end + 1, self.num_layers))
+        layers.extend(StoredLayer(config.dense_dtype) for _ in range(end + 1, self.num_layers))
         super().__init__(layers=layers)
 
     def __deepcopy__(self, memo: dict) -> "LowRankCache":
@@ -335,13 +353,14 @@ class LowRankCache(Cache):
         raise NotImplementedError("LowRankCache does not support beam search (reorder_cache): use num_beams=1")
 
     def held_tensors(self) -> dict[str, list[Tensor]]:
-        """Every tensor the cache holds, by kind (see memory_report)."""
-        out: dict[str, list[Tensor]] = {k: [] for k in KINDS}
+        """Every tensor the cache holds, by kind of ``kvsvd.accounting.KINDS`` (see memory_report)."""
+        out: dict[str, list[Tensor]] = {k: [] for k in accounting.KINDS}
         for layer in self.layers:
             if isinstance(layer, LowRankLayer):
                 out["residual"] += [t for t in (layer._res_k, layer._res_v) if t is not None]
-            elif layer.is_initialized:
-                out["uncompressed"] += [layer.keys, layer.values]
+            else:
+                for kind, ts in accounting.layer_tensors(layer).items():
+                    out[kind] += ts
         for group in self.groups:
             for seg in group.segments:
                 for store in (seg.keys, seg.values):
@@ -350,35 +369,37 @@ class LowRankCache(Cache):
         out["rope"] += self.rope.tensors()
         return out
 
-    def memory_report(self) -> dict[str, float]:
-        """Bytes actually held, by kind, each storage counted once; plus the dense equivalent.
+    def path_counts(self) -> dict[str, int]:
+        """How many K or V matrices each path holds: every segment's two stores by their ``path``
+        (``randomized q2 p8 bf16``, ``gram int8``, ...) and two per uncompressed layer (``dense bf16``)."""
+        counts: dict[str, int] = {}
+        dense = f"dense {self.config.dense_dtype}"
+        for layer in self.layers:
+            if not isinstance(layer, LowRankLayer) and layer.is_initialized:
+                counts[dense] = counts.get(dense, 0) + 2
+        for group in self.groups:
+            for seg in group.segments:
+                for store in (seg.keys, seg.values):
+                    counts[store.path] = counts.get(store.path, 0) + 1
+        return counts
+
+    def memory_report(self, tokens: int | None = None) -> dict[str, float]:
+        """Bytes actually held, by kind (``kvsvd.accounting``), each storage counted once, against
+        a 16-bit dense cache of ``tokens`` tokens per sequence (default: the longest layer's
+        timeline; pass the processed tokens when a press evicted some): ``ratio`` =
+        dense16_bytes / total_bytes, the same whatever dtype the model computes in.
 
         factors: token and right factors (or merged directions and norms); scales: int8/int4
         per-token scales; residual: dense recent tokens of compressed layers; uncompressed:
         layers outside the range, segments shorter than the rank, MiniCache retained tokens;
         rope: cos/sin tables for pre-RoPE keys; calibration: PCA means and bases; index:
-        MiniCache merge masks. dense_equivalent: what a DynamicCache would hold for the same
-        tokens; ratio = dense_equivalent / total. rebuilt: the dense reads ``memoize_reads``
-        keeps (not part of total: the compressed state does not need them).
+        MiniCache merge masks. rebuilt_bytes: the dense reads ``memoize_reads`` keeps (not part
+        of total: the compressed state does not need them).
         """
-        seen: set[tuple[int, int]] = set()
-        report: dict[str, float] = {}
-        for kind, tensors in self.held_tensors().items():
-            total = 0
-            for t in tensors:
-                key = _storage_key(t)
-                if key not in seen:
-                    seen.add(key)
-                    total += key[1]
-            report[f"{kind}_bytes"] = total
-        report["total_bytes"] = sum(report.values())
-        report["rebuilt_bytes"] = sum(_storage_key(t)[1] for g in self.groups for _, t in g.rebuilt.values())
-        dense = 0
-        for layer in self.layers:
-            if layer.is_initialized:
-                batch = layer.batch if isinstance(layer, LowRankLayer) else layer.keys.shape[0]
-                itemsize = torch.empty((), dtype=layer.dtype).element_size()
-                dense += 2 * batch * layer.get_seq_length() * self.kv_heads * self.head_dim * itemsize
-        report["dense_equivalent_bytes"] = dense
-        report["ratio"] = report["dense_equivalent_bytes"] / report["total_bytes"] if report["total_bytes"] else float("nan")
+        live = [layer for layer in self.layers if layer.is_initialized]
+        if tokens is None:
+            tokens = max((layer.get_seq_length() for layer in live), default=0)
+        batch = live[0].batch if live else 0
+        report = accounting.report(self.held_tensors(), accounting.dense16_bytes(self.model_config, tokens, batch))
+        report["rebuilt_bytes"] = sum(accounting.storage_key(t)[1] for g in self.groups for _, t in g.rebuilt.values())
         return report

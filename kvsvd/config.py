@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from .accounting import ENTRY_BYTES, ROPE_TABLE_BYTES, STORAGE_DTYPES, dense16_bytes, factor_entry_bytes, model_dims
 from .svd import QR_METHODS, SVD_METHODS
 
 METHODS = ("svd", "xkv", "minicache", "pca")
@@ -44,7 +45,10 @@ class CompressionConfig:
         key_space: ``pre_rope`` (keys are un-rotated exactly with the model's cos/sin,
             compressed, and re-rotated on read) or ``post_rope``.
         factor_dtype: storage of the token factor: bf16, fp16, fp32, or int8 / int4 with one
-            symmetric scale per token (the right factor is then kept in bf16).
+            symmetric bf16 scale per token (the right factor is then kept in bf16).
+        dense_dtype: storage of everything kept dense (the residual window, uncompressed layers,
+            segments shorter than the rank, MiniCache's retained tokens): bf16, fp16 or fp32,
+            read back in the model dtype. bf16 holds what a 16-bit serving cache holds.
         residual_length: most recent tokens kept dense and uncompressed.
         block_size: once more than residual_length + block_size tokens wait in the dense
             buffer, the oldest block_size are compressed as a new segment.
@@ -65,7 +69,8 @@ class CompressionConfig:
     qr: str = "auto"
     svd: str = "rsvd"
     key_space: str = "pre_rope"
-    factor_dtype: str = "fp32"
+    factor_dtype: str = "bf16"
+    dense_dtype: str = "bf16"
     residual_length: int = 32
     block_size: int = 512
     calibration_path: str | None = None
@@ -87,6 +92,7 @@ class CompressionConfig:
         _choice("svd", self.svd, tuple(SVD_METHODS))
         _choice("key_space", self.key_space, KEY_SPACES)
         _choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
+        _choice("dense_dtype", self.dense_dtype, tuple(STORAGE_DTYPES))
         required_g = {"svd": 1, "pca": 1, "minicache": 2}.get(self.method)
         if required_g is not None and self.layer_group_size != required_g:
             raise ValueError(f"layer_group_size={self.layer_group_size} does not fit method={self.method!r}; "
@@ -104,47 +110,39 @@ class CompressionConfig:
         return asdict(self)
 
 
-FACTOR_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}  # per token-factor entry
-SCALE_BYTES = 2  # int8/int4 token factors: one bf16 scale per token and matrix; the right factor is bf16
+def ranks_for_ratio(ratio: float, tokens: int, model_config, *, group_size: int, start_layer: int = 0,
+                    residual_length: int = 0, key_space: str = "pre_rope", k_share: float = 1 / 3,
+                    factor_dtype: str = "bf16", dense_dtype: str = "bf16") -> tuple[int, int]:
+    """(rank_k, rank_v) such that the whole cache holds ≈ 1/ratio of a 16-bit dense cache's bytes
+    (``kvsvd.accounting.dense16_bytes``) at ``tokens`` tokens per sequence.
 
-
-def factor_entry_bytes(factor_dtype: str) -> tuple[float, float, float]:
-    """(token-factor entry, right-factor entry, per-token scale) bytes of a ``factor_dtype``."""
-    _choice("factor_dtype", factor_dtype, FACTOR_DTYPES)
-    if factor_dtype in ("int8", "int4"):
-        return FACTOR_BYTES[factor_dtype], 2, SCALE_BYTES
-    return FACTOR_BYTES[factor_dtype], FACTOR_BYTES[factor_dtype], 0
-
-
-def ranks_for_ratio(ratio: float, tokens: int, group_size: int, features: int, *, num_layers: int,
-                    start_layer: int = 0, residual_length: int = 0, rope_dim: int = 0,
-                    k_share: float = 1 / 3, factor_dtype: str = "fp32", dense_itemsize: int = 4) -> tuple[int, int]:
-    """(rank_k, rank_v) such that the whole cache holds ≈ 1/ratio of the dense K+V bytes.
-
-    Budget in bytes per batch row, e = ``dense_itemsize`` (the model dtype): dense = 2·T·L·F·e.
-    Held = uncompressed layers (2·T·F·e each) + residual (2·R·F·e per compressed layer) + RoPE
-    tables (2·T·rope_dim·e, pre-RoPE keys) + factors: per group (T−R)·(r_k + r_v)·e_u +
-    (r_k + r_v)·G·F·e_w, plus 2·(T−R) per-token scales for int8/int4 (``factor_entry_bytes``):
-    narrower factors buy proportionally more rank. ``k_share`` of the total rank goes to keys:
-    value-heavy splits (rank_k ≈ rank_v / 2) kept needle answers best in the exact-SVD
-    measurement in shared/REFERENCES.md. A budget that would need more than the full rank
-    min(T−R, G·F) raises (compression would hold more than the matrix).
+    Held, per sequence (entry sizes from ``kvsvd.accounting``): the uncompressed layers and the
+    residual window in ``dense_dtype``, the RoPE tables of pre-RoPE keys (FP32 cos and sin, half
+    width), and per group of G layers (T−R)·(r_k + r_v) token-factor entries, (r_k + r_v)·G·F
+    right-factor entries and, for int8/int4, 2·(T−R) per-token scales: narrower factors buy
+    proportionally more rank. ``k_share`` of the total rank goes to keys: value-heavy splits
+    (rank_k ≈ rank_v / 2) kept needle answers best in exact-SVD measurements. A budget that would
+    need more than the full rank min(T−R, G·F) raises (compression would hold more than the matrix).
     """
     if ratio <= 1:
         raise ValueError(f"ratio={ratio} is out of range; accepted: > 1")
+    _choice("dense_dtype", dense_dtype, tuple(STORAGE_DTYPES))
+    num_layers, heads, head_dim = model_dims(model_config)
+    features, G, R = heads * head_dim, group_size, residual_length
     e_u, e_w, e_s = factor_entry_bytes(factor_dtype)
-    groups = (num_layers - start_layer) // group_size
-    n = tokens - residual_length
-    budget = 2 * tokens * num_layers * features * dense_itemsize / ratio
-    fixed = dense_itemsize * (2 * tokens * features * (num_layers - groups * group_size)
-                              + 2 * residual_length * features * groups * group_size + 2 * tokens * rope_dim) \
-        + groups * 2 * n * e_s
-    total = (budget - fixed) / (groups * (n * e_u + group_size * features * e_w))
+    e_d = ENTRY_BYTES[dense_dtype]
+    groups = (num_layers - start_layer) // G
+    n = tokens - R
+    budget = dense16_bytes(model_config, tokens) / ratio
+    fixed = (e_d * 2 * features * (tokens * (num_layers - groups * G) + R * groups * G)
+             + (tokens * head_dim * ROPE_TABLE_BYTES if key_space == "pre_rope" else 0) + groups * 2 * n * e_s)
+    total = (budget - fixed) / (groups * (n * e_u + G * features * e_w))
     if total < 2:
-        raise ValueError(f"ratio={ratio} leaves no room for factors after residual/RoPE/uncompressed layers")
+        raise ValueError(f"ratio={ratio} leaves no room for factors after the residual window, RoPE tables and "
+                         "uncompressed layers; accepted: a smaller ratio, residual_length or start_layer")
     rank_k = max(1, round(k_share * total))
     rank_v = max(1, round(total) - rank_k)
-    full = min(n, group_size * features)
+    full = min(n, G * features)
     if max(rank_k, rank_v) > full:
         raise ValueError(f"ratio={ratio} with factor_dtype={factor_dtype!r} asks for ranks ({rank_k}, {rank_v}) above "
                          f"the full rank {full} = min(T-R, G*F); accepted: a larger ratio or a wider factor_dtype")
@@ -152,22 +150,21 @@ def ranks_for_ratio(ratio: float, tokens: int, group_size: int, features: int, *
 
 
 def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "xkv", layer_group_size: int = 4,
-                     k_share: float = 1 / 3, dense_itemsize: int = 4, **fields) -> CompressionConfig:
-    """A CompressionConfig whose ranks give ≈ ``ratio`` times fewer K+V bytes at ``tokens`` tokens
-    than a dense cache of ``dense_itemsize``-byte entries (the model dtype: 4 for FP32, 2 for BF16).
+                     k_share: float = 1 / 3, **fields) -> CompressionConfig:
+    """A CompressionConfig whose ranks hold ≈ 1/``ratio`` of a 16-bit dense cache's bytes at
+    ``tokens`` tokens, whatever dtype the model computes in.
 
     The first (layers mod G) layers stay dense so the rest splits into whole groups (unless
-    ``start_layer`` is given); residual, RoPE and scale bytes and the width of ``factor_dtype``
-    are budgeted as in :func:`ranks_for_ratio`.
+    ``start_layer`` is given); residual, RoPE and scale bytes and the widths of ``factor_dtype``
+    and ``dense_dtype`` are budgeted as in :func:`ranks_for_ratio`.
     """
-    text = model_config.get_text_config(decoder=True)
-    L, d = text.num_hidden_layers, text.head_dim
+    L = model_dims(model_config)[0]
     G = layer_group_size
     fields.setdefault("start_layer", L % G)
     fields.setdefault("residual_length", CompressionConfig.residual_length)
-    rope = d if fields.get("key_space", CompressionConfig.key_space) == "pre_rope" else 0
-    rank_k, rank_v = ranks_for_ratio(ratio, tokens, G, text.num_key_value_heads * d, num_layers=L,
-                                     start_layer=fields["start_layer"], residual_length=fields["residual_length"],
-                                     rope_dim=rope, k_share=k_share, dense_itemsize=dense_itemsize,
-                                     factor_dtype=fields.get("factor_dtype", CompressionConfig.factor_dtype))
+    rank_k, rank_v = ranks_for_ratio(ratio, tokens, model_config, group_size=G, start_layer=fields["start_layer"],
+                                     residual_length=fields["residual_length"],
+                                     key_space=fields.get("key_space", CompressionConfig.key_space), k_share=k_share,
+                                     factor_dtype=fields.get("factor_dtype", CompressionConfig.factor_dtype),
+                                     dense_dtype=fields.get("dense_dtype", CompressionConfig.dense_dtype))
     return CompressionConfig(method=method, layer_group_size=G, rank_k=rank_k, rank_v=rank_v, **fields)

@@ -16,11 +16,18 @@ A grid is a YAML file (or dict)::
       - {method: press, press: [knorm, snapkv], ratio: [4, 8]}
 
 A list value in a method entry expands into one method per value (a product over lists).
-``ratio`` asks for that many times fewer KV bytes: kvsvd methods get ranks from
-``ranks_for_ratio`` (counting residual, RoPE and scale bytes and the ``factor_dtype`` width against the
-model dtype: int8 factors at 4x get ~3.5x the rank of FP32 factors on an FP32 model), presses get compression_ratio =
-1 − 1/ratio; ``method: quantized`` is transformers' QuantizedCache (``nbits``, ``backend``:
-quanto or hqq). The dense reference (``method: none``) always runs first for every sample.
+``ratio`` asks for that many times fewer KV bytes than a 16-bit dense cache (``kvsvd.accounting``),
+whatever dtype the model computes in: kvsvd methods get ranks from ``ranks_for_ratio`` (counting
+residual, RoPE and scale bytes and the ``factor_dtype`` width), presses prune a bf16-stored cache
+(``Dense16Cache``) with compression_ratio = 1 − 1/ratio; ``method: quantized`` is transformers'
+QuantizedCache (``nbits``, ``backend``: quanto or hqq), which keeps its residual window in the model
+dtype; ``method: dense16`` is the 16-bit dense cache itself. The dense reference (``method: none``,
+``DynamicCache`` in the model dtype) always runs first for every sample.
+
+Every row holds ``kv_bytes_held`` (each tensor the cache holds, counted by ``kvsvd.accounting``),
+``kv_bytes_dense16``, ``kv_ratio`` = dense16 / held, and ``paths``: how many K/V matrices each path
+holds (``randomized q2 p8 bf16``, ``gram bf16``, ``dense bf16``, ``tova eviction, dense bf16``, ...); a
+row with a ratio but no paths is refused.
 
 For each sample the dense prefill runs once and every cell is filled from its record
 (``evaluate.replay_prefill``: the same cache updates and press hooks, without the forward);
@@ -64,15 +71,17 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from . import ruler
+from . import accounting, ruler
 from .cache import LowRankCache
 from .config import METHODS as KVSVD_METHODS, CompressionConfig, config_for_ratio
+from .dense import Dense16Cache
 from .evaluate import Filled, Prefill, answer, fan_out_prefill, record_prefill, split_prompt
 
 PRESSES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress", "knorm": "KnormPress",
            "expected_attention": "ExpectedAttentionPress", "pyramidkv": "PyramidKVPress", "tova": "TOVAPress",
            "observed_attention": "ObservedAttentionPress"}
-METHODS = ("none", "press", "quantized", *KVSVD_METHODS)
+METHODS = ("none", "dense16", "press", "quantized", *KVSVD_METHODS)
+SVD_FACTORISED = ("svd", "xkv")  # the methods that call an SVD function
 GRID_KEYS = {"name", "model", "tasks", "context_lengths", "n_samples", "seed", "max_new_tokens", "methods", "out",
              "memoize_reads"}
 METHOD_KEYS = ({"method", "ratio", "press", "k_share", "nbits", "backend"}
@@ -100,7 +109,7 @@ class Grid:
         method, task, context length and sample (their key), so a grid may grow (more methods,
         tasks, lengths or samples) and keep its finished cells; a task's decode budget is checked
         per row (:func:`check_budgets`)."""
-        body = {"model": self.model, "seed": self.seed}
+        body = {"model": self.model, "seed": self.seed, "bytes": "16-bit"}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -225,21 +234,18 @@ def check_budgets(grid: Grid, rows) -> None:
                              f"with {r.get('max_new_tokens')}: choose another 'out' or remove the file")
 
 
-def _model_dims(model) -> tuple[int, int, int, int]:
-    c = model.config
-    return c.num_hidden_layers, c.num_key_value_heads, c.head_dim, torch.empty((), dtype=model.dtype).element_size()
-
-
 def build(method: dict, model, context_tokens: int, memoize_reads: bool = False):
     """(cache, press) for one method at a context of ``context_tokens`` tokens (``memoize_reads``:
     see ``LowRankCache``)."""
     kind = method["method"]
     if kind == "none":
         return DynamicCache(), None
+    if kind == "dense16":
+        return Dense16Cache(), None
     if kind == "press":
         import kvpress
         ratio = method.get("ratio", 2.0)
-        return DynamicCache(), getattr(kvpress, PRESSES[method["press"]])(compression_ratio=1 - 1 / ratio)
+        return Dense16Cache(), getattr(kvpress, PRESSES[method["press"]])(compression_ratio=1 - 1 / ratio)
     if kind == "quantized":  # transformers' QuantizedCache (KIVI-style, optimum-quanto or HQQ backend)
         from transformers import QuantizedCache
         return QuantizedCache(backend=method.get("backend", "quanto"), config=model.config,
@@ -248,30 +254,29 @@ def build(method: dict, model, context_tokens: int, memoize_reads: bool = False)
     G = fields.setdefault("layer_group_size", {"svd": 1, "pca": 1, "minicache": 2}.get(kind, 4))
     if "ratio" in method and kind in ("svd", "xkv", "pca"):
         config = config_for_ratio(method["ratio"], context_tokens, model.config,
-                                  k_share=method.get("k_share", 1 / 3), dense_itemsize=model.dtype.itemsize, **fields)
+                                  k_share=method.get("k_share", 1 / 3), **fields)
     else:
         config = CompressionConfig(**{"start_layer": model.config.num_hidden_layers % G, **fields})
     return LowRankCache(config, model.config, memoize_reads=memoize_reads), None
 
 
-def kv_bytes(cache, model, processed_tokens: int) -> tuple[int, int]:
-    """(dense-equivalent, actually held) bytes: what a DynamicCache would hold for every processed
-    token, and the distinct tensor storages the cache holds (memory_report's accounting)."""
-    L, H, d, item = _model_dims(model)
-    dense = 2 * L * H * d * processed_tokens * item
+def paths(cache, method: dict, model_config) -> dict[str, int]:
+    """How many K or V matrices each path holds: ``LowRankCache.path_counts``, else one path for all
+    2·L matrices of a peer (``dense fp32``, ``dense bf16``, ``tova eviction, dense bf16``, ``quanto int4``)."""
     if isinstance(cache, LowRankCache):
-        return dense, cache.memory_report()["total_bytes"]
-    tensors = [t for layer in cache.layers for t in (layer.keys, layer.values,
-                                                       getattr(layer, "_quantized_keys", None),
-                                                       getattr(layer, "_quantized_values", None)) if t is not None]
-    storages: dict[int, int] = {}
-    while tensors:  # quantised tensors are wrappers: count their inner data/scale/shift storages
-        t = tensors.pop()
-        if hasattr(t, "__tensor_flatten__"):
-            tensors += [getattr(t, name) for name in t.__tensor_flatten__()[0]]
-        else:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    return dense, sum(storages.values())
+        return cache.path_counts()
+    kind = method["method"]
+    dtype = str(next(layer.dtype for layer in cache.layers if layer.is_initialized)).removeprefix("torch.")
+    label = {"none": f"dense {dtype.replace('float', 'fp')}", "dense16": "dense bf16",
+             "press": f"{method.get('press')} eviction, dense bf16",
+             "quantized": f"{method.get('backend', 'quanto')} int{method.get('nbits', 4)}"}[kind]
+    return {label: 2 * accounting.model_dims(model_config)[0]}
+
+
+def validate_row(row: dict) -> None:
+    """The row schema's byte and path fields: a row with a ratio must name the paths that ran."""
+    if "kv_ratio" in row and not row.get("paths"):
+        raise ValueError(f"row {row.get('key')} has kv_ratio but no paths: every row must name the paths that ran")
 
 
 def shares_prefill(method: dict) -> bool:
@@ -318,13 +323,15 @@ def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: 
     with attention_for(model, method):
         res = answer(model, tok, sample, cache, max_new_tokens=max_new_tokens, press=press, gold=gold,
                      new_cache=lambda: build(method, model, n_ctx, memoize_reads)[0], prompt=prompt, prefill=prefill)
-    dense, held = kv_bytes(cache, model, res["processed_tokens"])
+    held = accounting.cache_report(cache, model.config, res["processed_tokens"])
     stages: dict[str, float] = {}
     for entry in res.pop("compression_log", []):
         for stage, ms in entry["breakdown_ms"].items():
             stages[stage] = stages.get(stage, 0.0) + ms
-    row = {**res, "compression_breakdown_ms": stages, "kv_bytes_dense_equivalent": dense, "kv_bytes_held": held,
-           "kv_ratio": dense / held if held else float("nan"),
+    row = {**res, "compression_breakdown_ms": stages, "kv_bytes_dense16": held["dense16_bytes"],
+           "kv_bytes_held": held["total_bytes"], "kv_ratio": held["ratio"], "paths": paths(cache, method, model.config),
+           "kv_bytes_by_kind": {k.removesuffix("_bytes"): v for k, v in held.items()
+                                if k.removesuffix("_bytes") in accounting.KINDS and v},
            "score": ruler.score(task, [res["prediction"]], [sample["outputs"]]),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if model.device.type == "cuda":
@@ -388,6 +395,7 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
             row.update(key=key, config_hash=grid.config_hash, grid=grid.name,
                        method=method, task=task, context_length=L, index=i, outputs=sample["outputs"],
                        max_new_tokens=grid.max_new_tokens[task])
+            validate_row(row)
             done[row["key"]] = row
             f.write(json.dumps(row) + "\n")
             f.flush()
@@ -456,35 +464,62 @@ def seal(source: str | Path | dict, context_length: int) -> Path:
 
 def load_results(path: str | Path):
     """A tidy pandas DataFrame: one row per cell of results file ``path`` and its sealed parts, the
-    method's fields as columns."""
+    method's fields as ``m_*`` columns, ``svd_ran`` (the SVD paths its K/V matrices ran, over all rows
+    of the method) and ``label`` (what was asked and, for rsvd, what ran: ``... rsvd q2 → gram``)."""
     import pandas as pd
     rows = read_results(Path(path)).values()
     records = []
     for r in rows:
-        rec = {k: v for k, v in r.items() if k not in ("method", "compression_breakdown_ms")}
+        validate_row(r)
+        rec = {k: v for k, v in r.items() if k not in ("method", "compression_breakdown_ms", "paths", "kv_bytes_by_kind")}
         rec.update({f"m_{k}": v for k, v in r["method"].items()})
         rec.update({f"stage_{k}": v for k, v in r.get("compression_breakdown_ms", {}).items()})
+        rec.update({f"bytes_{k}": v for k, v in r.get("kv_bytes_by_kind", {}).items()})
+        rec["paths"] = ", ".join(f"{p} ×{n}" for p, n in sorted(r.get("paths", {}).items()))
+        rec["svd_kinds"] = "+".join(sorted({p.split()[0] for p in r.get("paths", {})} - {"dense"})) or None
         records.append(rec)
     df = pd.DataFrame.from_records(records)
     if not df.empty:
         df["label"] = df.apply(_label, axis=1)
+        kinds = df.groupby("label")["svd_kinds"].agg(lambda s: "+".join(sorted({k for v in s.dropna() for k in v.split("+")})))
+        df["svd_ran"] = df["label"].map(kinds).replace("", None)
+        asked_rsvd = df["m_method"].isin(SVD_FACTORISED) & (df["m_svd"].fillna("rsvd") == "rsvd" if "m_svd" in df else True)
+        df.loc[asked_rsvd, "label"] = df["label"] + " → " + df["svd_ran"].fillna("dense")
     return df
 
 
 def _label(row) -> str:
-    """'dense', 'knorm 4x', 'xkv G2 4x', ... for plots and tables."""
-    m, ratio = row["m_method"], row.get("m_ratio")
-    budget = f" {ratio:g}x" if isinstance(ratio, (int, float)) and ratio == ratio else ""
+    """What was asked: 'dense', 'dense bf16', 'tova 4x', 'quantized quanto int4', 'xkv G2 4x pre_rope bf16 q2'.
+    A ratio is against a 16-bit cache; rows budgeted against an FP32 cache say ``Nx of fp32``."""
+    m = row["m_method"]
     if m == "none":
         return "dense"
+    if m == "dense16":
+        return "dense bf16"
+    budget = ""
+    for key, fmt in (("m_ratio", " {:g}x"), ("m_fp32_ratio", " {:g}x of fp32")):
+        value = row.get(key)
+        if isinstance(value, (int, float)) and value == value:
+            budget = fmt.format(value)
     if m == "press":
         return f"{row['m_press']}{budget}"
     if m == "quantized":
-        return f"quantized int{int(row.get('m_nbits', 4))}"
-    g = row.get("m_layer_group_size")
-    parts = [m + (f" G{int(g)}" if isinstance(g, (int, float)) and g == g else "") + budget]
-    for key, fmt in (("m_key_space", "{}"), ("m_factor_dtype", "{}"), ("m_n_iter", "q{:g}"), ("m_svd", "{}")):
-        value = row.get(key)
-        if isinstance(value, str) or (isinstance(value, (int, float)) and value == value):
-            parts.append(fmt.format(value))
+        backend = row.get("m_backend")
+        return f"quantized {backend if isinstance(backend, str) else 'quanto'} int{int(row.get('m_nbits', 4))}"
+    def field(name: str):
+        value = row.get(f"m_{name}")
+        present = isinstance(value, str) or (isinstance(value, (int, float)) and value == value)
+        return value if present else getattr(CompressionConfig, name, None)
+
+    parts = [m + (f" G{int(field('layer_group_size'))}" if m == "xkv" else "") + budget]
+    parts += [field("key_space"), field("factor_dtype")] if m != "minicache" else [field("factor_dtype")]
+    if field("dense_dtype") != CompressionConfig.dense_dtype:
+        parts.append(f"dense {field('dense_dtype')}")
+    if m in SVD_FACTORISED:
+        if field("svd") in ("rsvd", "lowrank_svd"):
+            parts.append(f"q{int(field('n_iter'))}")
+        if field("qr") != "auto":
+            parts.append(f"qr={field('qr')}")
+        if field("svd") != "rsvd":
+            parts.append(field("svd"))
     return " ".join(parts)

@@ -1,8 +1,10 @@
 """What a compressed segment holds, per group and per K or V.
 
 A *store* covers one token segment of one layer group for keys or values. It rebuilds one
-layer's slice as ``(B, T, F)`` (F = kv_heads · head_dim) and lists every tensor it holds by
-kind, so that ``LowRankCache.memory_report`` counts bytes actually held.
+layer's slice as ``(B, T, F)`` (F = kv_heads · head_dim), lists every tensor it holds by kind
+(``kvsvd.accounting`` counts them) and names in ``path`` what produced it and how it is held:
+``randomized q2 p8 bf16``, ``gram int8``, ``full fp32``, ``pca bf16``, ``minicache bf16``,
+``dense bf16`` (a segment kept as it is).
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .accounting import STORAGE_DTYPES as FLOAT_DTYPES
+
 Tensor = torch.Tensor
-FLOAT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def quantize_rows(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -43,8 +46,16 @@ def dequantize_rows(q: Tensor, scale: Tensor, bits: int, r: int, dtype: torch.dt
 
 @dataclass
 class DenseStore:
-    """Uncompressed K or V of a group segment: x (B, T, G, F) in the model dtype."""
+    """Uncompressed K or V of a group segment: x (B, T, G, F) in a storage dtype."""
     x: Tensor
+
+    @classmethod
+    def build(cls, x: Tensor, dense_dtype: str) -> "DenseStore":
+        return cls(x.to(FLOAT_DTYPES[dense_dtype], copy=True))
+
+    @property
+    def path(self) -> str:
+        return f"dense {_name(self.x.dtype)}"
 
     def layer(self, j: int, dtype: torch.dtype) -> Tensor:
         return self.x[:, :, j].to(dtype)
@@ -57,24 +68,28 @@ class DenseStore:
 class LowRankStore:
     """x ≈ u @ w (+ mean): u (B, T, r) the token factor (float, or int8/int4 with per-token
     scales), w (B|1, r, G·F) the right factor with the singular values folded in; ``mean``
-    (1, 1, G·F) and a shared w are calibration tensors (pca)."""
+    (1, 1, G·F) and a shared w are calibration tensors (pca). ``path``: the factorisation that
+    produced u and w and the token factor's dtype, e.g. ``randomized q2 p8 int8``."""
     u: Tensor
     w: Tensor
     features: int
+    path: str
     scale: Tensor | None = None
     bits: int = 0
     rank: int = 0
     mean: Tensor | None = None
 
     @classmethod
-    def build(cls, u: Tensor, w: Tensor, features: int, factor_dtype: str, mean: Tensor | None = None,
+    def build(cls, u: Tensor, w: Tensor, features: int, factor_dtype: str, path: str, mean: Tensor | None = None,
               shared_w: bool = False) -> "LowRankStore":
+        """``path``: the label of what produced the factors (``kvsvd.svd.SVDPath.label``, or ``pca``)."""
+        label = f"{path} {factor_dtype}"
         if factor_dtype in FLOAT_DTYPES:
             dt = FLOAT_DTYPES[factor_dtype]
-            return cls(u.to(dt), w if shared_w else w.to(dt), features, mean=mean)
+            return cls(u.to(dt), w if shared_w else w.to(dt), features, label, mean=mean)
         bits = 8 if factor_dtype == "int8" else 4
         q, scale = quantize_rows(u, bits)
-        return cls(q, w if shared_w else w.to(torch.bfloat16), features, scale, bits, u.shape[-1], mean)
+        return cls(q, w if shared_w else w.to(torch.bfloat16), features, label, scale, bits, u.shape[-1], mean)
 
     def layer(self, j: int, dtype: torch.dtype) -> Tensor:
         cols = slice(j * self.features, (j + 1) * self.features)
@@ -101,12 +116,16 @@ class MergedStore:
     its own magnitudes; retained (divergent) tokens are stored unmerged.
 
     merged: bool (B, T) — tokens that were merged; directions (N_merged, H, d);
-    norms (N_merged, H, 2); retained (N_retained, 2, H·d) in the model dtype.
+    norms (N_merged, H, 2); retained (N_retained, 2, H·d) in the dense storage dtype.
     """
     merged: Tensor
     directions: Tensor
     norms: Tensor
     retained: Tensor
+
+    @property
+    def path(self) -> str:
+        return f"minicache {_name(self.directions.dtype)}"
 
     def layer(self, j: int, dtype: torch.dtype) -> Tensor:
         B, T = self.merged.shape
@@ -118,3 +137,7 @@ class MergedStore:
 
     def held(self) -> dict[str, list[Tensor]]:
         return {"factors": [self.directions, self.norms], "index": [self.merged], "uncompressed": [self.retained]}
+
+
+def _name(dtype: torch.dtype) -> str:
+    return next(name for name, dt in FLOAT_DTYPES.items() if dt == dtype)

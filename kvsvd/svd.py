@@ -35,6 +35,7 @@ to the truncation error).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -108,6 +109,35 @@ def gram_path_is_cheaper(m: int, n: int, rank: int, oversample: int, n_iter: int
     gram = (2 / 3 * _gemm_flops(n, n, m) + _EIGH_FLOPS_PER_N3 * n**3 + _gemm_flops(m, n, rank)
             + 2 * _gemm_flops(m, rank, rank))
     return gram < randomized
+
+
+@dataclass(frozen=True)
+class SVDPath:
+    """The algorithm a truncated-SVD call runs: ``gram`` (exact, eigh of AᵀA), ``randomized``
+    (Halko–Martinsson–Tropp with ``n_iter`` power iterations and ``oversample`` extra columns),
+    ``full`` (``torch.linalg.svd``) or ``lowrank`` (``torch.svd_lowrank``)."""
+    kind: str
+    n_iter: int | None = None
+    oversample: int | None = None
+
+    @property
+    def label(self) -> str:
+        """``gram``, ``full``, ``randomized q2 p8``, ``lowrank q2 p8``."""
+        return self.kind if self.n_iter is None else f"{self.kind} q{self.n_iter} p{self.oversample}"
+
+
+def svd_path(method: str, m: int, n: int, rank: int, *, n_iter: int, oversample: int, qr: str = "auto") -> SVDPath:
+    """The path ``SVD_METHODS[method]`` takes on an (m, n) matrix: ``rsvd`` dispatches through this
+    function, so the label a cache or benchmark records is the path that ran."""
+    if method == "full_svd":
+        return SVDPath("full")
+    if method == "lowrank_svd":
+        return SVDPath("lowrank", n_iter, oversample)
+    if method != "rsvd":
+        raise ValueError(f"svd method {method!r} is unknown; accepted: {', '.join(SVD_METHODS)}")
+    if qr == "gram" or (qr == "auto" and gram_path_is_cheaper(max(m, n), min(m, n), rank, oversample, n_iter)):
+        return SVDPath("gram")
+    return SVDPath("randomized", n_iter, oversample)
 
 
 def gram_matrix(A: Tensor, blocks: int = 3) -> Tensor:
@@ -245,10 +275,9 @@ def rsvd(A: Tensor, rank: int, *, n_iter: int = 2, oversample: int = 8, qr: str 
         Ad = A.reshape(-1, m, n)
         Ad = Ad.mT if wide else Ad
         Ac = Ad.to(cdt)
-        mt, nt = max(m, n), min(m, n)
     automatic = qr in ("auto", "gram")
     orth = default_orth(dev) if automatic else qr
-    if qr == "gram" or (qr == "auto" and gram_path_is_cheaper(mt, nt, rank, oversample, n_iter)):
+    if svd_path("rsvd", m, n, rank, n_iter=n_iter, oversample=oversample, qr=qr).kind == "gram":
         U, S, Vh = _gram(Ad, Ac, rank, orth, core, timer)
     else:
         U, S, Vh = _randomized(Ad, Ac, rank, n_iter, oversample, orth, automatic, core, generator, timer)
@@ -338,6 +367,6 @@ def optimal_error(A: Tensor, rank: int) -> Tensor:
     return singular_values(A)[..., rank:].pow(2).sum(-1).sqrt()
 
 
-__all__ = ["rsvd", "full_svd", "lowrank_svd", "SVD_METHODS", "QR_METHODS", "get_svd",
+__all__ = ["rsvd", "full_svd", "lowrank_svd", "SVD_METHODS", "QR_METHODS", "get_svd", "SVDPath", "svd_path",
            "gram_path_is_cheaper", "gram_matrix", "truncation_error", "optimal_error", "singular_values",
            "validate_svd_args"]

@@ -43,12 +43,15 @@ def test_attention_output_matches_sdpa_with_gqa():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_rank_for_ratio_counts_factors_and_scales():
-    r = analysis.rank_for_ratio(4, 1000, 192, "fp32")
-    assert (1000 + 192) * r * 4 <= 1000 * 192 * 4 / 4 < (1000 + 192) * (r + 1) * 4
+def test_rank_for_ratio_counts_factors_and_scales_against_16_bit():
+    budget = 1000 * 192 * 2 / 4  # a 16-bit (1000 × 192) matrix at 4x
+    r = analysis.rank_for_ratio(4, 1000, 192, "bf16")
+    assert (1000 + 192) * r * 2 <= budget < (1000 + 192) * (r + 1) * 2
+    r32 = analysis.rank_for_ratio(4, 1000, 192, "fp32")
+    assert (1000 + 192) * r32 * 4 <= budget < (1000 + 192) * (r32 + 1) * 4 and r32 == r // 2
     r8 = analysis.rank_for_ratio(4, 1000, 192, "int8")
-    assert 1000 * r8 + 1000 * 2 + 192 * r8 * 2 <= 1000 * 192 * 4 / 4
-    assert r8 > 2 * r
+    assert 1000 * r8 + 1000 * 2 + 192 * r8 * 2 <= budget
+    assert r8 > 1.5 * r
     with pytest.raises(ValueError, match="factor_dtype='int3' is unknown"):
         analysis.rank_for_ratio(4, 1000, 192, "int3")
 

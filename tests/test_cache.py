@@ -22,7 +22,8 @@ def greedy(model, ids, cache, n=8, **kw):
 
 def full_rank_config(method, G, F, key_space, **kw):
     return CompressionConfig(method=method, layer_group_size=G, rank_k=G * F, rank_v=G * F, key_space=key_space,
-                             factor_dtype="fp32", residual_length=3, block_size=kw.pop("block_size", 200), **kw)
+                             factor_dtype="fp32", dense_dtype="fp32", residual_length=3,
+                             block_size=kw.pop("block_size", 200), **kw)
 
 
 @pytest.mark.parametrize("method", ["svd", "xkv"])
@@ -73,10 +74,10 @@ def test_memory_report_counts_the_tensors_actually_held(tiny_llama, method, G, f
     rep = cache.memory_report()
     assert rep["total_bytes"] == held_storage_bytes(cache)
     tokens = cache.get_seq_length()
-    assert rep["dense_equivalent_bytes"] == 2 * 2 * tokens * 4 * 32 * 4  # K+V × batch × tokens × layers × F × fp32
-    assert rep["ratio"] == pytest.approx(rep["dense_equivalent_bytes"] / rep["total_bytes"])
-    if method != "minicache":
-        assert rep["ratio"] > 1.0 and rep["factors_bytes"] > 0
+    assert rep["dense16_bytes"] == 2 * 2 * tokens * 4 * 32 * 2  # K+V × batch × tokens × layers × F × 16 bits
+    assert rep["ratio"] == rep["dense16_bytes"] / rep["total_bytes"]
+    if method != "minicache":  # fp32 factors of rank 8 hold more than the 16-bit dense layers
+        assert rep["factors_bytes"] > 0 and (rep["ratio"] > 1.0) == (factor_dtype != "fp32")
     assert (rep["scales_bytes"] > 0) == factor_dtype.startswith("int")
 
 
@@ -105,13 +106,16 @@ def test_config_for_ratio_budgets_the_factor_width(tiny_llama, factor_dtype):
     """The ratio asked for is the ratio held, whatever the factor width: narrower factors buy rank."""
     ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(5))
     cfg = config_for_ratio(4, 400, tiny_llama.config, method="xkv", layer_group_size=2, residual_length=4,
-                           factor_dtype=factor_dtype, dense_itemsize=4)
-    fp32 = config_for_ratio(4, 400, tiny_llama.config, method="xkv", layer_group_size=2, residual_length=4)
+                           factor_dtype=factor_dtype)
+    fp32 = config_for_ratio(4, 400, tiny_llama.config, method="xkv", layer_group_size=2, residual_length=4,
+                            factor_dtype="fp32")
     assert cfg.rank_v >= {"fp32": 1, "bf16": 1.8, "int8": 3, "int4": 4}[factor_dtype] * fp32.rank_v
     cache = LowRankCache(cfg, tiny_llama.config)
     tiny_llama(ids, past_key_values=cache)
     cache.compress_pending()
-    assert cache.memory_report()["ratio"] == pytest.approx(4, rel=0.03)
+    rep = cache.memory_report()
+    assert rep["ratio"] == pytest.approx(4, rel=0.03)
+    assert rep["rope_bytes"] == 400 * 16 * 4  # FP32 cos and sin at half width: 2 × 400 × 8 × 4
     with pytest.raises(ValueError, match="ratio=1.5 with factor_dtype='int4' asks for ranks .* above the full rank"):
         config_for_ratio(1.5, 400, tiny_llama.config, method="xkv", layer_group_size=2, factor_dtype="int4")
 
@@ -216,3 +220,36 @@ def test_beam_search_is_refused_clearly(tiny_llama):
     with pytest.raises(NotImplementedError, match="num_beams"):
         tiny_llama.generate(torch.randint(0, 128, (1, 50)), num_beams=2, max_new_tokens=3, past_key_values=cache,
                             pad_token_id=0, attention_mask=torch.ones(1, 50, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_memory_report_is_the_same_for_an_fp32_and_a_bf16_model(tiny_llama):
+    """Bytes are against a 16-bit cache and the cache holds 16-bit (or FP32 RoPE) tensors whatever the
+    model computes in: the same held bytes, the same ratio."""
+    ids = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(7))
+    bf16 = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    cfg = config_for_ratio(4, 150, tiny_llama.config, method="xkv", layer_group_size=2, residual_length=8,
+                           factor_dtype="int8")
+    reports = []
+    for model in (tiny_llama, bf16):
+        cache = LowRankCache(cfg, model.config)
+        model(ids, past_key_values=cache)
+        cache.compress_pending()
+        reports.append(cache.memory_report())
+        assert reports[-1]["total_bytes"] == held_storage_bytes(cache)
+    assert reports[0] == reports[1]
+    assert reports[0]["ratio"] == pytest.approx(4, rel=0.05)
+
+
+def test_path_counts_name_what_ran(tiny_llama):
+    """qr="auto": the exact Gram path on narrow matrices (one layer, n = 32 features), the randomized path
+    on wide ones (a group of 3 layers, n = 96); layers outside the range are dense bf16."""
+    ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(8))
+    for method, G, start, expected in (("svd", 1, 0, {"gram bf16": 8}),
+                                       ("xkv", 3, 1, {"randomized q2 p8 bf16": 2, "dense bf16": 2})):
+        cache = LowRankCache(CompressionConfig(method=method, layer_group_size=G, start_layer=start, rank_k=8,
+                                               rank_v=12, residual_length=4), tiny_llama.config)
+        tiny_llama(ids, past_key_values=cache)
+        cache.compress_pending()
+        assert cache.path_counts() == expected
+        assert cache.compression_log[0]["paths"] == [next(iter(expected))] * 2

@@ -26,7 +26,8 @@ def test_pca_at_full_rank_reproduces_the_model(smollm2, calibration):
     assert ids.shape[1] > 192  # longer than the rank, so it is really projected
     ref = model(ids, past_key_values=DynamicCache()).logits
     cache = LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=192, rank_v=192,
-                                           calibration_path=str(calibration), residual_length=0), model.config)
+                                           calibration_path=str(calibration), residual_length=0, factor_dtype="fp32",
+                                           dense_dtype="fp32"), model.config)
     model(ids[:, :-1], past_key_values=cache)
     last = model(ids[:, -1:], past_key_values=cache).logits
     assert (last[:, -1] - ref[:, -1]).abs().max() < 1e-4
@@ -45,7 +46,8 @@ def test_pca_refuses_a_calibration_for_another_model_or_rank(calibration, tiny_l
 
 
 def test_minicache_merges_identical_layers_losslessly_and_keeps_divergent_tokens():
-    cfg = CompressionConfig(method="minicache", layer_group_size=2, minicache_gamma=0.05)
+    cfg = CompressionConfig(method="minicache", layer_group_size=2, minicache_gamma=0.05, factor_dtype="fp32",
+                            dense_dtype="fp32")
     x = torch.randn(1, 50, 1, 32).expand(1, 50, 2, 32).clone()
     x[:, :, 1] *= 3.0                       # same directions, different norms: a perfect merge
     x[:, 7, 1] = torch.randn(32)            # one divergent token
@@ -88,7 +90,8 @@ def test_pca_at_full_rank_reproduces_the_tiny_model(tiny_llama, tmp_path):
     ids = torch.randint(0, 128, (1, 90), generator=torch.Generator().manual_seed(0))
     ref = tiny_llama(ids, past_key_values=DynamicCache()).logits[:, -1]
     cache = LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=32, rank_v=32,
-                                           calibration_path=str(path), residual_length=0), tiny_llama.config)
+                                           calibration_path=str(path), residual_length=0, factor_dtype="fp32",
+                                           dense_dtype="fp32"), tiny_llama.config)
     tiny_llama(ids[:, :-1], past_key_values=cache)
     assert (tiny_llama(ids[:, -1:], past_key_values=cache).logits[:, -1] - ref).abs().max() < 1e-4
     assert cache.memory_report()["factors_bytes"] > 0

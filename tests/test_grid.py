@@ -117,10 +117,12 @@ def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path, monkeypat
     assert len(rows) == 2 * 3 and rows[0]["method"] == {"method": "none"}
     for r in rows:
         assert set(r) >= {"prediction", "score", "gold_logprob", "agreement_with_dense", "prefill_ms", "compress_ms",
-                          "decode_ms_per_token", "kv_bytes_dense_equivalent", "kv_bytes_held", "peak_rss_mb"}
+                          "decode_ms_per_token", "kv_bytes_dense16", "kv_bytes_held", "peak_rss_mb", "paths"}
         assert 0 <= r["score"] <= 100 and r["gold_logprob"] < 0
     xkv = [r for r in rows if r["method"]["method"] == "xkv"]
-    assert all(r["kv_ratio"] > 1.5 and "power_iteration" in r["compression_breakdown_ms"] for r in xkv)
+    assert all(r["kv_ratio"] > 1.5 and r["compression_breakdown_ms"] for r in xkv)
+    assert all(sum(r["kv_bytes_by_kind"].values()) == r["kv_bytes_held"] for r in rows)
+    assert {p for r in xkv for p in r["paths"]} <= {"gram bf16", "randomized q2 p8 bf16"}
     assert all(r["agreement_with_dense"] in (0.0, 1.0) for r in xkv)
     before = out.read_text()
     grid.run(cfg(tmp_path), model, tok)            # nothing left to do
@@ -138,7 +140,8 @@ def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path, monkeypat
     grid.run(cfg(tmp_path), model, tok)
     assert out.read_text() == complete and not list(tmp_path.glob("r.rank*.jsonl"))
     df = grid.load_results(out)
-    assert len(df) == 6 and set(df["label"]) == {"dense", "xkv G2 3x", "knorm 3x"}
+    xkv_label = f"xkv G2 3x pre_rope bf16 q2 → {df.loc[df['m_method'] == 'xkv', 'svd_ran'].iloc[0]}"
+    assert len(df) == 6 and set(df["label"]) == {"dense", xkv_label, "knorm 3x"}
     grid.run(cfg(tmp_path, n_samples=3), model, tok)  # a grown grid runs only its new cells
     grown = out.read_text()
     assert grown.startswith(complete) and len(grid.read_rows(out)) == 9
@@ -192,12 +195,16 @@ def test_presses_with_per_layer_budgets_or_attention_weights_run(smollm2, press)
 
 
 @pytest.mark.model
-def test_quantized_cache_peer_counts_its_packed_bytes(smollm2):
+def test_quantized_and_dense16_cells_count_their_bytes_against_16_bit(smollm2):
     model, tok = smollm2
     sample = grid.ruler.generate("niah_single_1", 1, 512, tok)[0]
     row = grid.run_cell(model, tok, sample, {"method": "quantized", "nbits": 4, "residual_length": 32},
                         "niah_single_1", 8)
-    assert 3.0 < row["kv_ratio"] < 8.0  # 4-bit codes + per-group scales/shifts vs fp32, plus the residual
+    assert row["paths"] == {"quanto int4": 60} and set(row["kv_bytes_by_kind"]) == {"codes", "scales", "residual"}
+    assert row["kv_ratio"] == row["kv_bytes_dense16"] / row["kv_bytes_held"]
+    dense16 = grid.run_cell(model, tok, sample, {"method": "dense16"}, "niah_single_1", 8)
+    assert dense16["kv_ratio"] == 1.0 and dense16["paths"] == {"dense bf16": 60}
+    assert dense16["kv_bytes_dense16"] == row["kv_bytes_dense16"] == 2 * 30 * 192 * 2 * row["processed_tokens"]
 
 
 @pytest.mark.model

@@ -9,57 +9,84 @@ from kvsvd import report
 from kvsvd.__main__ import main
 from kvsvd.grid import load_results
 
-METHODS = {  # method -> (score on every sample, measured ratio)
-    "dense": ({"method": "none"}, 90.0, 1.0),
-    "xkv": ({"method": "xkv", "layer_group_size": 2, "ratio": 4, "key_space": "pre_rope"}, 89.0, 3.7),
-    "xkv_exact": ({"method": "xkv", "layer_group_size": 2, "ratio": 4, "key_space": "pre_rope", "svd": "full_svd"},
-                  88.0, 3.7),
-    "xkv_q0": ({"method": "xkv", "layer_group_size": 2, "ratio": 4, "key_space": "pre_rope", "n_iter": 0}, 95.0, 3.7),
-    "svd8": ({"method": "svd", "ratio": 8, "key_space": "pre_rope"}, 20.0, 6.9),
-    "knorm": ({"method": "press", "press": "knorm", "ratio": 4}, 60.0, 3.75),
-    "snapkv8": ({"method": "press", "press": "snapkv", "ratio": 8}, 30.0, 6.9),
+XKV = {"method": "xkv", "layer_group_size": 2, "ratio": 4, "key_space": "pre_rope"}
+RANDOMIZED = "xkv G2 4x pre_rope bf16 q2 qr=householder → randomized"
+METHODS = {  # name -> (method, score on every sample, measured ratio, paths)
+    "dense": ({"method": "none"}, 90.0, 0.5, {"dense fp32": 60}),
+    "dense16": ({"method": "dense16"}, 90.0, 1.0, {"dense bf16": 60}),
+    "xkv": (XKV, 89.5, 3.7, {"gram bf16": 30}),  # qr=auto took the exact Gram path
+    "xkv_randomized": ({**XKV, "qr": "householder"}, 89.0, 3.7, {"randomized q2 p8 bf16": 30}),
+    "xkv_exact": ({**XKV, "svd": "full_svd"}, 88.0, 3.7, {"full bf16": 30}),
+    "xkv_q0": ({**XKV, "n_iter": 0, "qr": "householder"}, 50.0, 3.7, {"randomized q0 p8 bf16": 30}),
+    "svd8": ({"method": "svd", "ratio": 8, "key_space": "pre_rope"}, 20.0, 7.5, {"gram bf16": 60}),
+    "knorm": ({"method": "press", "press": "knorm", "ratio": 4}, 60.0, 3.75, {"knorm eviction, dense bf16": 60}),
+    "snapkv8": ({"method": "press", "press": "snapkv", "ratio": 8}, 30.0, 7.9, {"snapkv eviction, dense bf16": 60}),
+    "int4": ({"method": "quantized", "nbits": 4}, 85.0, 2.7, {"quanto int4": 60}),
+    "int2": ({"method": "quantized", "nbits": 2}, 10.0, 4.2, {"quanto int2": 60}),
 }
 
 
-@pytest.fixture
-def results(tmp_path):
-    path = tmp_path / "r.jsonl"
+def write_rows(path, methods=METHODS, paths=True):
     rows = []
     for task, offset in (("niah_single_1", 0.0), ("vt", -80.0)):
         for i in range(3):
-            for method, score, ratio in METHODS.values():
+            for method, score, ratio, held in methods.values():
                 rows.append({"key": json.dumps([method, task, i]), "method": method, "task": task,
                              "context_length": 2048, "index": i, "score": max(0.0, score + offset),
-                             "kv_ratio": ratio, "gold_logprob": -0.04 * (100 - score), "gold_tokens": 4})
+                             "kv_ratio": ratio, "gold_logprob": -0.04 * (100 - score), "gold_tokens": 4,
+                             **({"paths": held} if paths else {})})
     rows.append({**rows[0], "key": "unfinished", "index": 3, "score": 0.0})  # only dense has sample 3 yet
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def test_score_table_averages_headline_tasks_and_counts_samples(results):
+@pytest.fixture
+def results(tmp_path):
+    return write_rows(tmp_path / "r.jsonl")
+
+
+def test_score_table_averages_headline_tasks_and_labels_what_ran(results):
     table = report.score_table(report.tidy(load_results(results)), 2048)
     assert table.index[0] == "dense" and list(table["n"].unique()) == [3]
     assert table.at["dense", "average"] == 90.0  # vt (reported only) and the unfinished sample are not averaged in
     assert table.at["dense", "vt"] == 10.0 and table.at["knorm 4x", "ratio"] == 3.75
     assert list(table["ratio"].iloc[1:]) == sorted(table["ratio"].iloc[1:])
+    assert table.at["xkv G2 4x pre_rope bf16 q2 → gram", "svd_ran"] == "gram"  # asked rsvd, ran the Gram path
+    assert table.at[RANDOMIZED, "svd_ran"] == "randomized"
+    assert "xkv G2 4x pre_rope bf16 full_svd" in table.index and "quantized quanto int4" in table.index
 
 
-def test_goal_checks_use_the_rsvd_n_iter2_methods_and_compare_with_the_exact_svd(results):
-    g = report.goal_checks(report.tidy(load_results(results)), 2048, ratio=4)
-    assert g["best_kvsvd"] == "xkv G2 4x pre_rope"  # not the q0 sweep row, though it scores higher
+def test_a_row_with_a_ratio_and_no_paths_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="has kv_ratio but no paths"):
+        load_results(write_rows(tmp_path / "old.jsonl", paths=False))
+
+
+def test_goal_checks_compare_with_quantisation_peers_and_the_exact_svd_on_the_randomized_path(results):
+    df = report.tidy(load_results(results))
+    g = report.goal_checks(df, 2048, ratio=4)
+    assert g["best_kvsvd"] == "xkv G2 4x pre_rope bf16 q2 → gram" and g["best_kvsvd_score"] == 89.5
     assert g["within_2_of_dense"] and g["ahead_of_every_press"] and g["best_press"] == "knorm 4x"
-    (e,) = g["n_iter2_vs_exact"]
-    assert (e["config"], e["rsvd_q2"], e["full_svd"]) == ("xkv G2 4x pre_rope", 89.0, 88.0)
+    assert g["best_quantized"] == "quantized quanto int2" and g["ahead_of_every_quantized"]
+    (e,) = g["n_iter2_vs_exact"]  # the Gram-path row is not a randomized twin of the exact SVD
+    assert (e["config"], e["rsvd_q2"], e["full_svd"]) == (RANDOMIZED, 89.0, 88.0)
     assert e["delta"] == pytest.approx(1.0) and e["delta_ci"][0] <= e["delta"] <= e["delta_ci"][1]
-    g8 = report.goal_checks(report.tidy(load_results(results)), 2048, ratio=8)
-    assert not g8["within_2_of_dense"] and not g8["ahead_of_every_press"]
+    g8 = report.goal_checks(df, 2048, ratio=8)
+    assert not g8["within_2_of_dense"] and not g8["ahead_of_every_press"] and "best_quantized" not in g8
+
+
+def test_headline_takes_the_best_method_of_each_family_at_matched_ratios(results):
+    h = report.headline(report.score_table(report.tidy(load_results(results)), 2048)).set_index(["target", "family"])
+    assert h.loc[(2.7, "quantized cache"), "method"] == "quantized quanto int4"
+    assert h.loc[(4, "kvsvd"), "average"] == 89.5 and h.loc[(4, "kvpress"), "method"] == "knorm 4x"
+    assert h.loc[(8, "kvpress"), "method"] == "snapkv 8x" and (2, "kvsvd") not in h.index
 
 
 def test_report_command_prints_the_tables(results, capsys):
     assert main(["report", str(results)]) == 0
     out = capsys.readouterr().out
-    assert "| xkv G2 4x pre_rope | 3.70 | 89.0 | 9.0 | 89.0 | -1.0 [-1.0, -1.0] | 0.110 | 3 |" in out
-    assert "≈4×: dense 90.0; best kvsvd xkv G2 4x pre_rope 89.0" in out
+    assert f"| {RANDOMIZED} | 3.70 | 89.0 | 9.0 | 89.0 | -1.0 [-1.0, -1.0] | 0.110 | 3 |" in out
+    assert "| 2.7× | quantized cache | quantized quanto int4 | 2.70 | 85.0 | -5.0 [-5.0, -5.0] |" in out
+    assert "≈4×: dense 90.0; best kvsvd xkv G2 4x pre_rope bf16 q2 → gram 89.5" in out
 
 
 def test_difference_to_dense_is_paired_with_a_bootstrap_interval():

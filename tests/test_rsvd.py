@@ -8,7 +8,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import kvsvd
-from kvsvd.svd import QR_METHODS, gram_path_is_cheaper
+from kvsvd.svd import QR_METHODS, gram_path_is_cheaper, svd_path
 from conftest import conditioned, decaying, orth_error
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -201,3 +201,15 @@ def test_truncated_factors_do_not_keep_the_full_factors_alive(name):
     U, S, Vh = get_svd(name)(torch.randn(400, 96), 8)
     for t in (U, Vh):
         assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+def test_bf16_gemms_on_the_randomized_path_stay_near_optimal():
+    """A matrix wide enough that qr="auto" takes the randomized path (not the Gram path): BF16
+    subspace search, FP32 factors."""
+    A = decaying(4096, 1536, 0.8, seed=3)
+    assert svd_path("rsvd", 4096, 1536, 32, n_iter=2, oversample=8).label == "randomized q2 p8"
+    U, S, Vh = kvsvd.rsvd(A, 32, compute_dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    assert U.dtype == torch.float32 and rel_excess(A, U, S, Vh, 32) < 0.02
+    assert svd_path("rsvd", 4096, 192, 32, n_iter=2, oversample=8).label == "gram"
+    assert svd_path("rsvd", 4096, 192, 32, n_iter=2, oversample=8, qr="householder").label == "randomized q2 p8"
+    assert svd_path("full_svd", 10, 10, 3, n_iter=2, oversample=8).label == "full"

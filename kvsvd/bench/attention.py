@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..cache import LowRankCache
+from .. import accounting
 from ..config import config_for_ratio
 from .kernels import natural_text
 
@@ -85,7 +86,7 @@ def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0,
     factor_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model.dtype]
     cfg = config_for_ratio(ratio, context_tokens, model.config, method="svd" if layer_group_size == 1 else "xkv",
                            layer_group_size=layer_group_size, key_space=key_space,
-                           factor_dtype=factor_dtype, dense_itemsize=model.dtype.itemsize)  # factors at the model's dtype
+                           factor_dtype=factor_dtype)  # factors at the model's dtype
     low = LowRankCache(cfg, model.config)
     model(ids, past_key_values=low, logits_to_keep=1)
     low.compress_pending()
@@ -104,11 +105,10 @@ def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0,
     res = {}
     for name, ms in steps.items():
         cache = caches[name][0]
-        mem = cache.memory_report() if isinstance(cache, LowRankCache) else None
+        mem = accounting.cache_report(cache, model.config, cache.get_seq_length())
         res[name] = {"ms_per_token_median": statistics.median(ms), "tokens_per_s": 1e3 / statistics.median(ms),
-                     "step_ms": ms, "kv_ratio": mem["ratio"] if mem else 1.0,
-                     "kv_bytes": mem["total_bytes"] if mem else sum(
-                         t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))}
+                     "step_ms": ms, "kv_ratio": mem["ratio"], "kv_bytes": mem["total_bytes"],
+                     "paths": cache.path_counts() if isinstance(cache, LowRankCache) else None}
     payload = {"model": model_name, "context_tokens": context_tokens, "decode_tokens": decode_tokens, "rounds": rounds,
                "config": cfg.to_dict(), "device": str(model.device), "threads": torch.get_num_threads(),
                "device_name": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else None,

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..cache import LowRankCache
+from .. import accounting
 from ..config import CompressionConfig, config_for_ratio
 from .kernels import natural_text
 
@@ -48,12 +49,10 @@ def measure(model, context_ids: torch.Tensor, cache, decode_tokens: int, forced:
     res = {"prefill_ms": prefill_ms, "compress_ms": compress_ms, "decode_tokens_per_s": 1e3 * decode_tokens / sum(step_ms),
            "decode_ms_per_token": sum(step_ms) / decode_tokens, "decode_ms_median": ordered[len(ordered) // 2],
            "decode_ms_p90": ordered[int(0.9 * (len(ordered) - 1))], "decode_step_ms": step_ms, "tokens": tokens}
+    res["memory"] = accounting.cache_report(cache, model.config, cache.get_seq_length())
     if isinstance(cache, LowRankCache):
-        res["memory"] = cache.memory_report()
+        res["paths"] = cache.path_counts()
         res["compression_log"] = cache.compression_log
-    else:
-        n = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-        res["memory"] = {"total_bytes": n, "dense_equivalent_bytes": n, "ratio": 1.0}
     return res
 
 

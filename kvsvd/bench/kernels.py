@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from ..svd import get_svd, singular_values, truncation_error
+from ..svd import get_svd, singular_values, svd_path, truncation_error
 from ..timing import StageTimer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
@@ -202,8 +202,16 @@ def bench_config(A: torch.Tensor, specs: list[str], rank: int, n_iter: int, over
             calls[spec](timer)
             _sync(A.device)
             out[spec]["records"].append({"ms": (time.perf_counter() - t0) * 1e3, "breakdown_ms": timer.breakdown_ms()})
+    m, n = A.shape[-2:]
     return {spec: {"records": o["records"], "timed_once_per_matrix": spec in shared,
+                   "path": spec_path(spec, m, n, rank, n_iter, oversample),
                    "summary": _summary(o["records"], o["error"], opt, o["orth"])} for spec, o in out.items()}
+
+
+def spec_path(spec: str, m: int, n: int, rank: int, n_iter: int, oversample: int) -> str:
+    """The SVD path (``kvsvd.svd.SVDPath.label``) a method spec runs on an (m, n) matrix."""
+    fn_name, kwargs = MethodSpec(spec).parse()
+    return svd_path(fn_name, m, n, rank, n_iter=n_iter, oversample=oversample, qr=kwargs.get("qr", "auto")).label
 
 
 def _summary(records: list[dict], err: float, opt: float, orth: float) -> dict:
@@ -260,7 +268,7 @@ def run(profile_name: str = "cpu", device: str = "cpu", out: str | Path = "resul
 
 def ratio_table(results: list[dict]) -> str:
     """Speed ratios measured side by side: median ms of lowrank_svd / full_svd over each method's."""
-    lines = [f"{'matrix':<28}{'rank':>5}{'q':>3}  {'method':<28}{'med ms':>9}{'x lowrank':>10}{'x full':>8}"
+    lines = [f"{'matrix':<28}{'rank':>5}{'q':>3}  {'method':<28}{'path':<18}{'med ms':>9}{'x lowrank':>10}{'x full':>8}"
              f"{'err/opt':>9}{'vs roof':>8}"]
     for res in results:
         c, meth = res["config"], res["methods"]
@@ -269,6 +277,6 @@ def ratio_table(results: list[dict]) -> str:
             s = r["summary"]
             lr = base.get("lowrank_svd", float("nan")) / s["median_time_ms"]
             fu = base.get("full_svd", float("nan")) / s["median_time_ms"]
-            lines.append(f"{c['matrix']:<28}{c['rank']:>5}{c['n_iter']:>3}  {spec:<28}{s['median_time_ms']:>9.2f}"
+            lines.append(f"{c['matrix']:<28}{c['rank']:>5}{c['n_iter']:>3}  {spec:<28}{r['path']:<18}{s['median_time_ms']:>9.2f}"
                          f"{lr:>10.2f}{fu:>8.1f}{s['rel_error']:>9.4f}{s['median_time_ms'] / res['roofline_ms']:>8.2f}")
     return "\n".join(lines)

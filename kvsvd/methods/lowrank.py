@@ -6,7 +6,7 @@ import torch
 
 from ..config import CompressionConfig
 from ..store import DenseStore, LowRankStore
-from ..svd import get_svd
+from ..svd import get_svd, svd_path
 from ..timing import StageTimer
 
 
@@ -15,8 +15,9 @@ def compress(x: torch.Tensor, rank: int, config: CompressionConfig, *, kind: str
     """One shared token factor U (B, T, rank) for the group; W = diag(S)·Vh (B, rank, G·F)."""
     B, T, G, F = x.shape
     if rank >= T:  # a segment shorter than the rank is cheaper (and exact) stored as it is
-        return DenseStore(x)
+        return DenseStore.build(x, config.dense_dtype)
     gen = torch.Generator(device=x.device).manual_seed(config.seed)
     U, S, Vh = get_svd(config.svd)(x.reshape(B, T, G * F), rank, n_iter=config.n_iter,
                                    oversample=config.oversample, qr=config.qr, generator=gen, timer=timer)
-    return LowRankStore.build(U, S.unsqueeze(-1) * Vh.to(S.dtype), F, config.factor_dtype)
+    path = svd_path(config.svd, T, G * F, rank, n_iter=config.n_iter, oversample=config.oversample, qr=config.qr)
+    return LowRankStore.build(U, S.unsqueeze(-1) * Vh.to(S.dtype), F, config.factor_dtype, path.label)

@@ -35,4 +35,5 @@ def compress(x: torch.Tensor, rank: int, config: CompressionConfig, *, kind: str
     merged = angle <= lo + config.minicache_gamma * (hi - lo)
     dt = FLOAT_DTYPES[config.factor_dtype]
     return MergedStore(merged=merged, directions=direction[merged].to(dt),
-                       norms=norms.transpose(-1, -2)[merged].to(dt), retained=x[~merged].clone())
+                       norms=norms.transpose(-1, -2)[merged].to(dt),
+                       retained=x[~merged].to(FLOAT_DTYPES[config.dense_dtype], copy=True))

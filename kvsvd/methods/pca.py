@@ -13,8 +13,9 @@ def compress(x: torch.Tensor, rank: int, config: CompressionConfig, *, kind: str
     """u = (x − mean) P, P (F, rank) the layer's first ``rank`` calibrated principal directions."""
     B, T, G, F = x.shape
     if rank >= T:
-        return DenseStore(x)
+        return DenseStore.build(x, config.dense_dtype)
     mean, basis = calibration.basis(layers[0], kind)
     P = basis[:, :rank]
     u = (x[:, :, 0].to(P.dtype) - mean) @ P
-    return LowRankStore.build(u, P.mT.unsqueeze(0), F, config.factor_dtype, mean=mean.reshape(1, 1, F), shared_w=True)
+    return LowRankStore.build(u, P.mT.unsqueeze(0), F, config.factor_dtype, "pca", mean=mean.reshape(1, 1, F),
+                              shared_w=True)

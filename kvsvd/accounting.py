@@ -1,0 +1,139 @@
+"""Byte accounting: every ratio kvsvd prints, stores or plots is bytes held against a 16-bit cache.
+
+The reference is the cache that serving stacks hold and that the field's papers count against
+(KIVI, KVQuant, xKV, KVTC, kvpress): **2 bytes per K or V entry, whatever dtype the model
+computes in** (FP32 on a CPU, BF16 on a GPU). What a cache holds is counted tensor by tensor,
+each distinct storage once, by kind:
+
+- ``factors``: token and right factors, merged directions and norms;
+- ``scales``: per-token or per-group scales and zero points of quantised tensors;
+- ``codes``: quantised K/V of a quantising peer (QuantizedCache);
+- ``residual``: the dense recent window of a compressed layer;
+- ``uncompressed``: layers and segments kept dense, MiniCache's retained tokens, a dense cache;
+- ``rope``: cos/sin tables kept to re-rotate pre-RoPE keys;
+- ``calibration``: calibrated bases and means (PCA), shared by every sequence;
+- ``index``: masks (MiniCache's merged tokens).
+
+``ratio = dense16_bytes / total_bytes``. This module is the one place where bytes are counted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+DENSE_ENTRY_BYTES = 2  # the 16-bit reference cache
+KINDS = ("factors", "scales", "codes", "residual", "uncompressed", "rope", "calibration", "index")
+STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ENTRY_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}  # per stored entry, for budgets
+SCALE_BYTES = 2  # int8/int4 token factors: one bf16 scale per token and matrix; their right factor is bf16
+ROPE_TABLE_BYTES = 4  # per token and head_dim: FP32 cos and sin, each kept at half width (2 · 4 · d/2)
+
+
+def factor_entry_bytes(factor_dtype: str) -> tuple[float, float, float]:
+    """(token-factor entry, right-factor entry, per-token scale) bytes of a ``factor_dtype``."""
+    if factor_dtype not in ENTRY_BYTES:
+        raise ValueError(f"factor_dtype={factor_dtype!r} is unknown; accepted: {', '.join(ENTRY_BYTES)}")
+    if factor_dtype in ("int8", "int4"):
+        return ENTRY_BYTES[factor_dtype], ENTRY_BYTES["bf16"], SCALE_BYTES
+    return ENTRY_BYTES[factor_dtype], ENTRY_BYTES[factor_dtype], 0
+
+
+def model_dims(model_config) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a transformers model config."""
+    text = model_config.get_text_config(decoder=True)
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    return text.num_hidden_layers, text.num_key_value_heads, head_dim
+
+
+def dense16_bytes(model_config, tokens: int, batch: int = 1) -> int:
+    """K and V of ``tokens`` tokens per sequence in a 16-bit cache: 2 · B · T · L · H · d · 2 bytes."""
+    L, H, d = model_dims(model_config)
+    return 2 * batch * tokens * L * H * d * DENSE_ENTRY_BYTES
+
+
+def storage_key(t: Tensor) -> tuple[int, int]:
+    """(data pointer, bytes) of the storage behind ``t``: views of one storage share it."""
+    s = t.untyped_storage()
+    return s.data_ptr(), s.nbytes()
+
+
+def report(held: dict[str, list[Tensor]], dense16: int) -> dict[str, float]:
+    """``{kind}_bytes`` for every kind of :data:`KINDS` (each distinct storage counted once, under the
+    first kind that names it), ``total_bytes``, ``dense16_bytes`` and ``ratio`` = dense16 / total."""
+    unknown = set(held) - set(KINDS)
+    if unknown:
+        raise ValueError(f"held tensor kinds {sorted(unknown)} are unknown; accepted: {', '.join(KINDS)}")
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, float] = {}
+    for kind in KINDS:
+        total = 0
+        for t in held.get(kind, []):
+            key = storage_key(t)
+            if key not in seen:
+                seen.add(key)
+                total += key[1]
+        out[f"{kind}_bytes"] = total
+    out["total_bytes"] = sum(out.values())
+    out["dense16_bytes"] = dense16
+    out["ratio"] = dense16 / out["total_bytes"] if out["total_bytes"] else float("nan")
+    return out
+
+
+def _quantized_parts(q) -> dict[str, list[Tensor]]:
+    """A quantised tensor's storage by kind: quanto's tensor subclasses (inner ``_data`` codes,
+    ``_scale`` / ``_shift``), or HQQ's ``(codes, meta)`` pair with ``meta['scale']`` / ``meta['zero']``."""
+    if isinstance(q, tuple):
+        codes, meta = q
+        return {"codes": [codes], "scales": [t for k, t in meta.items() if isinstance(t, Tensor)]}
+    out: dict[str, list[Tensor]] = {"codes": [], "scales": []}
+    stack = [q]
+    while stack:
+        t = stack.pop()
+        if hasattr(t, "__tensor_flatten__"):
+            for name in t.__tensor_flatten__()[0]:
+                inner = getattr(t, name)
+                if "scale" in name or "shift" in name:
+                    out["scales"].append(inner)
+                else:
+                    stack.append(inner)
+        else:
+            out["codes"].append(t)
+    return out
+
+
+def layer_tensors(layer) -> dict[str, list[Tensor]]:
+    """What one transformers cache layer holds: a quantised layer's codes and scales plus its dense
+    residual; any other layer's K/V (or its storage, ``stored_tensors()``) as ``uncompressed``."""
+    if not layer.is_initialized:
+        return {}
+    if hasattr(layer, "stored_tensors"):
+        return {"uncompressed": layer.stored_tensors()}
+    dense = [t for t in (layer.keys, layer.values) if t is not None and t.numel()]
+    quantized = [q for q in (getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None))
+                 if q is not None]
+    if not quantized:
+        return {"uncompressed": dense}
+    out: dict[str, list[Tensor]] = {"residual": dense, "codes": [], "scales": []}
+    for q in quantized:
+        for kind, ts in _quantized_parts(q).items():
+            out[kind] += ts
+    return out
+
+
+def cache_tensors(cache) -> dict[str, list[Tensor]]:
+    """Every tensor a cache holds, by kind: ``cache.held_tensors()`` where the cache lists its own
+    (LowRankCache), else the union of :func:`layer_tensors` over its layers."""
+    if hasattr(cache, "held_tensors"):
+        return cache.held_tensors()
+    out: dict[str, list[Tensor]] = {}
+    for layer in cache.layers:
+        for kind, ts in layer_tensors(layer).items():
+            out.setdefault(kind, []).extend(ts)
+    return out
+
+
+def cache_report(cache, model_config, tokens: int, batch: int = 1) -> dict[str, float]:
+    """:func:`report` of every tensor ``cache`` holds against a 16-bit cache of ``tokens`` tokens per
+    sequence (every token whose K/V entered the cache, also those a press evicted)."""
+    return report(cache_tensors(cache), dense16_bytes(model_config, tokens, batch))

@@ -1,0 +1,78 @@
+"""Dense caches that store K/V in a chosen dtype and hand them back in the model's dtype.
+
+``Dense16Cache`` is the cache that defines 1×: every K/V entry stored in bf16 (2 bytes) and
+upcast on read, whatever dtype the model computes in. On an FP32 model its accuracy next to
+``DynamicCache``'s is the cost of 16-bit storage alone. ``StoredLayer`` is also what
+``LowRankCache`` keeps its uncompressed layers in.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+from .accounting import STORAGE_DTYPES
+
+Tensor = torch.Tensor
+
+
+def with_fresh(stored: Tensor, fresh: Tensor) -> Tensor:
+    """``stored`` (B, H, T, d) read back, its last tokens replaced by the ``fresh`` states (B, H, n, d)
+    the model has just computed: a step attends its own new tokens exactly (a prefill attends what the
+    model computed), the earlier ones as stored. Returns ``stored`` itself when nothing differs."""
+    n = min(fresh.shape[-2], stored.shape[-2])
+    if n == 0 or torch.equal(stored[..., -n:, :], fresh[..., -n:, :]):
+        return stored
+    return torch.cat([stored[..., :-n, :], fresh[..., -n:, :]], dim=-2)
+
+
+class StoredLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose K/V (B, H, T, d) live in ``storage`` dtype; ``keys`` / ``values``
+    read them back in the model dtype and can be assigned (kvpress prunes through them). ``update``
+    returns the stored history with the step's own new tokens as the model computed them."""
+
+    def __init__(self, storage: str = "bf16"):
+        if storage not in STORAGE_DTYPES:
+            raise ValueError(f"storage={storage!r} is unknown; accepted: {', '.join(STORAGE_DTYPES)}")
+        self.storage = STORAGE_DTYPES[storage]
+        self._keys: Tensor | None = None
+        self._values: Tensor | None = None
+        super().__init__()
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        self.dtype, self.device, self.batch = key_states.dtype, key_states.device, key_states.shape[0]
+        self.is_initialized = True
+
+    def update(self, key_states: Tensor, value_states: Tensor,
+               cache_kwargs: dict[str, Any] | None = None) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        k, v = key_states.to(self.storage), value_states.to(self.storage)
+        self._keys = k if self._keys is None else torch.cat([self._keys, k], dim=-2)
+        self._values = v if self._values is None else torch.cat([self._values, v], dim=-2)
+        return with_fresh(self.keys, key_states), with_fresh(self.values, value_states)
+
+    def _read(self, t: Tensor | None) -> Tensor | None:
+        return t if t is None or not self.is_initialized else t.to(self.dtype)
+
+    def _store(self, t: Tensor | None) -> Tensor | None:
+        return None if t is None else t.to(self.storage)
+
+    keys = property(lambda self: self._read(self._keys), lambda self, t: setattr(self, "_keys", self._store(t)))
+    values = property(lambda self: self._read(self._values), lambda self, t: setattr(self, "_values", self._store(t)))
+
+    def get_seq_length(self) -> int:
+        return 0 if self._keys is None or not self._keys.numel() else self._keys.shape[-2]
+
+    def stored_tensors(self) -> list[Tensor]:
+        """The tensors this layer holds (for ``kvsvd.accounting``)."""
+        return [t for t in (self._keys, self._values) if t is not None]
+
+
+class Dense16Cache(Cache):
+    """Every layer a :class:`StoredLayer` in bf16: the 16-bit dense reference cache."""
+
+    def __init__(self) -> None:
+        super().__init__(layer_class_to_replicate=StoredLayer)

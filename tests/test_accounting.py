@@ -1,0 +1,81 @@
+"""kvsvd.accounting: bytes held against a 16-bit cache, for kvsvd's caches and for the peers'."""
+
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache, QuantizedCache
+
+from kvsvd import accounting
+from kvsvd.dense import Dense16Cache
+from kvsvd.grid import validate_row
+from conftest import held_storage_bytes
+
+
+def test_dense16_bytes_is_two_bytes_per_entry_whatever_the_model_dtype(tiny_llama):
+    assert accounting.dense16_bytes(tiny_llama.config, 100, batch=3) == 2 * 3 * 100 * 4 * 2 * 16 * 2
+
+
+@torch.no_grad()
+def test_quantized_cache_bytes_are_its_codes_scales_shifts_and_residual(tiny_llama):
+    """quanto's int4 QuantizedCache, counted tensor by tensor: packed uint8 codes, FP32 scales and shifts
+    per group of 64, and the residual window in the model dtype."""
+    cache = QuantizedCache(backend="quanto", config=tiny_llama.config, nbits=4, residual_length=8)
+    ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(0))
+    tiny_llama(ids, past_key_values=cache)
+    for t in range(12):  # past the residual length once: the history is requantised, 4 tokens stay dense
+        tiny_llama(ids[:, t:t + 1], past_key_values=cache)
+    codes = scales = residual = 0
+    for layer in cache.layers:
+        for q in (layer._quantized_keys, layer._quantized_values):
+            codes += q._data._data.numel()  # uint8, two 4-bit codes per byte
+            scales += 4 * (q._scale.numel() + q._shift.numel())
+        residual += 4 * (layer.keys.numel() + layer.values.numel())
+    rep = accounting.cache_report(cache, tiny_llama.config, 112)
+    assert (rep["codes_bytes"], rep["scales_bytes"], rep["residual_bytes"]) == (codes, scales, residual)
+    assert codes == 4 * 2 * 108 * 2 * 16 // 2 and residual == 4 * 2 * 4 * 2 * 16 * 4
+    assert rep["total_bytes"] == codes + scales + residual
+    assert rep["dense16_bytes"] == 2 * 112 * 4 * 2 * 16 * 2 and rep["ratio"] == rep["dense16_bytes"] / rep["total_bytes"]
+
+
+@torch.no_grad()
+def test_dense16_cache_holds_bf16_and_reads_the_model_dtype(tiny_llama):
+    ids = torch.randint(0, 128, (2, 60), generator=torch.Generator().manual_seed(1))
+    ref, cache = DynamicCache(), Dense16Cache()
+    ref_logits = tiny_llama(ids, past_key_values=ref).logits
+    logits = tiny_llama(ids, past_key_values=cache).logits
+    step = tiny_llama(ids[:, :1], past_key_values=cache).logits
+    ref_step = tiny_llama(ids[:, :1], past_key_values=ref).logits
+    assert torch.equal(logits, ref_logits)  # a step attends its own new tokens as computed, the rest as stored
+    assert (step - ref_step).abs().max() < 2e-2 and not torch.equal(step, ref_step)
+    layer = cache.layers[0]
+    assert layer._keys.dtype == torch.bfloat16 and layer.keys.dtype == torch.float32 and layer.get_seq_length() == 61
+    rep = accounting.cache_report(cache, tiny_llama.config, 61, batch=2)
+    assert rep["uncompressed_bytes"] == rep["total_bytes"] == held_storage_bytes(cache) == rep["dense16_bytes"]
+    assert rep["ratio"] == 1.0
+    assert accounting.cache_report(ref, tiny_llama.config, 61, batch=2)["ratio"] == 0.5  # FP32 dense
+
+
+@torch.no_grad()
+def test_a_press_prunes_the_dense16_cache_in_its_storage_dtype(tiny_llama):
+    from kvpress import KnormPress
+    ids = torch.randint(0, 128, (1, 80), generator=torch.Generator().manual_seed(2))
+    cache = Dense16Cache()
+    with KnormPress(compression_ratio=0.5)(tiny_llama):
+        tiny_llama.model(ids, past_key_values=cache)
+    assert cache.get_seq_length() == 40 and cache.layers[0]._keys.dtype == torch.bfloat16
+    assert accounting.cache_report(cache, tiny_llama.config, 80)["ratio"] == 2.0
+
+
+def test_report_refuses_an_unknown_kind_and_counts_shared_storage_once():
+    t = torch.zeros(10, dtype=torch.bfloat16)
+    rep = accounting.report({"factors": [t, t[:5]], "residual": [t]}, 80)
+    assert rep["factors_bytes"] == 20 and rep["residual_bytes"] == 0 and rep["ratio"] == 4.0
+    with pytest.raises(ValueError, match=r"kinds \['weights'\] are unknown"):
+        accounting.report({"weights": [t]}, 80)
+
+
+def test_a_grid_row_with_a_ratio_must_name_its_paths():
+    validate_row({"key": "a", "kv_ratio": 2.0, "paths": {"gram bf16": 8}})
+    with pytest.raises(ValueError, match="has kv_ratio but no paths"):
+        validate_row({"key": json.dumps(["x"]), "kv_ratio": 2.0})
