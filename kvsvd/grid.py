@@ -465,7 +465,7 @@ def seal(source: str | Path | dict, context_length: int) -> Path:
 def load_results(path: str | Path):
     """A tidy pandas DataFrame: one row per cell of results file ``path`` and its sealed parts, the
     method's fields as ``m_*`` columns, ``svd_ran`` (the SVD paths its K/V matrices ran, over all rows
-    of the method) and ``label`` (what was asked and, for rsvd, what ran: ``... rsvd q2 → gram``)."""
+    of the method at that context length) and ``label`` (what was asked and, for rsvd, what ran: ``... rsvd q2 → gram``)."""
     import pandas as pd
     rows = read_results(Path(path)).values()
     records = []
@@ -481,8 +481,9 @@ def load_results(path: str | Path):
     df = pd.DataFrame.from_records(records)
     if not df.empty:
         df["label"] = df.apply(_label, axis=1)
-        kinds = df.groupby("label")["svd_kinds"].agg(lambda s: "+".join(sorted({k for v in s.dropna() for k in v.split("+")})))
-        df["svd_ran"] = df["label"].map(kinds).replace("", None)
+        kinds = df.groupby(["label", "context_length"])["svd_kinds"].agg(
+            lambda s: "+".join(sorted({k for v in s.dropna() for k in v.split("+")})))
+        df["svd_ran"] = [kinds[key] or None for key in zip(df["label"], df["context_length"])]
         asked_rsvd = df["m_method"].isin(SVD_FACTORISED) & (df["m_svd"].fillna("rsvd") == "rsvd" if "m_svd" in df else True)
         df.loc[asked_rsvd, "label"] = df["label"] + " → " + df["svd_ran"].fillna("dense")
     return df

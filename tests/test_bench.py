@@ -22,6 +22,9 @@ def test_smoke_profile_writes_json_and_resumes(tmp_path, capsys):
         assert s["min_time_ms"] <= s["avg_time_ms"] <= s["max_time_ms"]
         assert 1.0 - 1e-6 <= s["rel_error"] < 1.1
     assert set(res["methods"]["rsvd"]["summary"]["avg_breakdown_ms"]) >= {"preparation", "lift"}
+    # every record names the path that ran: auto took the exact Gram path on this narrow matrix
+    assert res["methods"]["rsvd"]["path"] == "gram" and res["methods"]["rsvd[qr=householder]"]["path"] == "randomized q2 p8"
+    assert "power_iteration" not in res["methods"]["rsvd"]["summary"]["avg_breakdown_ms"]
     out = capsys.readouterr().out
     assert "x lowrank" in out and "rsvd[qr=householder]" in out
     mtime = files[0].stat().st_mtime_ns

@@ -67,6 +67,9 @@ def test_goal_checks_compare_with_quantisation_peers_and_the_exact_svd_on_the_ra
     assert g["best_kvsvd"] == "xkv G2 4x pre_rope bf16 q2 → gram" and g["best_kvsvd_score"] == 89.5
     assert g["within_2_of_dense"] and g["ahead_of_every_press"] and g["best_press"] == "knorm 4x"
     assert g["best_quantized"] == "quantized quanto int2" and g["ahead_of_every_quantized"]
+    assert g["dominated_by"] is None
+    g2 = report.goal_checks(df, 2048, ratio=8)  # svd 8x (20 at 7.5x) is beaten by snapkv 8x (30 at 7.9x)
+    assert g2["dominated_by"] == "snapkv 8x"
     (e,) = g["n_iter2_vs_exact"]  # the Gram-path row is not a randomized twin of the exact SVD
     assert (e["config"], e["rsvd_q2"], e["full_svd"]) == (RANDOMIZED, 89.0, 88.0)
     assert e["delta"] == pytest.approx(1.0) and e["delta_ci"][0] <= e["delta"] <= e["delta_ci"][1]
