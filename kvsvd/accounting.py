@@ -30,6 +30,11 @@ SCALE_BYTES = 2  # int8/int4 token factors: one bf16 scale per token and matrix;
 ROPE_TABLE_BYTES = 4  # per token and head_dim: FP32 cos and sin, each kept at half width (2 · 4 · d/2)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``bf16``, ``fp16`` or ``fp32`` for a storage dtype."""
+    return next(name for name, dt in STORAGE_DTYPES.items() if dt == dtype)
+
+
 def factor_entry_bytes(factor_dtype: str) -> tuple[float, float, float]:
     """(token-factor entry, right-factor entry, per-token scale) bytes of a ``factor_dtype``."""
     if factor_dtype not in ENTRY_BYTES:

@@ -201,9 +201,9 @@ class LowRankLayer(CacheLayerMixin):
             group.maybe_compress_block()
         # the step attends its own new tokens as the model computed them, the earlier ones as stored
         if cache.decodes_from_factors:  # the kvsvd attention reads the segments' factors itself
-            return (self._tagged(with_fresh(self._res_k.to(self.dtype), key_states)),
-                    self._tagged(with_fresh(self._res_v.to(self.dtype), value_states)))
-        return with_fresh(self.keys, key_states), with_fresh(self.values, value_states)
+            return (self._tagged(with_fresh(self._res_k.to(self.dtype), key_states, self.storage)),
+                    self._tagged(with_fresh(self._res_v.to(self.dtype), value_states, self.storage)))
+        return with_fresh(self.keys, key_states, self.storage), with_fresh(self.values, value_states, self.storage)
 
     def _tagged(self, t: Tensor) -> Tensor:
         """A view of the dense residual that names this layer to ``kvsvd.attention``."""

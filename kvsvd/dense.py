@@ -18,14 +18,16 @@ from .accounting import STORAGE_DTYPES
 Tensor = torch.Tensor
 
 
-def with_fresh(stored: Tensor, fresh: Tensor) -> Tensor:
-    """``stored`` (B, H, T, d) read back, its last tokens replaced by the ``fresh`` states (B, H, n, d)
-    the model has just computed: a step attends its own new tokens exactly (a prefill attends what the
-    model computed), the earlier ones as stored. Returns ``stored`` itself when nothing differs."""
-    n = min(fresh.shape[-2], stored.shape[-2])
-    if n == 0 or torch.equal(stored[..., -n:, :], fresh[..., -n:, :]):
-        return stored
-    return torch.cat([stored[..., :-n, :], fresh[..., -n:, :]], dim=-2)
+def with_fresh(read: Tensor, fresh: Tensor, storage: torch.dtype) -> Tensor:
+    """``read`` (B, H, T, d), the stored history read back, with its last tokens set to the ``fresh``
+    states (B, H, n, d) the model has just computed: a step attends its own new tokens exactly (a
+    prefill attends what the model computed), the earlier ones as stored. When ``storage`` is the
+    model dtype the stored copy is exact and ``read`` is returned as it is; otherwise ``read`` is a
+    copy made by the read-back and is written in place."""
+    n = min(fresh.shape[-2], read.shape[-2])
+    if storage != fresh.dtype and n:
+        read[..., -n:, :] = fresh[..., -n:, :]
+    return read
 
 
 class StoredLayer(DynamicLayer):
@@ -52,7 +54,7 @@ class StoredLayer(DynamicLayer):
         k, v = key_states.to(self.storage), value_states.to(self.storage)
         self._keys = k if self._keys is None else torch.cat([self._keys, k], dim=-2)
         self._values = v if self._values is None else torch.cat([self._values, v], dim=-2)
-        return with_fresh(self.keys, key_states), with_fresh(self.values, value_states)
+        return with_fresh(self.keys, key_states, self.storage), with_fresh(self.values, value_states, self.storage)
 
     def _read(self, t: Tensor | None) -> Tensor | None:
         return t if t is None or not self.is_initialized else t.to(self.dtype)

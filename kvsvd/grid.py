@@ -266,8 +266,8 @@ def paths(cache, method: dict, model_config) -> dict[str, int]:
     if isinstance(cache, LowRankCache):
         return cache.path_counts()
     kind = method["method"]
-    dtype = str(next(layer.dtype for layer in cache.layers if layer.is_initialized)).removeprefix("torch.")
-    label = {"none": f"dense {dtype.replace('float', 'fp')}", "dense16": "dense bf16",
+    dtype = accounting.dtype_name(next(layer.dtype for layer in cache.layers if layer.is_initialized))
+    label = {"none": f"dense {dtype}", "dense16": "dense bf16",
              "press": f"{method.get('press')} eviction, dense bf16",
              "quantized": f"{method.get('backend', 'quanto')} int{method.get('nbits', 4)}"}[kind]
     return {label: 2 * accounting.model_dims(model_config)[0]}

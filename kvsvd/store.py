@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .accounting import STORAGE_DTYPES as FLOAT_DTYPES
+from .accounting import STORAGE_DTYPES as FLOAT_DTYPES, dtype_name
 
 Tensor = torch.Tensor
 
@@ -55,7 +55,7 @@ class DenseStore:
 
     @property
     def path(self) -> str:
-        return f"dense {_name(self.x.dtype)}"
+        return f"dense {dtype_name(self.x.dtype)}"
 
     def layer(self, j: int, dtype: torch.dtype) -> Tensor:
         return self.x[:, :, j].to(dtype)
@@ -125,7 +125,7 @@ class MergedStore:
 
     @property
     def path(self) -> str:
-        return f"minicache {_name(self.directions.dtype)}"
+        return f"minicache {dtype_name(self.directions.dtype)}"
 
     def layer(self, j: int, dtype: torch.dtype) -> Tensor:
         B, T = self.merged.shape
@@ -137,7 +137,3 @@ class MergedStore:
 
     def held(self) -> dict[str, list[Tensor]]:
         return {"factors": [self.directions, self.norms], "index": [self.merged], "uncompressed": [self.retained]}
-
-
-def _name(dtype: torch.dtype) -> str:
-    return next(name for name, dt in FLOAT_DTYPES.items() if dt == dtype)
