@@ -13,6 +13,7 @@ from . import attention  # registers attn_implementation="kvsvd" with transforme
 from .cache import LowRankCache
 from .calibrate import calibrate
 from .config import CompressionConfig
+from .methods.transform import TransformConfig
 from .models import load_model
 
-__all__ += ["LowRankCache", "CompressionConfig", "calibrate", "load_model"]
+__all__ += ["LowRankCache", "CompressionConfig", "TransformConfig", "calibrate", "load_model"]

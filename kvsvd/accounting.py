@@ -5,16 +5,19 @@ The reference is the cache that serving stacks hold and that the field's papers 
 computes in** (FP32 on a CPU, BF16 on a GPU). What a cache holds is counted tensor by tensor,
 each distinct storage once, by kind:
 
-- ``factors``: token and right factors, merged directions and norms;
-- ``scales``: per-token or per-group scales and zero points of quantised tensors;
-- ``codes``: quantised K/V of a quantising peer (QuantizedCache);
+- ``factors``: token and right factors, merged directions and norms, per-prompt bases and means;
+- ``scales``: per-token, per-group or per-block scales and zero points of quantised tensors;
+- ``codes``: quantised K/V of a quantising peer (QuantizedCache), bit-packed transform coefficients;
 - ``residual``: the dense recent window of a compressed layer;
 - ``uncompressed``: layers and segments kept dense, MiniCache's retained tokens, a dense cache;
 - ``rope``: cos/sin tables kept to re-rotate pre-RoPE keys;
 - ``calibration``: calibrated bases and means (PCA), shared by every sequence;
 - ``index``: masks (MiniCache's merged tokens).
 
-``ratio = dense16_bytes / total_bytes``. This module is the one place where bytes are counted.
+``ratio = dense16_bytes / total_bytes``. A dense copy of the cache rebuilt for reading and kept
+between steps (``memoize_reads``, TurboQuantCache's dequantised view) is listed as ``rebuilt`` and
+reported as ``rebuilt_bytes``, apart from the total: the compressed state does not need it. This
+module is the one place where bytes are counted.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 Tensor = torch.Tensor
 DENSE_ENTRY_BYTES = 2  # the 16-bit reference cache
 KINDS = ("factors", "scales", "codes", "residual", "uncompressed", "rope", "calibration", "index")
+REBUILT = "rebuilt"  # dense read copies kept between steps, reported apart from the total
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ENTRY_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}  # per stored entry, for budgets
 SCALE_BYTES = 2  # int8/int4 token factors: one bf16 scale per token and matrix; their right factor is bf16
@@ -65,13 +69,14 @@ def storage_key(t: Tensor) -> tuple[int, int]:
 
 def report(held: dict[str, list[Tensor]], dense16: int) -> dict[str, float]:
     """``{kind}_bytes`` for every kind of :data:`KINDS` (each distinct storage counted once, under the
-    first kind that names it), ``total_bytes``, ``dense16_bytes`` and ``ratio`` = dense16 / total."""
-    unknown = set(held) - set(KINDS)
+    first kind that names it), ``total_bytes``, ``dense16_bytes``, ``ratio`` = dense16 / total and
+    ``rebuilt_bytes`` (the ``rebuilt`` copies, not part of the total)."""
+    unknown = set(held) - set(KINDS) - {REBUILT}
     if unknown:
-        raise ValueError(f"held tensor kinds {sorted(unknown)} are unknown; accepted: {', '.join(KINDS)}")
+        raise ValueError(f"held tensor kinds {sorted(unknown)} are unknown; accepted: {', '.join(KINDS)}, {REBUILT}")
     seen: set[tuple[int, int]] = set()
     out: dict[str, float] = {}
-    for kind in KINDS:
+    for kind in (*KINDS, REBUILT):
         total = 0
         for t in held.get(kind, []):
             key = storage_key(t)
@@ -79,7 +84,7 @@ def report(held: dict[str, list[Tensor]], dense16: int) -> dict[str, float]:
                 seen.add(key)
                 total += key[1]
         out[f"{kind}_bytes"] = total
-    out["total_bytes"] = sum(out.values())
+    out["total_bytes"] = sum(out[f"{kind}_bytes"] for kind in KINDS)
     out["dense16_bytes"] = dense16
     out["ratio"] = dense16 / out["total_bytes"] if out["total_bytes"] else float("nan")
     return out
@@ -114,6 +119,9 @@ def layer_tensors(layer) -> dict[str, list[Tensor]]:
         return {}
     if hasattr(layer, "stored_tensors"):
         return {"uncompressed": layer.stored_tensors()}
+    if hasattr(layer, "_key_indices"):  # turboquant's TurboQuantLayer: uint8 indices, fp32 norms, a dense window
+        return {"codes": [layer._key_indices, layer._value_indices], "scales": [layer._key_norms, layer._value_norms],
+                "residual": [layer._residual_keys, layer._residual_values], REBUILT: [layer.keys, layer.values]}
     dense = [t for t in (layer.keys, layer.values) if t is not None and t.numel()]
     quantized = [q for q in (getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None))
                  if q is not None]

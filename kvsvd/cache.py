@@ -14,6 +14,10 @@ Timeline of one group:
 - later tokens (question, decode) append to the residual; whenever it holds more than
   residual_length + block_size tokens, the oldest block_size become a new segment.
 
+``transform`` codes every group's prefill in one call (:meth:`LowRankCache.transform_code`):
+one bit allocation spends the whole cache's byte budget over all groups, K and V; the first
+``sink_tokens`` of the timeline stay dense as a segment of their own.
+
 Everything kept dense (the residual window, uncompressed layers) is stored in
 ``config.dense_dtype`` (bf16 by default, what a 16-bit serving cache holds) and read back in the
 model dtype. Reads rebuild the segments densely (the reconstruct-on-read path). For ``pre_rope``
@@ -43,8 +47,9 @@ from . import accounting
 from .accounting import STORAGE_DTYPES
 from .config import CompressionConfig
 from .dense import StoredLayer, with_fresh
-from .methods import COMPRESSORS
+from .methods import COMPRESSORS, transform
 from .rope import apply_rope, invert_rope
+from .store import DenseStore
 from .timing import StageTimer
 
 Tensor = torch.Tensor
@@ -103,24 +108,34 @@ class LayerGroup:
         self.rebuilt: dict[tuple[int, bool, torch.dtype], tuple[int, Tensor]] = {}  # memoize_reads: n_segments, read
 
     def compress_pending(self) -> None:
-        """Compress the stored prefill (all but the last residual_length tokens)."""
+        """Compress the stored prefill (all but the last residual_length tokens); ``transform``
+        codes every group's prefill at once (one allocation)."""
         if not self.prefill_pending:
             return
+        if self.cache.config.method == "transform":
+            self.cache.compress_pending()
+            return
         self.prefill_pending = False
+        n = self.pending_tokens()
+        if n > 0:
+            self._compress_oldest(n)
+
+    def pending_tokens(self) -> int:
+        """Prefill tokens beyond the residual window (the same in every member)."""
         lengths = {m.residual_length() for m in self.members}
         if len(lengths) != 1:
             raise ValueError(f"layers {self.layers} hold {sorted(lengths)} tokens after prefill (a press evicted "
                              "different tokens per layer): layer_group_size must be 1 to compress them")
-        n = lengths.pop() - self.cache.config.residual_length
-        if n > 0:
-            self._compress_oldest(n)
+        return lengths.pop() - self.cache.config.residual_length
 
     def maybe_compress_block(self) -> None:
         cfg = self.cache.config
         while self.members[0].residual_length() > cfg.residual_length + cfg.block_size:
             self._compress_oldest(cfg.block_size)
 
-    def _compress_oldest(self, n: int) -> None:
+    def take_oldest(self, n: int) -> tuple[Tensor, Tensor]:
+        """Remove the n oldest residual tokens of every member: K (un-rotated for pre_rope) and V as
+        (B, n, G, H·d) in the model dtype; the caller adds them back as the next segment."""
         cfg, cache = self.cache.config, self.cache
         start = self.compressed_length
         ks, vs = [], []
@@ -133,17 +148,29 @@ class LayerGroup:
                 k = invert_rope(k, *cache.rope.span(start, start + n))
             ks.append(k.transpose(1, 2).flatten(2))      # (B, n, H·d)
             vs.append(v.transpose(1, 2).flatten(2))
+        return torch.stack(ks, 2), torch.stack(vs, 2)
+
+    def add_segment(self, n: int, keys, values) -> None:
+        """Append the stores of the next n tokens of the timeline."""
+        self.segments.append(Segment(self.compressed_length, n, keys, values))
+        self.compressed_length += n
+
+    def _compress_oldest(self, n: int) -> None:
+        cfg, cache = self.cache.config, self.cache
+        if cfg.method == "transform":
+            cache.transform_code([(self, n)], whole_cache=False)
+            return
+        k, v = self.take_oldest(n)
         timer = StageTimer()
         t0 = time.perf_counter()
         kw = dict(layers=self.layers, heads=cache.kv_heads, calibration=cache.calibration, timer=timer)
-        store_k = COMPRESSORS[cfg.method](torch.stack(ks, 2), cfg.rank_k, cfg, kind="k", **kw)
-        store_v = COMPRESSORS[cfg.method](torch.stack(vs, 2), cfg.rank_v, cfg, kind="v", **kw)
-        if ks[0].device.type == "cuda":
+        store_k = COMPRESSORS[cfg.method](k, cfg.rank_k, cfg, kind="k", **kw)
+        store_v = COMPRESSORS[cfg.method](v, cfg.rank_v, cfg, kind="v", **kw)
+        if k.device.type == "cuda":
             torch.cuda.synchronize()
         cache.compression_log.append({"layers": self.layers, "tokens": n, "ms": (time.perf_counter() - t0) * 1e3,
                                       "breakdown_ms": timer.breakdown_ms(), "paths": [store_k.path, store_v.path]})
-        self.segments.append(Segment(start, n, store_k, store_v))
-        self.compressed_length += n
+        self.add_segment(n, store_k, store_v)
 
     def read(self, j: int, values: bool, dtype: torch.dtype) -> Tensor | None:
         """Layer j's compressed tokens rebuilt densely: (B, H, T_compressed, d), or None."""
@@ -311,7 +338,7 @@ class LowRankCache(Cache):
             raise ValueError(f"layer_group_size={G} does not divide the {n} compressed layers "
                              f"[{config.start_layer}, {end}]; accepted: a divisor of {n}, or change start/end_layer")
         features = G * self.kv_heads * self.head_dim
-        if config.method in ("svd", "xkv", "pca"):
+        if config.method in ("svd", "xkv", "pca", "transform"):
             for name in ("rank_k", "rank_v"):
                 if getattr(config, name) > features:
                     raise ValueError(f"{name}={getattr(config, name)} exceeds the {features} features of a group "
@@ -346,15 +373,67 @@ class LowRankCache(Cache):
 
     def compress_pending(self) -> None:
         """Compress every group's stored prefill now (otherwise the next forward does it)."""
+        if self.config.method != "transform":
+            for group in self.groups:
+                group.compress_pending()
+            return
+        jobs = []
         for group in self.groups:
-            group.compress_pending()
+            if group.prefill_pending:
+                group.prefill_pending = False
+                jobs.append((group, group.pending_tokens()))
+        self.transform_code([(g, n) for g, n in jobs if n > 0], whole_cache=True)
+
+    def transform_code(self, jobs: list[tuple[LayerGroup, int]], whole_cache: bool) -> None:
+        """Transform-code the n oldest residual tokens of each (group, n) in one allocation
+        (``kvsvd.methods.transform``). The first ``sink_tokens`` of the timeline become dense
+        segments. ``whole_cache``: the budget is what leaves the whole cache at 1/ratio of its
+        16-bit bytes (every other tensor held counted as it is); otherwise 1/ratio of these tokens'."""
+        cfg, tc = self.config, self.config.transform
+        live = [layer for layer in self.layers if layer.is_initialized]
+        tokens = max((layer.get_seq_length() for layer in live), default=0)
+        matrices, owners = [], []
+        for group, n in jobs:
+            sinks = min(n, max(0, tc.sink_tokens - group.compressed_length))
+            if sinks:
+                k, v = group.take_oldest(sinks)
+                group.add_segment(sinks, DenseStore.build(k, cfg.dense_dtype), DenseStore.build(v, cfg.dense_dtype))
+            if n > sinks:
+                k, v = group.take_oldest(n - sinks)
+                matrices += [(k, cfg.rank_k, "k", group.layers), (v, cfg.rank_v, "v", group.layers)]
+                owners.append((group, n - sinks))
+        if not owners:
+            return
+        if whole_cache:
+            dense16 = accounting.dense16_bytes(self.model_config, tokens, live[0].batch)
+            held = accounting.report(self.held_tensors(), dense16)["total_bytes"]
+            budget = dense16 / tc.ratio - held
+            if budget <= 0:
+                raise ValueError(f"ratio={tc.ratio} is out of reach: the sinks, residual windows, RoPE tables and "
+                                 f"uncompressed layers alone hold {held:.0f} of the {dense16 / tc.ratio:.0f} bytes "
+                                 f"it allows at {tokens} tokens; accepted: ratio < {dense16 / held:.2f}, or fewer "
+                                 "sink_tokens / residual_length")
+        else:
+            budget = sum(x.numel() * accounting.DENSE_ENTRY_BYTES for x, *_ in matrices) / tc.ratio
+        timer = StageTimer()
+        t0 = time.perf_counter()
+        stores, lam = transform.compress(matrices, cfg, budget, timer)
+        if matrices[0][0].device.type == "cuda":
+            torch.cuda.synchronize()
+        self.compression_log.append({"layers": [l for g, _ in owners for l in g.layers],
+                                     "tokens": sum(n for _, n in owners), "ms": (time.perf_counter() - t0) * 1e3,
+                                     "breakdown_ms": timer.breakdown_ms(), "paths": [s.path for s in stores],
+                                     "budget_bytes": budget, "lambda": lam,
+                                     "allocation": [s.allocation for s in stores]})
+        for i, (group, n) in enumerate(owners):
+            group.add_segment(n, stores[2 * i], stores[2 * i + 1])
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         raise NotImplementedError("LowRankCache does not support beam search (reorder_cache): use num_beams=1")
 
     def held_tensors(self) -> dict[str, list[Tensor]]:
         """Every tensor the cache holds, by kind of ``kvsvd.accounting.KINDS`` (see memory_report)."""
-        out: dict[str, list[Tensor]] = {k: [] for k in accounting.KINDS}
+        out: dict[str, list[Tensor]] = {k: [] for k in (*accounting.KINDS, accounting.REBUILT)}
         for layer in self.layers:
             if isinstance(layer, LowRankLayer):
                 out["residual"] += [t for t in (layer._res_k, layer._res_v) if t is not None]
@@ -367,6 +446,7 @@ class LowRankCache(Cache):
                     for kind, ts in store.held().items():
                         out[kind] += ts
         out["rope"] += self.rope.tensors()
+        out[accounting.REBUILT] = [t for g in self.groups for _, t in g.rebuilt.values()]
         return out
 
     def path_counts(self) -> dict[str, int]:
@@ -400,6 +480,4 @@ class LowRankCache(Cache):
         if tokens is None:
             tokens = max((layer.get_seq_length() for layer in live), default=0)
         batch = live[0].batch if live else 0
-        report = accounting.report(self.held_tensors(), accounting.dense16_bytes(self.model_config, tokens, batch))
-        report["rebuilt_bytes"] = sum(accounting.storage_key(t)[1] for g in self.groups for _, t in g.rebuilt.values())
-        return report
+        return accounting.report(self.held_tensors(), accounting.dense16_bytes(self.model_config, tokens, batch))

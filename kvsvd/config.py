@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .accounting import ENTRY_BYTES, ROPE_TABLE_BYTES, STORAGE_DTYPES, dense16_bytes, factor_entry_bytes, model_dims
+from .methods.transform import TransformConfig
 from .svd import QR_METHODS, SVD_METHODS
 
-METHODS = ("svd", "xkv", "minicache", "pca")
+METHODS = ("svd", "xkv", "minicache", "pca", "transform")
 KEY_SPACES = ("pre_rope", "post_rope")
 FACTOR_DTYPES = ("bf16", "fp16", "fp32", "int8", "int4")
 
@@ -31,13 +32,17 @@ class CompressionConfig:
     Ranks are the *total* rank of one compressed matrix, as in xKV: for ``xkv`` a group of G
     layers is one (tokens × G·H·d) matrix, so rank_k=256 at G=4 stores as many factor entries
     per token as rank_k=64 per layer (the per-layer equivalent is rank / G). For ``svd`` and
-    ``pca`` the matrix is one layer (tokens × H·d). ``minicache`` ignores the ranks.
+    ``pca`` the matrix is one layer (tokens × H·d). ``minicache`` ignores the ranks. For
+    ``transform`` they cap the latent columns the basis computes (the allocator keeps fewer).
 
     Attributes:
         method: ``svd`` (per layer), ``xkv`` (groups of ``layer_group_size`` adjacent layers
             concatenated along features, one shared token factor), ``minicache`` (SLERP merge
-            of adjacent layer pairs, divergent tokens kept), ``pca`` (fixed calibrated bases).
-        layer_group_size: G for ``xkv`` (≥ 1); must be 1 for ``svd``/``pca``, 2 for ``minicache``.
+            of adjacent layer pairs, divergent tokens kept), ``pca`` (fixed calibrated bases),
+            ``transform`` (xKV groups transform-coded: a per-prompt basis and rate-allocated
+            quantised coefficients, ``kvsvd.methods.transform``).
+        layer_group_size: G for ``xkv`` and ``transform`` (≥ 1); must be 1 for ``svd``/``pca``, 2 for
+            ``minicache``.
         start_layer, end_layer: the compressed layers, inclusive; -1 means the last layer.
             Layers outside stay uncompressed. The range must split into whole groups.
         n_iter, oversample, qr, svd: the SVD call (``svd`` names a function of
@@ -56,6 +61,8 @@ class CompressionConfig:
         minicache_t, minicache_gamma: SLERP weight t and retention threshold γ: tokens whose
             angle exceeds Ωmin + γ·(Ωmax − Ωmin) are kept unmerged.
         seed: seed of the randomized SVD sketch (compression is deterministic).
+        transform: the transform coder's settings (``method="transform"`` only; default
+            ``TransformConfig()``); its ``ratio`` sets the bytes, not the ranks.
     """
 
     method: str = "xkv"
@@ -77,9 +84,15 @@ class CompressionConfig:
     minicache_t: float = 0.5
     minicache_gamma: float = 0.05
     seed: int = 0
+    transform: TransformConfig | None = None
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
+        if self.method == "transform" and self.transform is None:
+            object.__setattr__(self, "transform", TransformConfig())
+        if self.transform is not None and (self.method != "transform" or not isinstance(self.transform, TransformConfig)):
+            raise ValueError(f"transform={self.transform!r} applies to method='transform' only and must be a "
+                             f"TransformConfig; got method={self.method!r}")
         for name in ("rank_k", "rank_v", "layer_group_size", "block_size"):
             _int(name, getattr(self, name), 1)
         for name in ("start_layer", "n_iter", "oversample", "residual_length", "seed"):
@@ -110,6 +123,16 @@ class CompressionConfig:
         return asdict(self)
 
 
+def dense_bytes(model_config, tokens: int, compressed_layers: int, kept_tokens: int, key_space: str,
+                dense_dtype: str) -> float:
+    """What a cache of ``tokens`` tokens holds besides its compressed segments: every token of the
+    uncompressed layers and ``kept_tokens`` (window, sinks) of the compressed ones in ``dense_dtype``,
+    and the RoPE tables of pre-RoPE keys."""
+    num_layers, heads, head_dim = model_dims(model_config)
+    entries = 2 * heads * head_dim * (tokens * (num_layers - compressed_layers) + kept_tokens * compressed_layers)
+    return ENTRY_BYTES[dense_dtype] * entries + (tokens * head_dim * ROPE_TABLE_BYTES if key_space == "pre_rope" else 0)
+
+
 def ranks_for_ratio(ratio: float, tokens: int, model_config, *, group_size: int, start_layer: int = 0,
                     residual_length: int = 0, key_space: str = "pre_rope", k_share: float = 1 / 3,
                     factor_dtype: str = "bf16", dense_dtype: str = "bf16") -> tuple[int, int]:
@@ -130,12 +153,10 @@ def ranks_for_ratio(ratio: float, tokens: int, model_config, *, group_size: int,
     num_layers, heads, head_dim = model_dims(model_config)
     features, G, R = heads * head_dim, group_size, residual_length
     e_u, e_w, e_s = factor_entry_bytes(factor_dtype)
-    e_d = ENTRY_BYTES[dense_dtype]
     groups = (num_layers - start_layer) // G
     n = tokens - R
     budget = dense16_bytes(model_config, tokens) / ratio
-    fixed = (e_d * 2 * features * (tokens * (num_layers - groups * G) + R * groups * G)
-             + (tokens * head_dim * ROPE_TABLE_BYTES if key_space == "pre_rope" else 0) + groups * 2 * n * e_s)
+    fixed = dense_bytes(model_config, tokens, groups * G, R, key_space, dense_dtype) + groups * 2 * n * e_s
     total = (budget - fixed) / (groups * (n * e_u + G * features * e_w))
     if total < 2:
         raise ValueError(f"ratio={ratio} leaves no room for factors after the residual window, RoPE tables and "
@@ -162,9 +183,31 @@ def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "
     G = layer_group_size
     fields.setdefault("start_layer", L % G)
     fields.setdefault("residual_length", CompressionConfig.residual_length)
+    if method == "transform":
+        return _transform_for_ratio(ratio, tokens, model_config, G, fields)
     rank_k, rank_v = ranks_for_ratio(ratio, tokens, model_config, group_size=G, start_layer=fields["start_layer"],
                                      residual_length=fields["residual_length"],
                                      key_space=fields.get("key_space", CompressionConfig.key_space), k_share=k_share,
                                      factor_dtype=fields.get("factor_dtype", CompressionConfig.factor_dtype),
                                      dense_dtype=fields.get("dense_dtype", CompressionConfig.dense_dtype))
     return CompressionConfig(method=method, layer_group_size=G, rank_k=rank_k, rank_v=rank_v, **fields)
+
+
+def _transform_for_ratio(ratio: float, tokens: int, model_config, G: int, fields: dict) -> CompressionConfig:
+    """``method="transform"``: the ratio goes to the allocator; the basis may use every latent
+    column (rank G·F) unless rank_k / rank_v cap it. Refuses a ratio whose budget the dense parts
+    (sinks, window, RoPE tables, uncompressed layers) fill on their own."""
+    L, heads, head_dim = model_dims(model_config)
+    names = TransformConfig.__dataclass_fields__
+    tc = TransformConfig(ratio=ratio, **{k: fields.pop(k) for k in list(fields) if k in names})
+    fixed = dense_bytes(model_config, tokens, (L - fields["start_layer"]) // G * G,
+                        fields["residual_length"] + tc.sink_tokens, fields.get("key_space", CompressionConfig.key_space),
+                        fields.get("dense_dtype", CompressionConfig.dense_dtype))
+    dense16 = dense16_bytes(model_config, tokens)
+    if fixed >= dense16 / ratio:
+        raise ValueError(f"ratio={ratio} is out of reach at {tokens} tokens: the sinks, residual window, RoPE tables "
+                         f"and uncompressed layers alone hold {fixed:.0f} of the {dense16 / ratio:.0f} bytes it allows; "
+                         f"accepted: ratio < {dense16 / fixed:.2f}, or fewer sink_tokens / residual_length")
+    fields.setdefault("rank_k", G * heads * head_dim)
+    fields.setdefault("rank_v", G * heads * head_dim)
+    return CompressionConfig(method="transform", layer_group_size=G, transform=tc, **fields)

@@ -74,14 +74,16 @@ from transformers import DynamicCache
 from . import accounting, ruler
 from .cache import LowRankCache
 from .config import METHODS as KVSVD_METHODS, CompressionConfig, config_for_ratio
+from .methods.transform import TransformConfig
 from .dense import Dense16Cache
 from .evaluate import Filled, Prefill, answer, fan_out_prefill, record_prefill, split_prompt
 
 PRESSES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress", "knorm": "KnormPress",
            "expected_attention": "ExpectedAttentionPress", "pyramidkv": "PyramidKVPress", "tova": "TOVAPress",
            "observed_attention": "ObservedAttentionPress"}
-METHODS = ("none", "dense16", "press", "quantized", *KVSVD_METHODS)
-SVD_FACTORISED = ("svd", "xkv")  # the methods that call an SVD function
+METHODS = ("none", "dense16", "press", "quantized", "turboquant", *KVSVD_METHODS)
+SVD_FACTORISED = ("svd", "xkv", "transform")
+TRANSFORM_FIELDS = tuple(f for f in TransformConfig.__dataclass_fields__ if f != "ratio")  # ratio: the method's own  # the methods that call an SVD function
 GRID_KEYS = {"name", "model", "tasks", "context_lengths", "n_samples", "seed", "max_new_tokens", "methods", "out",
              "memoize_reads"}
 METHOD_KEYS = ({"method", "ratio", "press", "k_share", "nbits", "backend"}
@@ -250,9 +252,15 @@ def build(method: dict, model, context_tokens: int, memoize_reads: bool = False)
         from transformers import QuantizedCache
         return QuantizedCache(backend=method.get("backend", "quanto"), config=model.config,
                               nbits=method.get("nbits", 4), residual_length=method.get("residual_length", 128)), None
-    fields = {k: v for k, v in method.items() if k in CompressionConfig.__dataclass_fields__}
+    if kind == "turboquant":  # the turboquant package's TurboQuantCache (random rotation + Lloyd-Max codebook)
+        from turboquant import TurboQuantCache
+        return TurboQuantCache(bits=method.get("nbits", 3)), None
+    fields = {k: v for k, v in method.items()
+              if k in CompressionConfig.__dataclass_fields__ or (kind == "transform" and k in TRANSFORM_FIELDS)}
     G = fields.setdefault("layer_group_size", {"svd": 1, "pca": 1, "minicache": 2}.get(kind, 4))
-    if "ratio" in method and kind in ("svd", "xkv", "pca"):
+    if kind == "transform" and "ratio" not in method:
+        raise ValueError(f"method {method} needs a ratio: the transform coder's budget against a 16-bit cache")
+    if "ratio" in method and kind in ("svd", "xkv", "pca", "transform"):
         config = config_for_ratio(method["ratio"], context_tokens, model.config,
                                   k_share=method.get("k_share", 1 / 3), **fields)
     else:
@@ -269,7 +277,8 @@ def paths(cache, method: dict, model_config) -> dict[str, int]:
     dtype = accounting.dtype_name(next(layer.dtype for layer in cache.layers if layer.is_initialized))
     label = {"none": f"dense {dtype}", "dense16": "dense bf16",
              "press": f"{method.get('press')} eviction, dense bf16",
-             "quantized": f"{method.get('backend', 'quanto')} int{method.get('nbits', 4)}"}[kind]
+             "quantized": f"{method.get('backend', 'quanto')} int{method.get('nbits', 4)}",
+             "turboquant": f"turboquant {method.get('nbits', 3)}-bit, uint8 indices"}[kind]
     return {label: 2 * accounting.model_dims(model_config)[0]}
 
 
@@ -336,11 +345,12 @@ def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: 
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if model.device.type == "cuda":
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if held["rebuilt_bytes"]:  # dense read copies kept between steps (memoized reads, TurboQuant's view)
+        row["kv_bytes_rebuilt"] = held["rebuilt_bytes"]
     if isinstance(cache, LowRankCache):
         row["rank_k"], row["rank_v"] = cache.config.rank_k, cache.config.rank_v
         if memoize_reads:
-            row.update(reads_memoized=True, kv_bytes_rebuilt=cache.memory_report()["rebuilt_bytes"],
-                       decode_ms_per_token_memoized=row.pop("decode_ms_per_token"))
+            row.update(reads_memoized=True, decode_ms_per_token_memoized=row.pop("decode_ms_per_token"))
     return row
 
 
@@ -507,13 +517,23 @@ def _label(row) -> str:
     if m == "quantized":
         backend = row.get("m_backend")
         return f"quantized {backend if isinstance(backend, str) else 'quanto'} int{int(row.get('m_nbits', 4))}"
+    if m == "turboquant":
+        return f"turboquant {int(row.get('m_nbits', 3))}-bit"
     def field(name: str):
         value = row.get(f"m_{name}")
         present = isinstance(value, str) or (isinstance(value, (int, float)) and value == value)
-        return value if present else getattr(CompressionConfig, name, None)
+        return value if present else getattr(CompressionConfig, name, getattr(TransformConfig, name, None))
 
-    parts = [m + (f" G{int(field('layer_group_size'))}" if m == "xkv" else "") + budget]
-    parts += [field("key_space"), field("factor_dtype")] if m != "minicache" else [field("factor_dtype")]
+    parts = [m + (f" G{int(field('layer_group_size'))}" if m in ("xkv", "transform") else "") + budget]
+    if m == "transform":
+        parts += [field("key_space"), f"basis {field('basis_dtype')}", f"sinks {int(field('sink_tokens'))}",
+                  f"window {int(field('residual_length'))}"]
+        if field("block_tokens") != TransformConfig.block_tokens:
+            parts.append(f"block {int(field('block_tokens'))}")
+    elif m != "minicache":
+        parts += [field("key_space"), field("factor_dtype")]
+    else:
+        parts += [field("factor_dtype")]
     if field("dense_dtype") != CompressionConfig.dense_dtype:
         parts.append(f"dense {field('dense_dtype')}")
     if m in SVD_FACTORISED:

@@ -39,6 +39,48 @@ def test_quantized_cache_bytes_are_its_codes_scales_shifts_and_residual(tiny_lla
 
 
 @torch.no_grad()
+def test_hqq_quantized_cache_bytes_are_its_packed_codes_scales_zeros_and_residual(tiny_llama):
+    """HQQ's 3-bit QuantizedCache: codes bit-packed into int32 (10 per word), FP32 scale and zero per
+    group of 64, the residual in the model dtype."""
+    cache = QuantizedCache(backend="hqq", config=tiny_llama.config, nbits=3, residual_length=8)
+    ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(0))
+    tiny_llama(ids, past_key_values=cache)
+    codes = scales = residual = 0
+    for layer in cache.layers:
+        for q, meta in (layer._quantized_keys, layer._quantized_values):
+            assert q.dtype == torch.int32
+            codes += 4 * q.numel()
+            scales += 4 * (meta["scale"].numel() + meta["zero"].numel())
+        residual += 4 * (layer.keys.numel() + layer.values.numel())
+    rep = accounting.cache_report(cache, tiny_llama.config, 100)
+    assert (rep["codes_bytes"], rep["scales_bytes"], rep["residual_bytes"]) == (codes, scales, residual)
+    assert codes == 4 * 2 * 4 * 7 * 50  # layers × K/V × 4 bytes × ⌈64/10⌉ words per group × 50 groups of 64
+    assert rep["total_bytes"] == codes + scales + residual
+
+
+@torch.no_grad()
+def test_turboquant_bytes_are_its_uint8_indices_norms_and_window_and_its_view_is_apart(tiny_llama):
+    """TurboQuantCache keeps one uint8 index per entry (not bit-packed: 1 byte whatever the bits), an FP32
+    norm per vector and a 128-token window in the model dtype, a slice of the step's tensor (whose storage
+    it keeps whole); its dequantised view of the timeline, kept between steps, is reported as
+    rebuilt_bytes, apart from the total."""
+    from turboquant import TurboQuantCache
+    cache = TurboQuantCache(bits=3)
+    ids = torch.randint(0, 128, (1, 301), generator=torch.Generator().manual_seed(0))
+    tiny_llama(ids[:, :300], past_key_values=cache)
+    prefill = accounting.cache_report(cache, tiny_llama.config, 300)
+    assert prefill["residual_bytes"] == 4 * 2 * 2 * 300 * 16 * 4  # the window is a view of all 300 prefill tokens
+    tiny_llama(ids[:, 300:], past_key_values=cache, position_ids=torch.tensor([[300]]))
+    rep = accounting.cache_report(cache, tiny_llama.config, 301)
+    entries = 4 * 2 * 2 * 173 * 16  # layers × K/V × heads × quantised tokens × head_dim
+    assert rep["codes_bytes"] == entries and rep["scales_bytes"] == 4 * entries // 16
+    assert rep["residual_bytes"] == 4 * 2 * 2 * 129 * 16 * 4  # 128 + 1 tokens of the step's concatenation, FP32
+    assert rep["rebuilt_bytes"] == 4 * 2 * 2 * 301 * 16 * 4  # the K and V views of all 301 tokens, FP32
+    assert rep["total_bytes"] == rep["codes_bytes"] + rep["scales_bytes"] + rep["residual_bytes"]
+    assert rep["ratio"] < 2  # 16-bit entries against 8-bit indices plus norms and an FP32 window
+
+
+@torch.no_grad()
 def test_dense16_cache_holds_bf16_and_reads_the_model_dtype(tiny_llama):
     ids = torch.randint(0, 128, (2, 60), generator=torch.Generator().manual_seed(1))
     ref, cache = DynamicCache(), Dense16Cache()

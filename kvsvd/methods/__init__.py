@@ -4,6 +4,8 @@
 
 x (B, T, G, F) holds keys (kind="k") or values ("v") of one token segment of a layer group (G layers,
 F = kv_heads · head_dim), in the model dtype; the store rebuilds each layer (kvsvd.store).
+``transform`` codes many matrices in one allocation (``transform.compress``, called by
+``LowRankCache.transform_code``), so it has a signature of its own.
 """
 
 from . import lowrank, minicache, pca

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..config import CompressionConfig
 from ..store import DenseStore, LowRankStore
 from ..svd import get_svd, svd_path
 from ..timing import StageTimer
+
+if TYPE_CHECKING:
+    from ..config import CompressionConfig
 
 
 def compress(x: torch.Tensor, rank: int, config: CompressionConfig, *, kind: str, layers: list[int], heads: int,

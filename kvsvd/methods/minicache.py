@@ -9,10 +9,14 @@ unmerged, as the MiniCache paper does; the retained fraction is visible in the b
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..config import CompressionConfig
 from ..store import FLOAT_DTYPES, DenseStore, MergedStore
+
+if TYPE_CHECKING:
+    from ..config import CompressionConfig
 
 
 def compress(x: torch.Tensor, rank: int, config: CompressionConfig, *, kind: str, layers: list[int], heads: int,

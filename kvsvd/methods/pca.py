@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from ..config import CompressionConfig
 from ..store import DenseStore, LowRankStore
+
+if TYPE_CHECKING:
+    from ..config import CompressionConfig
 
 
 def compress(x: torch.Tensor, rank: int, config: CompressionConfig, *, kind: str, layers: list[int], heads: int,

@@ -1,0 +1,301 @@
+"""``transform``: transform coding of a layer group's K or V, decoded from its codes.
+
+x (B, T, G, F) of one segment (keys pre-RoPE) is mean-centred per sequence and factorised by
+kvsvd's SVD call: x − μ ≈ C·Vᵀ with coefficients C = U·S (B, T, r) and basis Vᵀ (B, r, G·F).
+Each latent column i gets bᵢ bits of :data:`BITS`: a midrise uniform quantiser per block of
+``block_tokens`` tokens whose step is Gaussian-optimal for the block's standard deviation,
+with the block's mean as offset (both held in bf16, the bits bit-packed into uint8). A column
+with 0 bits is dropped with its basis row. Rank truncation (0 or full bits) and uniform
+quantisation (equal bits) are special cases of the same code.
+
+Allocation is one Lagrangian over every matrix of a call (all groups, K and V): each column
+takes the b minimising Dᵢ(b) + λ·bytesᵢ(b), where Dᵢ(b) is the column's measured squared error
+at b bits and bytesᵢ(b) its codes, basis row and block scales; λ is bisected to the largest
+allocation that fits the byte budget. For the Gaussian model Dᵢ(b) = σᵢ²·4^(−b) with continuous
+b this is reverse water-filling, bᵢ = max(0, ½·log₂(σᵢ²/θ)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..accounting import ENTRY_BYTES, SCALE_BYTES
+from ..store import dequantize_rows, quantize_rows
+from ..svd import get_svd, gram_matrix, svd_path
+from ..timing import StageTimer, maybe_stage
+
+Tensor = torch.Tensor
+BITS = (0, 1, 2, 3, 4, 8)
+# step, in standard deviations, of the MSE-optimal midrise uniform quantiser of a Gaussian, by bits
+# (Max 1960; tests/test_transform.py re-derives them by numerical integration)
+GAUSS_STEP = {1: 1.59577, 2: 0.99568, 3: 0.58602, 4: 0.33520, 8: 0.03076}
+# its MSE in σ² (at 8 bits the granular Δ²/12: the ±3.9σ overload is next to never reached)
+GAUSS_MSE = {1: 0.36338, 2: 0.11885, 3: 0.03744, 4: 0.01154, 8: 0.03076 ** 2 / 12}
+BASIS_DTYPES = ("bf16", "int8")
+STAT_BYTES = 2 * ENTRY_BYTES["bf16"]  # per block and kept column: std and mean in bf16
+MEASURE_EVERY = 8  # the recorded reconstruction error is measured on every 8th token
+
+
+@dataclass(frozen=True)
+class TransformConfig:
+    """The transform coder's own settings (``CompressionConfig(method="transform", transform=...)``).
+
+    Attributes:
+        ratio: the whole cache holds ≈ 1/ratio of a 16-bit dense cache's bytes right after the
+            prefill is compressed (the sinks, windows, RoPE tables and uncompressed layers
+            included); later blocks are coded at 1/ratio of their own 16-bit bytes.
+        basis_dtype: storage of the per-prompt basis rows: ``int8`` (one bf16 scale per row)
+            or ``bf16``.
+        sink_tokens: the first tokens of the timeline, kept dense in ``dense_dtype``.
+        block_tokens: tokens per coefficient block (one std and one mean per kept column).
+    """
+    ratio: float = 8.0
+    basis_dtype: str = "int8"
+    sink_tokens: int = 4
+    block_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
+            raise ValueError(f"ratio={self.ratio!r} is out of range; accepted: a number > 1")
+        if self.basis_dtype not in BASIS_DTYPES:
+            raise ValueError(f"basis_dtype={self.basis_dtype!r} is unknown; accepted: {', '.join(BASIS_DTYPES)}")
+        for name, lo in (("sink_tokens", 0), ("block_tokens", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name}={value!r} is out of range; accepted: an int >= {lo}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# -- bit packing ------------------------------------------------------------------------------
+def pack_bits(q: Tensor, bits: int) -> Tensor:
+    """q uint8 (B, N) with values < 2^bits → (B, ⌈N·bits/8⌉) uint8, the bits of each value in turn."""
+    if bits not in BITS[1:]:
+        raise ValueError(f"bits={bits} is not a code width; accepted: {', '.join(map(str, BITS[1:]))}")
+    if bits == 8:
+        return q.contiguous()
+    B, N = q.shape
+    shifts = torch.arange(bits, dtype=torch.uint8, device=q.device)
+    flat = ((q.unsqueeze(-1) >> shifts) & 1).reshape(B, N * bits)
+    flat = torch.nn.functional.pad(flat, (0, -(N * bits) % 8)).reshape(B, -1, 8).to(torch.int32)
+    return (flat << torch.arange(8, dtype=torch.int32, device=q.device)).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: (B, n) uint8."""
+    if bits == 8:
+        return packed[:, :n]
+    B = packed.shape[0]
+    flat = ((packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1).reshape(B, -1)
+    flat = flat[:, :n * bits].reshape(B, n, bits).to(torch.int32)
+    return (flat << torch.arange(bits, dtype=torch.int32, device=packed.device)).sum(-1).to(torch.uint8)
+
+
+# -- the per-column block quantiser ----------------------------------------------------------
+def block_stats(c: Tensor, block: int) -> Tensor:
+    """Std and mean of every column per block of ``block`` tokens, rounded to bf16 as held:
+    c (B, T, r) float32 → (B, ⌈T/block⌉, r, 2) bf16."""
+    chunks = c.split(block, dim=1)
+    std = torch.stack([x.std(1, correction=0) for x in chunks], 1)
+    mean = torch.stack([x.mean(1) for x in chunks], 1)
+    return torch.stack([std, mean], -1).to(torch.bfloat16)
+
+
+def _per_token(stats: Tensor, block: int, T: int) -> tuple[Tensor, Tensor]:
+    s = stats.float().repeat_interleave(block, dim=1)[:, :T]
+    return s[..., 0], s[..., 1]
+
+
+def quantize(c: Tensor, stats: Tensor, bits: int, block: int) -> Tensor:
+    """Codes uint8 (B, T, r) in [0, 2^bits) of c (B, T, r) with the blocks' ``stats``."""
+    std, mean = _per_token(stats, block, c.shape[1])
+    step = (GAUSS_STEP[bits] * std).clamp_min(torch.finfo(torch.float32).tiny)
+    half = 1 << (bits - 1)
+    return (torch.floor((c - mean) / step) + half).clamp(0, 2 * half - 1).to(torch.uint8)
+
+
+def dequantize(q: Tensor, stats: Tensor, bits: int, block: int) -> Tensor:
+    """Inverse of :func:`quantize` → float32 (B, T, r)."""
+    std, mean = _per_token(stats, block, q.shape[1])
+    return (q.float() - (1 << (bits - 1)) + 0.5) * (GAUSS_STEP[bits] * std) + mean
+
+
+# -- analysis, allocation, encoding -----------------------------------------------------------
+@dataclass
+class Latents:
+    """One matrix before allocation: c (B, T, r) float32 coefficients on the basis vh (B, r, G·F),
+    mean (B, 1, G·F) bf16, x (B, T, G·F) the original, stats (B, blocks, r, 2) bf16, distortion
+    (r, len(BITS)) the Gaussian model's squared error per width and cost (r, len(BITS)) its bytes."""
+    kind: str
+    layers: list[int]
+    x: Tensor
+    c: Tensor
+    vh: Tensor
+    mean: Tensor
+    stats: Tensor
+    distortion: Tensor
+    cost: Tensor
+    path: str
+
+
+def basis(xc: Tensor, rank: int, config, timer: StageTimer | None = None) -> tuple[Tensor, str]:
+    """The top-``rank`` right singular vectors vh (B, rank, n) of centred xc (B, T, n) and the path
+    that found them. Where kvsvd's cost model picks the exact Gram path (``svd_path``), the basis is
+    the eigenvectors of xcᵀxc in FP32 (no left factor is formed: the coefficients are xc·vhᵀ);
+    otherwise the configured SVD function runs and its vh is kept."""
+    T, n = xc.shape[-2:]
+    path = svd_path(config.svd, T, n, rank, n_iter=config.n_iter, oversample=config.oversample, qr=config.qr)
+    if path.kind == "gram":
+        with maybe_stage(timer, "projection", xc.device):
+            G = gram_matrix(xc)
+        with maybe_stage(timer, "small_svd_fp32", xc.device):
+            vh = torch.linalg.eigh(0.5 * (G + G.mT))[1][..., -rank:].flip(-1).mT
+        return vh, path.label
+    gen = torch.Generator(device=xc.device).manual_seed(config.seed)
+    vh = get_svd(config.svd)(xc, rank, n_iter=config.n_iter, oversample=config.oversample, qr=config.qr,
+                             generator=gen, timer=timer)[2]
+    return vh.float(), path.label
+
+
+def analyse(x: Tensor, rank: int, config, *, kind: str, layers: list[int], timer: StageTimer | None = None) -> Latents:
+    """Mean-centre and factorise x (B, T, G, F); model every column's error and bytes at every width:
+    Dᵢ(0) = Σ cᵢ², Dᵢ(b) = Σ over blocks of tokens·σ²·MSE_b (the Gaussian quantiser's MSE)."""
+    B, T, G, F = x.shape
+    tc = config.transform
+    xf = x.reshape(B, T, G * F).float()
+    mean = xf.mean(1, keepdim=True).to(torch.bfloat16)
+    xc = xf - mean.float()
+    vh, path = basis(xc, min(rank, T, G * F), config, timer)
+    with maybe_stage(timer, "allocation", x.device):
+        c = xc @ vh.mT
+        stats = block_stats(c, tc.block_tokens)
+        lengths = torch.tensor([min(tc.block_tokens, T - i) for i in range(0, T, tc.block_tokens)])
+        energy = (stats[..., 0].float().square() * lengths[:, None]).sum((0, 1)).double()   # (r,)
+        distortion = torch.stack([c.square().sum((0, 1)).double()] + [energy * GAUSS_MSE[b] for b in BITS[1:]], -1)
+        row = B * G * F * ENTRY_BYTES[tc.basis_dtype] + (B * SCALE_BYTES if tc.basis_dtype == "int8" else 0)
+        per_bit = torch.tensor([B * T * b / 8 + (row + B * stats.shape[1] * STAT_BYTES if b else 0) for b in BITS],
+                               dtype=torch.float64)
+    return Latents(kind, layers, xf, c, vh, mean, stats, distortion, per_bit.expand(c.shape[-1], -1),
+                   f"{path} transform {tc.basis_dtype}")
+
+
+def allocate(latents: list[Latents], budget: float) -> tuple[list[Tensor], float]:
+    """Bits per column (index into BITS) for every matrix, the largest allocation whose bytes
+    (plus each matrix's mean) fit ``budget``; returns (choices, λ)."""
+    fixed = sum(lt.mean.numel() * lt.mean.element_size() for lt in latents)
+    D = torch.cat([lt.distortion for lt in latents])
+    R = torch.cat([lt.cost for lt in latents])
+    room = budget - fixed
+    if room < R.min(1).values.sum():
+        raise ValueError(f"ratio leaves {budget:.0f} bytes for the coded segments, less than their means "
+                         f"({fixed} bytes) need; accepted: a smaller ratio, fewer sink_tokens or residual_length")
+
+    def pick(lam: float) -> Tensor:
+        return (D + lam * R).argmin(1)
+
+    def spent(choice: Tensor) -> float:
+        return float(R.gather(1, choice[:, None]).sum())
+
+    scale = float(D.sum() / R.sum()) or 1.0
+    lo, hi = -40.0, 40.0  # log2 of λ / scale: 2^-40 keeps every bit, 2^40 drops everything
+    if spent(pick(scale * 2.0**lo)) <= room:
+        hi = lo
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if spent(pick(scale * 2.0**mid)) <= room else (mid, hi)
+    lam = scale * 2.0**hi
+    choice = pick(lam)
+    return list(choice.split([lt.c.shape[-1] for lt in latents])), lam
+
+
+@dataclass
+class TransformStore:
+    """x ≈ Ĉ·Vᵀ + μ for one segment of a group, K or V. Kept columns are ordered by width:
+    ``widths`` ((bits, columns), ...) widest first; ``codes`` one packed uint8 tensor (B, bytes)
+    per width; ``stats`` (B, blocks, kept, 2) bf16 std and mean; ``basis`` (B, kept, G·F) bf16,
+    or int8 with ``basis_scale`` (B, kept, 1) bf16; ``mean`` (B, 1, G·F) bf16."""
+    widths: tuple[tuple[int, int], ...]
+    codes: list[Tensor]
+    stats: Tensor
+    basis: Tensor
+    basis_scale: Tensor | None
+    mean: Tensor
+    tokens: int
+    features: int
+    block: int
+    path: str
+    allocation: dict
+
+    def coefficients(self) -> Tensor:
+        """Ĉ float32 (B, T, kept) dequantised from the codes."""
+        parts, col = [], 0
+        for (bits, n), packed in zip(self.widths, self.codes):
+            q = unpack_bits(packed, bits, self.tokens * n).reshape(-1, self.tokens, n)
+            parts.append(dequantize(q, self.stats[:, :, col:col + n], bits, self.block))
+            col += n
+        if not parts:
+            return self.mean.new_zeros(self.mean.shape[0], self.tokens, 0, dtype=torch.float32)
+        return torch.cat(parts, -1)
+
+    def _basis(self, cols: slice) -> Tensor:
+        rows = self.basis[..., cols]
+        if self.basis_scale is None:
+            return rows.float()
+        return dequantize_rows(rows, self.basis_scale, 8, rows.shape[-1], torch.float32)
+
+    def layer(self, j: int, dtype: torch.dtype) -> Tensor:
+        cols = slice(j * self.features, (j + 1) * self.features)
+        return (self.coefficients() @ self._basis(cols) + self.mean[..., cols].float()).to(dtype)
+
+    def held(self) -> dict[str, list[Tensor]]:
+        scales = [self.stats] + ([self.basis_scale] if self.basis_scale is not None else [])
+        return {"codes": list(self.codes), "scales": scales, "factors": [self.basis, self.mean]}
+
+
+def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
+    """The store of one matrix with ``choice`` (r,) indices into BITS."""
+    tc = config.transform
+    bits = torch.tensor(BITS)[choice]
+    order = sorted((i for i in range(len(bits)) if bits[i] > 0), key=lambda i: (-int(bits[i]), i))
+    widths, codes = [], []
+    B, T = lt.c.shape[:2]
+    for b in sorted({int(bits[i]) for i in order}, reverse=True):
+        cols = [i for i in order if int(bits[i]) == b]
+        widths.append((b, len(cols)))
+        q = quantize(lt.c[..., cols], lt.stats[:, :, cols], b, tc.block_tokens)
+        codes.append(pack_bits(q.reshape(B, -1), b))
+    vh = lt.vh[:, order].float()
+    if tc.basis_dtype == "int8":
+        basis, basis_scale = quantize_rows(vh, 8)
+    else:
+        basis, basis_scale = vh.to(torch.bfloat16), None
+    G_F = lt.x.shape[-1]
+    counts = {str(b): int((bits == b).sum()) for b in BITS}
+    predicted = float(lt.distortion.gather(1, choice[:, None]).sum()) / float(lt.x.square().sum())
+    store = TransformStore(tuple(widths), codes, lt.stats[:, :, order].clone(), basis, basis_scale, lt.mean, T,
+                           G_F // len(lt.layers), tc.block_tokens, lt.path, {})
+    sample = slice(None, None, MEASURE_EVERY)  # the measured error, on every 8th token
+    rebuilt = store.coefficients()[:, sample] @ store._basis(slice(None)) + lt.mean.float()
+    x = lt.x[:, sample]
+    store.allocation = {"kind": lt.kind, "layers": lt.layers, "bits": counts, "kept": len(order),
+                        "bits_per_entry": sum(b * n for b, n in widths) * T / (T * G_F),
+                        "predicted_error": predicted,
+                        "measured_error": float((rebuilt - x).square().sum() / x.square().sum())}
+    return store
+
+
+def compress(matrices: list[tuple[Tensor, int, str, list[int]]], config, budget: float,
+             timer: StageTimer | None = None) -> tuple[list[TransformStore], float]:
+    """Transform-code ``matrices`` ((x (B, T, G, F), max rank, "k"|"v", layers), ...) together in
+    ``budget`` bytes: one allocation over all of them. Returns the stores and λ."""
+    latents = [analyse(x, rank, config, kind=kind, layers=layers, timer=timer) for x, rank, kind, layers in matrices]
+    dev = matrices[0][0].device
+    with maybe_stage(timer, "allocation", dev):
+        choices, lam = allocate(latents, budget)
+    with maybe_stage(timer, "encoding", dev):
+        stores = [encode(lt, ch, config) for lt, ch in zip(latents, choices)]
+    return stores, lam
+
