@@ -82,8 +82,8 @@ PRESSES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress", "knorm
            "expected_attention": "ExpectedAttentionPress", "pyramidkv": "PyramidKVPress", "tova": "TOVAPress",
            "observed_attention": "ObservedAttentionPress"}
 METHODS = ("none", "dense16", "press", "quantized", "turboquant", *KVSVD_METHODS)
-SVD_FACTORISED = ("svd", "xkv", "transform")
-TRANSFORM_FIELDS = tuple(f for f in TransformConfig.__dataclass_fields__ if f != "ratio")  # ratio: the method's own  # the methods that call an SVD function
+SVD_FACTORISED = ("svd", "xkv", "transform")  # the methods that call an SVD function
+TRANSFORM_FIELDS = tuple(f for f in TransformConfig.__dataclass_fields__ if f != "ratio")  # ratio: the method's own
 GRID_KEYS = {"name", "model", "tasks", "context_lengths", "n_samples", "seed", "max_new_tokens", "methods", "out",
              "memoize_reads"}
 METHOD_KEYS = ({"method", "ratio", "press", "k_share", "nbits", "backend"}

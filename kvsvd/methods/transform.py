@@ -1,7 +1,7 @@
 """``transform``: transform coding of a layer group's K or V, decoded from its codes.
 
-x (B, T, G, F) of one segment (keys pre-RoPE) is mean-centred per sequence and factorised by
-kvsvd's SVD call: x − μ ≈ C·Vᵀ with coefficients C = U·S (B, T, r) and basis Vᵀ (B, r, G·F).
+x (B, T, G, F) of one segment (keys pre-RoPE) is mean-centred per sequence and decorrelated by
+its top right singular vectors Vᵀ (B, r, G·F) (:func:`basis`): coefficients C = (x − μ)·V (B, T, r).
 Each latent column i gets bᵢ bits of :data:`BITS`: a midrise uniform quantiser per block of
 ``block_tokens`` tokens whose step is Gaussian-optimal for the block's standard deviation,
 with the block's mean as offset (both held in bf16, the bits bit-packed into uint8). A column
@@ -9,15 +9,16 @@ with 0 bits is dropped with its basis row. Rank truncation (0 or full bits) and 
 quantisation (equal bits) are special cases of the same code.
 
 Allocation is one Lagrangian over every matrix of a call (all groups, K and V): each column
-takes the b minimising Dᵢ(b) + λ·bytesᵢ(b), where Dᵢ(b) is the column's measured squared error
-at b bits and bytesᵢ(b) its codes, basis row and block scales; λ is bisected to the largest
+takes the b minimising Dᵢ(b) + λ·bytesᵢ(b), where Dᵢ(b) is the column's modelled squared error
+at b bits (the Gaussian quantiser's MSE per block; Σcᵢ² at 0 bits) and bytesᵢ(b) its codes, basis
+row and block scales; λ is bisected to the largest
 allocation that fits the byte budget. For the Gaussian model Dᵢ(b) = σᵢ²·4^(−b) with continuous
 b this is reverse water-filling, bᵢ = max(0, ½·log₂(σᵢ²/θ)).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -32,7 +33,7 @@ BITS = (0, 1, 2, 3, 4, 8)
 # (Max 1960; tests/test_transform.py re-derives them by numerical integration)
 GAUSS_STEP = {1: 1.59577, 2: 0.99568, 3: 0.58602, 4: 0.33520, 8: 0.03076}
 # its MSE in σ² (at 8 bits the granular Δ²/12: the ±3.9σ overload is next to never reached)
-GAUSS_MSE = {1: 0.36338, 2: 0.11885, 3: 0.03744, 4: 0.01154, 8: 0.03076 ** 2 / 12}
+GAUSS_MSE = {1: 0.36338, 2: 0.11885, 3: 0.03744, 4: 0.01154, 8: GAUSS_STEP[8] ** 2 / 12}
 BASIS_DTYPES = ("bf16", "int8")
 STAT_BYTES = 2 * ENTRY_BYTES["bf16"]  # per block and kept column: std and mean in bf16
 MEASURE_EVERY = 8  # the recorded reconstruction error is measured on every 8th token
@@ -65,9 +66,6 @@ class TransformConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name}={value!r} is out of range; accepted: an int >= {lo}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # -- bit packing ------------------------------------------------------------------------------
@@ -259,11 +257,11 @@ def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
     """The store of one matrix with ``choice`` (r,) indices into BITS."""
     tc = config.transform
     bits = torch.tensor(BITS)[choice]
-    order = sorted((i for i in range(len(bits)) if bits[i] > 0), key=lambda i: (-int(bits[i]), i))
+    order = torch.argsort(-bits, stable=True)[:int((bits > 0).sum())]   # kept columns, widest first
     widths, codes = [], []
     B, T = lt.c.shape[:2]
-    for b in sorted({int(bits[i]) for i in order}, reverse=True):
-        cols = [i for i in order if int(bits[i]) == b]
+    for b, cols in zip(*(t.tolist() for t in torch.unique_consecutive(bits[order], return_counts=True))):
+        cols = order[sum(n for _, n in widths):][:cols]
         widths.append((b, len(cols)))
         q = quantize(lt.c[..., cols], lt.stats[:, :, cols], b, tc.block_tokens)
         codes.append(pack_bits(q.reshape(B, -1), b))
@@ -281,7 +279,7 @@ def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
     rebuilt = store.coefficients()[:, sample] @ store._basis(slice(None)) + lt.mean.float()
     x = lt.x[:, sample]
     store.allocation = {"kind": lt.kind, "layers": lt.layers, "bits": counts, "kept": len(order),
-                        "bits_per_entry": sum(b * n for b, n in widths) * T / (T * G_F),
+                        "bits_per_entry": sum(b * n for b, n in widths) / G_F,
                         "predicted_error": predicted,
                         "measured_error": float((rebuilt - x).square().sum() / x.square().sum())}
     return store
