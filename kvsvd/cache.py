@@ -45,7 +45,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from . import accounting
 from .accounting import STORAGE_DTYPES
-from .config import CompressionConfig
+from .config import CompressionConfig, dense_bytes
 from .dense import StoredLayer, with_fresh
 from .methods import COMPRESSORS, transform
 from .rope import apply_rope, invert_rope
@@ -404,15 +404,18 @@ class LowRankCache(Cache):
                 owners.append((group, n - sinks))
         if not owners:
             return
-        if whole_cache:
+        if whole_cache:  # up to block_size reserved tokens will wait dense (RoPE rows included); later ones
+            reserve = min(tc.reserve_tokens, cfg.block_size)  # are coded in blocks at 1/ratio of their own bytes
+            tokens += reserve
             dense16 = accounting.dense16_bytes(self.model_config, tokens, live[0].batch)
-            held = accounting.report(self.held_tensors(), dense16)["total_bytes"]
+            held = accounting.report(self.held_tensors(), dense16)["total_bytes"] + live[0].batch * dense_bytes(
+                self.model_config, reserve, 0, 0, cfg.key_space, cfg.dense_dtype)
             budget = dense16 / tc.ratio - held
             if budget <= 0:
-                raise ValueError(f"ratio={tc.ratio} is out of reach: the sinks, residual windows, RoPE tables and "
-                                 f"uncompressed layers alone hold {held:.0f} of the {dense16 / tc.ratio:.0f} bytes "
-                                 f"it allows at {tokens} tokens; accepted: ratio < {dense16 / held:.2f}, or fewer "
-                                 "sink_tokens / residual_length")
+                raise ValueError(f"ratio={tc.ratio} is out of reach: the sinks, residual windows, RoPE tables, "
+                                 f"uncompressed layers and reserved tokens alone hold {held:.0f} of the "
+                                 f"{dense16 / tc.ratio:.0f} bytes it allows at {tokens} tokens; accepted: ratio < "
+                                 f"{dense16 / held:.2f}, or fewer sink_tokens / residual_length")
         else:
             budget = sum(x.numel() * accounting.DENSE_ENTRY_BYTES for x, *_ in matrices) / tc.ratio
         timer = StageTimer()

@@ -171,9 +171,11 @@ def ranks_for_ratio(ratio: float, tokens: int, model_config, *, group_size: int,
 
 
 def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "xkv", layer_group_size: int = 4,
-                     k_share: float = 1 / 3, **fields) -> CompressionConfig:
+                     k_share: float = 1 / 3, reserve_tokens: int = 0, **fields) -> CompressionConfig:
     """A CompressionConfig whose ranks hold ≈ 1/``ratio`` of a 16-bit dense cache's bytes at
-    ``tokens`` tokens, whatever dtype the model computes in.
+    ``tokens`` tokens, whatever dtype the model computes in; with ``reserve_tokens``, at
+    ``tokens + reserve_tokens`` tokens, the reserved ones (a question and its answer, appended
+    after compression) held dense.
 
     The first (layers mod G) layers stay dense so the rest splits into whole groups (unless
     ``start_layer`` is given); residual, RoPE and scale bytes and the widths of ``factor_dtype``
@@ -183,31 +185,39 @@ def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "
     G = layer_group_size
     fields.setdefault("start_layer", L % G)
     fields.setdefault("residual_length", CompressionConfig.residual_length)
+    _int("reserve_tokens", reserve_tokens, 0)
     if method == "transform":
-        return _transform_for_ratio(ratio, tokens, model_config, G, fields)
-    rank_k, rank_v = ranks_for_ratio(ratio, tokens, model_config, group_size=G, start_layer=fields["start_layer"],
-                                     residual_length=fields["residual_length"],
+        return _transform_for_ratio(ratio, tokens, model_config, G, reserve_tokens, fields)
+    rank_k, rank_v = ranks_for_ratio(ratio, tokens + reserve_tokens, model_config, group_size=G,
+                                     start_layer=fields["start_layer"],
+                                     residual_length=fields["residual_length"] + reserve_tokens,
                                      key_space=fields.get("key_space", CompressionConfig.key_space), k_share=k_share,
                                      factor_dtype=fields.get("factor_dtype", CompressionConfig.factor_dtype),
                                      dense_dtype=fields.get("dense_dtype", CompressionConfig.dense_dtype))
     return CompressionConfig(method=method, layer_group_size=G, rank_k=rank_k, rank_v=rank_v, **fields)
 
 
-def _transform_for_ratio(ratio: float, tokens: int, model_config, G: int, fields: dict) -> CompressionConfig:
+def _transform_for_ratio(ratio: float, tokens: int, model_config, G: int, reserve_tokens: int,
+                         fields: dict) -> CompressionConfig:
     """``method="transform"``: the ratio goes to the allocator; the basis may use every latent
     column (rank G·F) unless rank_k / rank_v cap it. Refuses a ratio whose budget the dense parts
     (sinks, window, RoPE tables, uncompressed layers) fill on their own."""
     L, heads, head_dim = model_dims(model_config)
     names = TransformConfig.__dataclass_fields__
-    tc = TransformConfig(ratio=ratio, **{k: fields.pop(k) for k in list(fields) if k in names})
+    tc = TransformConfig(ratio=ratio, reserve_tokens=reserve_tokens,
+                         **{k: fields.pop(k) for k in list(fields) if k in names})
+    reserve = min(reserve_tokens, fields.get("block_size", CompressionConfig.block_size))  # as LowRankCache budgets it
+    tokens += reserve
     fixed = dense_bytes(model_config, tokens, (L - fields["start_layer"]) // G * G,
-                        fields["residual_length"] + tc.sink_tokens, fields.get("key_space", CompressionConfig.key_space),
+                        fields["residual_length"] + tc.sink_tokens + reserve,
+                        fields.get("key_space", CompressionConfig.key_space),
                         fields.get("dense_dtype", CompressionConfig.dense_dtype))
     dense16 = dense16_bytes(model_config, tokens)
     if fixed >= dense16 / ratio:
-        raise ValueError(f"ratio={ratio} is out of reach at {tokens} tokens: the sinks, residual window, RoPE tables "
-                         f"and uncompressed layers alone hold {fixed:.0f} of the {dense16 / ratio:.0f} bytes it allows; "
-                         f"accepted: ratio < {dense16 / fixed:.2f}, or fewer sink_tokens / residual_length")
+        raise ValueError(f"ratio={ratio} is out of reach at {tokens} tokens: the sinks, residual window, RoPE "
+                         f"tables, uncompressed layers and reserved tokens alone hold {fixed:.0f} of the "
+                         f"{dense16 / ratio:.0f} bytes it allows; accepted: ratio < {dense16 / fixed:.2f}, or fewer "
+                         "sink_tokens / residual_length")
     fields.setdefault("rank_k", G * heads * head_dim)
     fields.setdefault("rank_v", G * heads * head_dim)
     return CompressionConfig(method="transform", layer_group_size=G, transform=tc, **fields)

@@ -83,11 +83,13 @@ PRESSES = {"streaming_llm": "StreamingLLMPress", "snapkv": "SnapKVPress", "knorm
            "observed_attention": "ObservedAttentionPress"}
 METHODS = ("none", "dense16", "press", "quantized", "turboquant", *KVSVD_METHODS)
 SVD_FACTORISED = ("svd", "xkv", "transform")  # the methods that call an SVD function
-TRANSFORM_FIELDS = tuple(f for f in TransformConfig.__dataclass_fields__ if f != "ratio")  # ratio: the method's own
+# a method's transform settings (ratio is the method's own; reserve_tokens comes from the grid's budget)
+TRANSFORM_FIELDS = tuple(f for f in TransformConfig.__dataclass_fields__ if f not in ("ratio", "reserve_tokens"))
 GRID_KEYS = {"name", "model", "tasks", "context_lengths", "n_samples", "seed", "max_new_tokens", "methods", "out",
-             "memoize_reads"}
+             "memoize_reads", "budget"}
+BUDGETS = ("context", "timeline")
 METHOD_KEYS = ({"method", "ratio", "press", "k_share", "nbits", "backend"}
-               | set(CompressionConfig.__dataclass_fields__) - {"method"})
+               | set(CompressionConfig.__dataclass_fields__) - {"method", "transform"} | set(TRANSFORM_FIELDS))
 TIMING_KEYS = {"prefill_ms", "replay_ms", "compress_ms", "decode_ms_per_token", "decode_ms_per_token_memoized",
                "compression_breakdown_ms", "peak_rss_mb", "peak_cuda_mb"}
 
@@ -104,6 +106,9 @@ class Grid:
     seed: int = 0
     max_new_tokens: dict[str, int] = field(default_factory=dict)  # task -> decode budget
     memoize_reads: bool = False  # kvsvd caches rebuild their compressed segments once (LowRankCache)
+    # what a method's ratio budgets: the prefilled context ("context"), or the whole timeline a cell
+    # holds at its end ("timeline": context, question and decode budget, the last two held dense)
+    budget: str = "context"
 
     @property
     def config_hash(self) -> str:
@@ -111,7 +116,8 @@ class Grid:
         method, task, context length and sample (their key), so a grid may grow (more methods,
         tasks, lengths or samples) and keep its finished cells; a task's decode budget is checked
         per row (:func:`check_budgets`)."""
-        body = {"model": self.model, "seed": self.seed, "bytes": "16-bit"}
+        body = {"model": self.model, "seed": self.seed, "bytes": "16-bit",
+                **({"budget": self.budget} if self.budget != "context" else {})}
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -171,11 +177,14 @@ def load_grid(source: str | Path | dict) -> Grid:
     if set(budget) != set(_as_list(raw["tasks"])) or not all(isinstance(n, int) and n >= 1 for n in budget.values()):
         raise ValueError(f"max_new_tokens={raw.get('max_new_tokens')!r} is out of range; accepted: an integer >= 1, "
                          f"or one for each task of {_as_list(raw['tasks'])}")
+    if raw.get("budget", "context") not in BUDGETS:
+        raise ValueError(f"budget={raw['budget']!r} is unknown; accepted: {', '.join(BUDGETS)}")
     if not isinstance(raw.get("memoize_reads", False), bool):
         raise ValueError(f"memoize_reads={raw['memoize_reads']!r} is out of range; accepted: true or false")
     return Grid(name=str(raw["name"]), model=str(raw["model"]), tasks=_as_list(raw["tasks"]), context_lengths=lengths,
                 n_samples=raw["n_samples"], methods=expand_methods(_as_list(raw["methods"])), out=Path(raw["out"]),
-                seed=int(raw.get("seed", 0)), max_new_tokens=budget, memoize_reads=raw.get("memoize_reads", False))
+                seed=int(raw.get("seed", 0)), max_new_tokens=budget, memoize_reads=raw.get("memoize_reads", False),
+                budget=raw.get("budget", "context"))
 
 
 def cell_key(method: dict, task: str, context_length: int, index: int) -> str:
@@ -236,9 +245,10 @@ def check_budgets(grid: Grid, rows) -> None:
                              f"with {r.get('max_new_tokens')}: choose another 'out' or remove the file")
 
 
-def build(method: dict, model, context_tokens: int, memoize_reads: bool = False):
+def build(method: dict, model, context_tokens: int, memoize_reads: bool = False, reserve_tokens: int = 0):
     """(cache, press) for one method at a context of ``context_tokens`` tokens (``memoize_reads``:
-    see ``LowRankCache``)."""
+    see ``LowRankCache``); a ratio budgets ``reserve_tokens`` more tokens held dense after the context
+    (the question and the decode budget of a ``budget: timeline`` grid)."""
     kind = method["method"]
     if kind == "none":
         return DynamicCache(), None
@@ -246,8 +256,12 @@ def build(method: dict, model, context_tokens: int, memoize_reads: bool = False)
         return Dense16Cache(), None
     if kind == "press":
         import kvpress
-        ratio = method.get("ratio", 2.0)
-        return Dense16Cache(), getattr(kvpress, PRESSES[method["press"]])(compression_ratio=1 - 1 / ratio)
+        ratio, T = method.get("ratio", 2.0), context_tokens
+        kept = (T + reserve_tokens) / ratio - reserve_tokens  # context tokens the press may keep
+        if kept <= 0:
+            raise ValueError(f"ratio={ratio} is out of reach for a press: the {reserve_tokens} question and decode "
+                             f"tokens alone hold more than 1/{ratio} of {T + reserve_tokens} tokens")
+        return Dense16Cache(), getattr(kvpress, PRESSES[method["press"]])(compression_ratio=1 - kept / T)
     if kind == "quantized":  # transformers' QuantizedCache (KIVI-style, optimum-quanto or HQQ backend)
         from transformers import QuantizedCache
         return QuantizedCache(backend=method.get("backend", "quanto"), config=model.config,
@@ -261,7 +275,7 @@ def build(method: dict, model, context_tokens: int, memoize_reads: bool = False)
     if kind == "transform" and "ratio" not in method:
         raise ValueError(f"method {method} needs a ratio: the transform coder's budget against a 16-bit cache")
     if "ratio" in method and kind in ("svd", "xkv", "pca", "transform"):
-        config = config_for_ratio(method["ratio"], context_tokens, model.config,
+        config = config_for_ratio(method["ratio"], context_tokens, model.config, reserve_tokens=reserve_tokens,
                                   k_share=method.get("k_share", 1 / 3), **fields)
     else:
         config = CompressionConfig(**{"start_layer": model.config.num_hidden_layers % G, **fields})
@@ -308,30 +322,33 @@ def attention_for(model, method: dict):
             model.set_attn_implementation(previous)
 
 
-def fan_out(model, methods: list[dict], ctx: torch.Tensor, memoize_reads: bool = False) -> list[Filled]:
+def fan_out(model, methods: list[dict], ctx: torch.Tensor, memoize_reads: bool = False,
+            reserve_tokens: int = 0) -> list[Filled]:
     """Caches of ``methods`` (one press, several ratios) filled from one prefill forward of ``ctx``."""
     with attention_for(model, methods[0]):
-        return fan_out_prefill(model, ctx, [build(m, model, ctx.shape[1], memoize_reads) for m in methods])
+        return fan_out_prefill(model, ctx, [build(m, model, ctx.shape[1], memoize_reads, reserve_tokens)
+                                            for m in methods])
 
 
 def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: int,
              prefill: Prefill | Filled | None = None, prompt: tuple[torch.Tensor, torch.Tensor] | None = None,
-             memoize_reads: bool = False) -> dict:
+             memoize_reads: bool = False, reserve_tokens: int = 0) -> dict:
     """One cell; with ``prefill`` (``record_prefill`` of this sample's context) the cache is
     filled from the record instead of a forward of its own, with a :class:`Filled` (``fan_out``)
     its cache is that one; ``prompt`` is ``split_prompt``'s result when the caller has it already;
-    ``memoize_reads`` as the grid key."""
+    ``memoize_reads`` as the grid key; ``reserve_tokens`` as in :func:`build`."""
     if isinstance(prefill, Prefill) and not shares_prefill(method):
         raise ValueError(f"method {method} cannot be filled from a recorded prefill (it needs its own forward)")
     prompt = prompt if prompt is not None else split_prompt(tok, sample)
     n_ctx = prompt[0].shape[1]
-    cache, press = (prefill.cache, None) if isinstance(prefill, Filled) else build(method, model, n_ctx, memoize_reads)
+    made = lambda: build(method, model, n_ctx, memoize_reads, reserve_tokens)  # noqa: E731
+    cache, press = (prefill.cache, None) if isinstance(prefill, Filled) else made()
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     gold = " " + " ".join(sample["outputs"])
     with attention_for(model, method):
         res = answer(model, tok, sample, cache, max_new_tokens=max_new_tokens, press=press, gold=gold,
-                     new_cache=lambda: build(method, model, n_ctx, memoize_reads)[0], prompt=prompt, prefill=prefill)
+                     new_cache=lambda: made()[0], prompt=prompt, prefill=prefill)
     held = accounting.cache_report(cache, model.config, res["processed_tokens"])
     stages: dict[str, float] = {}
     for entry in res.pop("compression_log", []):
@@ -390,15 +407,16 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
                 recorded, filled = ((), None, None), {}
                 gc.collect()  # the last sample's caches and presses sit in reference cycles: RSS grew per sample
                 recorded = ((task, L, i), split_prompt(tokenizer, sample), None)
+                reserve = recorded[1][1].shape[1] + grid.max_new_tokens[task] if grid.budget == "timeline" else 0
             if shares_prefill(method) and recorded[2] is None:
                 recorded = (*recorded[:2], record_prefill(model, recorded[1][0].to(model.device)))
             if not shares_prefill(method) and key not in filled:  # this press's cells of the sample: one forward
                 group = [m for u, m in todo if u == (task, L, i) and m.get("press") == method.get("press")]
                 filled.update(zip((cell_key(m, task, L, i) for m in group),
-                                  fan_out(model, group, recorded[1][0], grid.memoize_reads)))
+                                  fan_out(model, group, recorded[1][0], grid.memoize_reads, reserve)))
             row = run_cell(model, tokenizer, sample, method, task, grid.max_new_tokens[task],
                            recorded[2] if shares_prefill(method) else filled.pop(key), prompt=recorded[1],
-                           memoize_reads=grid.memoize_reads)
+                           memoize_reads=grid.memoize_reads, reserve_tokens=reserve)
             dense = done.get(cell_key({"method": "none"}, task, L, i))
             row["agreement_with_dense"] = None if dense is None else float(
                 row["prediction"].strip() == dense["prediction"].strip())
@@ -530,6 +548,8 @@ def _label(row) -> str:
                   f"window {int(field('residual_length'))}"]
         if field("block_tokens") != TransformConfig.block_tokens:
             parts.append(f"block {int(field('block_tokens'))}")
+        if field("value_weight") != TransformConfig.value_weight:
+            parts.append(f"V weight {field('value_weight'):g}")
     elif m != "minicache":
         parts += [field("key_space"), field("factor_dtype")]
     else:

@@ -32,12 +32,25 @@ def cfg(tmp_path, **kw):
     ({"max_new_tokens": {"vt": 30}}, r"max_new_tokens=\{'vt': 30\} is out of range; accepted: an integer >= 1, or one "),
     ({"max_new_tokens": 0}, "max_new_tokens=0 is out of range"),
     ({"memoize_reads": "yes"}, "memoize_reads='yes' is out of range; accepted: true or false"),
+    ({"budget": "prefill"}, "budget='prefill' is unknown; accepted: context, timeline"),
 ])
 def test_bad_grid_configs_name_the_key(tmp_path, change, pattern):
     with pytest.raises(ValueError, match=pattern):
         grid.load_grid(cfg(tmp_path, **change))
     with pytest.raises(ValueError, match=r"missing grid key\(s\) \['out'\]"):
         grid.load_grid({k: v for k, v in BASE.items()})
+
+
+def test_a_timeline_budget_is_its_own_grid_and_leaves_presses_room_for_the_question(tmp_path, tiny_llama):
+    """budget: timeline names another grid (its cells never mix with context-budgeted ones); a press
+    then keeps (T + reserve) / ratio − reserve context tokens, so that the cell's end holds 1/ratio."""
+    assert grid.load_grid(cfg(tmp_path, budget="timeline")).config_hash != grid.load_grid(cfg(tmp_path)).config_hash
+    assert grid.load_grid(cfg(tmp_path, budget="context")).config_hash == grid.load_grid(cfg(tmp_path)).config_hash
+    method = {"method": "press", "press": "knorm", "ratio": 4}
+    assert grid.build(method, tiny_llama, 400)[1].compression_ratio == pytest.approx(0.75)
+    assert grid.build(method, tiny_llama, 400, reserve_tokens=40)[1].compression_ratio == pytest.approx(1 - 70 / 400)
+    with pytest.raises(ValueError, match="ratio=16 is out of reach for a press"):
+        grid.build({**method, "ratio": 16}, tiny_llama, 400, reserve_tokens=40)
 
 
 def test_methods_expand_as_a_product_with_dense_first(tmp_path):

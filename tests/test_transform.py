@@ -76,7 +76,7 @@ def test_allocator_gives_more_bits_to_more_variance_and_fits_the_budget():
     latents = [transform.analyse((s * x).unsqueeze(2), 32, cfg, kind="k", layers=[i])
                for i, (s, x) in enumerate(zip((1.0, 10.0), xs))]
     budget = 2 * 256 * 32 * 2 / 4
-    choices, lam = transform.allocate(latents, budget)
+    choices, lam = transform.allocate(latents, budget, cfg)
     bits = [torch.tensor(BITS)[ch] for ch in choices]
     for b in bits:
         assert (b[1:] <= b[:-1]).all()
@@ -84,14 +84,21 @@ def test_allocator_gives_more_bits_to_more_variance_and_fits_the_budget():
     spent = sum(lt.cost.gather(1, ch[:, None]).sum() + lt.mean.numel() * 2 for lt, ch in zip(latents, choices))
     assert spent <= budget and spent > 0.9 * budget
     with pytest.raises(ValueError, match="ratio leaves 100 bytes"):
-        transform.allocate(latents, 100)
+        transform.allocate(latents, 100, cfg)
+    heavier = CompressionConfig(method="transform", layer_group_size=1,
+                                transform=TransformConfig(ratio=4, block_tokens=64, value_weight=8.0))
+    latents[1].kind = "v"  # the same budget moves to the value matrix when its error weighs more
+    plain, _ = transform.allocate(latents, budget, cfg)
+    weighted, _ = transform.allocate(latents, budget, heavier)
+    assert torch.tensor(BITS)[weighted[1]].sum() > torch.tensor(BITS)[plain[1]].sum()
 
 
 def test_transform_config_rejects_bad_settings():
     for kwargs, pattern in (({"ratio": 1}, "ratio=1 is out of range; accepted: a number > 1"),
                             ({"basis_dtype": "fp8"}, "basis_dtype='fp8' is unknown; accepted: bf16, int8"),
                             ({"sink_tokens": -1}, "sink_tokens=-1 is out of range"),
-                            ({"block_tokens": 0}, "block_tokens=0 is out of range")):
+                            ({"block_tokens": 0}, "block_tokens=0 is out of range"),
+                            ({"value_weight": 0}, "value_weight=0 is out of range; accepted: a number > 0")):
         with pytest.raises(ValueError, match=pattern):
             TransformConfig(**kwargs)
     with pytest.raises(ValueError, match="applies to method='transform' only"):
@@ -130,6 +137,24 @@ def test_the_cache_holds_what_it_reports_at_the_ratio_asked(tiny_llama, basis_dt
         assert torch.allclose(layer.keys[..., :4, :], ref.keys[..., :4, :], rtol=1e-2, atol=1e-2)
         err = (layer.values - ref.values).square().sum() / ref.values.square().sum()
         assert err < 0.5
+
+
+@pytest.mark.parametrize("method, extra", [("xkv", {}), ("transform", {"block_tokens": 64})])
+@torch.no_grad()
+def test_reserved_tokens_land_the_ratio_at_the_end_of_the_timeline(tiny_llama, method, extra):
+    """20 tokens appended after compression (a question and its answer): without a reserve the cache ends
+    below the ratio asked, with reserve_tokens=20 at it."""
+    ids = torch.randint(0, 128, (1, 220), generator=torch.Generator().manual_seed(4))
+    ratios = []
+    for reserve in (0, 20):
+        cfg = config_for_ratio(3, 200, tiny_llama.config, method=method, layer_group_size=2, residual_length=8,
+                               reserve_tokens=reserve, **extra)
+        cache = LowRankCache(cfg, tiny_llama.config)
+        tiny_llama(ids[:, :200], past_key_values=cache)
+        cache.compress_pending()
+        tiny_llama(ids[:, 200:], past_key_values=cache, position_ids=torch.arange(200, 220)[None])
+        ratios.append(cache.memory_report()["ratio"])
+    assert ratios[0] < 0.95 * 3 and ratios[1] == pytest.approx(3, rel=0.05)
 
 
 def test_generous_budget_is_close_to_lossless_and_tight_one_is_not(tiny_llama):
@@ -183,3 +208,4 @@ def test_grid_label_says_what_was_asked():
     row = {"m_method": "transform", "m_layer_group_size": 5, "m_ratio": 8, "m_basis_dtype": "int8",
            "m_sink_tokens": 4, "m_residual_length": 32}
     assert _label(row) == "transform G5 8x pre_rope basis int8 sinks 4 window 32 q2"
+    assert _label({**row, "m_value_weight": 4.0}) == "transform G5 8x pre_rope basis int8 sinks 4 window 32 V weight 4 q2"

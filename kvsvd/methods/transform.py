@@ -51,18 +51,27 @@ class TransformConfig:
             or ``bf16``.
         sink_tokens: the first tokens of the timeline, kept dense in ``dense_dtype``.
         block_tokens: tokens per coefficient block (one std and one mean per kept column).
+        value_weight: the allocator's weight on a value's squared error against a key's (> 0).
+        reserve_tokens: tokens still to come after the prefill (a question and its answer): up to
+            ``block_size`` of them are budgeted as held dense, the rest as coded in blocks, so that
+            the ratio is met at the end of the timeline rather than right after the prefill.
     """
     ratio: float = 8.0
     basis_dtype: str = "int8"
     sink_tokens: int = 4
     block_tokens: int = 256
+    value_weight: float = 1.0
+    reserve_tokens: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
             raise ValueError(f"ratio={self.ratio!r} is out of range; accepted: a number > 1")
         if self.basis_dtype not in BASIS_DTYPES:
             raise ValueError(f"basis_dtype={self.basis_dtype!r} is unknown; accepted: {', '.join(BASIS_DTYPES)}")
-        for name, lo in (("sink_tokens", 0), ("block_tokens", 1)):
+        if isinstance(self.value_weight, bool) or not isinstance(self.value_weight, (int, float)) \
+                or not self.value_weight > 0:
+            raise ValueError(f"value_weight={self.value_weight!r} is out of range; accepted: a number > 0")
+        for name, lo in (("sink_tokens", 0), ("block_tokens", 1), ("reserve_tokens", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
                 raise ValueError(f"{name}={value!r} is out of range; accepted: an int >= {lo}")
@@ -180,11 +189,12 @@ def analyse(x: Tensor, rank: int, config, *, kind: str, layers: list[int], timer
                    f"{path} transform {tc.basis_dtype}")
 
 
-def allocate(latents: list[Latents], budget: float) -> tuple[list[Tensor], float]:
+def allocate(latents: list[Latents], budget: float, config) -> tuple[list[Tensor], float]:
     """Bits per column (index into BITS) for every matrix, the largest allocation whose bytes
-    (plus each matrix's mean) fit ``budget``; returns (choices, λ)."""
+    (plus each matrix's mean) fit ``budget``, values' errors weighted by ``value_weight``; returns
+    (choices, λ)."""
     fixed = sum(lt.mean.numel() * lt.mean.element_size() for lt in latents)
-    D = torch.cat([lt.distortion for lt in latents])
+    D = torch.cat([lt.distortion * (config.transform.value_weight if lt.kind == "v" else 1.0) for lt in latents])
     R = torch.cat([lt.cost for lt in latents])
     room = budget - fixed
     if room < R.min(1).values.sum():
@@ -292,7 +302,7 @@ def compress(matrices: list[tuple[Tensor, int, str, list[int]]], config, budget:
     latents = [analyse(x, rank, config, kind=kind, layers=layers, timer=timer) for x, rank, kind, layers in matrices]
     dev = matrices[0][0].device
     with maybe_stage(timer, "allocation", dev):
-        choices, lam = allocate(latents, budget)
+        choices, lam = allocate(latents, budget, config)
     with maybe_stage(timer, "encoding", dev):
         stores = [encode(lt, ch, config) for lt, ch in zip(latents, choices)]
     return stores, lam
