@@ -388,7 +388,8 @@ class LowRankCache(Cache):
         """Transform-code the n oldest residual tokens of each (group, n) in one allocation
         (``kvsvd.methods.transform``). The first ``sink_tokens`` of the timeline become dense
         segments. ``whole_cache``: the budget is what leaves the whole cache at 1/ratio of its
-        16-bit bytes (every other tensor held counted as it is); otherwise 1/ratio of these tokens'."""
+        16-bit bytes (every other tensor held counted as it is); otherwise 1/ratio of these tokens',
+        coded on the basis of the group's first coded segment."""
         cfg, tc = self.config, self.config.transform
         live = [layer for layer in self.layers if layer.is_initialized]
         tokens = max((layer.get_seq_length() for layer in live), default=0)
@@ -400,7 +401,11 @@ class LowRankCache(Cache):
                 group.add_segment(sinks, DenseStore.build(k, cfg.dense_dtype), DenseStore.build(v, cfg.dense_dtype))
             if n > sinks:
                 k, v = group.take_oldest(n - sinks)
-                matrices += [(k, cfg.rank_k, "k", group.layers), (v, cfg.rank_v, "v", group.layers)]
+                # a later block is coded on the group's first coded segment's basis (held once)
+                first = None if whole_cache else next(
+                    (seg for seg in group.segments if isinstance(seg.keys, transform.TransformStore)), None)
+                matrices += [(k, cfg.rank_k, "k", group.layers, first and first.keys),
+                             (v, cfg.rank_v, "v", group.layers, first and first.values)]
                 owners.append((group, n - sinks))
         if not owners:
             return

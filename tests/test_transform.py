@@ -95,7 +95,7 @@ def test_allocator_gives_more_bits_to_more_variance_and_fits_the_budget():
 
 def test_transform_config_rejects_bad_settings():
     for kwargs, pattern in (({"ratio": 1}, "ratio=1 is out of range; accepted: a number > 1"),
-                            ({"basis_dtype": "fp8"}, "basis_dtype='fp8' is unknown; accepted: bf16, int8"),
+                            ({"basis_dtype": "fp8"}, "basis_dtype='fp8' is unknown; accepted: bf16, int8, int4"),
                             ({"sink_tokens": -1}, "sink_tokens=-1 is out of range"),
                             ({"block_tokens": 0}, "block_tokens=0 is out of range"),
                             ({"value_weight": 0}, "value_weight=0 is out of range; accepted: a number > 0")):
@@ -115,7 +115,7 @@ def test_config_for_ratio_refuses_a_budget_the_dense_parts_fill(tiny_llama):
     assert (cfg.rank_k, cfg.rank_v, cfg.residual_length) == (64, 64, 8)
 
 
-@pytest.mark.parametrize("basis_dtype, batch", [("int8", 1), ("bf16", 2)])
+@pytest.mark.parametrize("basis_dtype, batch", [("int8", 1), ("bf16", 2), ("int4", 1)])
 def test_the_cache_holds_what_it_reports_at_the_ratio_asked(tiny_llama, basis_dtype, batch):
     """Right after the prefill is coded: every byte counted (an independent walk over the cache finds the
     same total), the ratio the one asked for (±3%), sinks exact, one allocation over every matrix."""
@@ -170,7 +170,7 @@ def test_generous_budget_is_close_to_lossless_and_tight_one_is_not(tiny_llama):
 
 def test_generate_decodes_from_the_codes_and_codes_new_blocks(tiny_llama):
     """Decode reads the codes (no rebuilt copy outlives a step), later blocks are coded at the same
-    ratio of their own bytes, and memoized reads give the same tokens."""
+    ratio of their own bytes on the prefill's basis, and memoized reads give the same tokens."""
     ids = torch.randint(0, 128, (1, 160), generator=torch.Generator().manual_seed(2))
     cfg = config_for_ratio(3, 160, tiny_llama.config, method="transform", layer_group_size=2, residual_length=4,
                            block_size=16, block_tokens=32)
@@ -186,6 +186,10 @@ def test_generate_decodes_from_the_codes_and_codes_new_blocks(tiny_llama):
         assert (rep["rebuilt_bytes"] > 0) == memo
         block, last = cache.compression_log[1], cache.groups[0].segments[-1]
         assert last.length == 16 and last.keys.codes
+        coded = cache.groups[0].segments[1]  # the prefill's coded segment, after the sinks
+        assert last.keys.basis is coded.keys.basis and last.values.mean is coded.values.mean  # one basis, held once
+        assert last.keys.rows.dtype == torch.int16 and rep["index_bytes"] > 0
+        assert cache.path_counts()["shared basis transform int8"] == 2 * (len(cache.groups[0].segments) - 2) * 2
         assert block["budget_bytes"] == pytest.approx(2 * 16 * 64 * 2 / 3)  # K+V × 16 tokens × G·F × 16 bits / 3
     assert torch.equal(seqs[0], seqs[1])
 

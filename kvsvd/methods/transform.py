@@ -34,7 +34,8 @@ BITS = (0, 1, 2, 3, 4, 8)
 GAUSS_STEP = {1: 1.59577, 2: 0.99568, 3: 0.58602, 4: 0.33520, 8: 0.03076}
 # its MSE in σ² (at 8 bits the granular Δ²/12: the ±3.9σ overload is next to never reached)
 GAUSS_MSE = {1: 0.36338, 2: 0.11885, 3: 0.03744, 4: 0.01154, 8: GAUSS_STEP[8] ** 2 / 12}
-BASIS_DTYPES = ("bf16", "int8")
+BASIS_DTYPES = ("bf16", "int8", "int4")
+BASIS_BITS = {"int8": 8, "int4": 4}  # quantised basis rows: int8, or two 4-bit values per uint8
 STAT_BYTES = 2 * ENTRY_BYTES["bf16"]  # per block and kept column: std and mean in bf16
 MEASURE_EVERY = 8  # the recorded reconstruction error is measured on every 8th token
 
@@ -46,9 +47,10 @@ class TransformConfig:
     Attributes:
         ratio: the whole cache holds ≈ 1/ratio of a 16-bit dense cache's bytes right after the
             prefill is compressed (the sinks, windows, RoPE tables and uncompressed layers
-            included); later blocks are coded at 1/ratio of their own 16-bit bytes.
-        basis_dtype: storage of the per-prompt basis rows: ``int8`` (one bf16 scale per row)
-            or ``bf16``.
+            included); later blocks are coded at 1/ratio of their own 16-bit bytes, on the
+            prefill's basis and mean (held once).
+        basis_dtype: storage of the per-prompt basis rows: ``int8`` or ``int4`` (one bf16 scale
+            per row, ``kvsvd.store.quantize_rows``) or ``bf16``.
         sink_tokens: the first tokens of the timeline, kept dense in ``dense_dtype``.
         block_tokens: tokens per coefficient block (one std and one mean per kept column).
         value_weight: the allocator's weight on a value's squared error against a key's (> 0).
@@ -146,6 +148,7 @@ class Latents:
     distortion: Tensor
     cost: Tensor
     path: str
+    shared: "TransformStore | None" = None  # the store whose basis and mean the coefficients are on
 
 
 def basis(xc: Tensor, rank: int, config, timer: StageTimer | None = None) -> tuple[Tensor, str]:
@@ -167,33 +170,39 @@ def basis(xc: Tensor, rank: int, config, timer: StageTimer | None = None) -> tup
     return vh.float(), path.label
 
 
-def analyse(x: Tensor, rank: int, config, *, kind: str, layers: list[int], timer: StageTimer | None = None) -> Latents:
-    """Mean-centre and factorise x (B, T, G, F); model every column's error and bytes at every width:
-    Dᵢ(0) = Σ cᵢ², Dᵢ(b) = Σ over blocks of tokens·σ²·MSE_b (the Gaussian quantiser's MSE)."""
+def analyse(x: Tensor, rank: int, config, *, kind: str, layers: list[int], timer: StageTimer | None = None,
+            shared: "TransformStore | None" = None) -> Latents:
+    """Mean-centre and factorise x (B, T, G, F), or with ``shared`` project it on that store's basis
+    and mean (held once: a kept column then costs no basis row); model every column's error and bytes
+    at every width: Dᵢ(0) = Σ cᵢ², Dᵢ(b) = Σ over blocks of tokens·σ²·MSE_b (the quantiser's MSE)."""
     B, T, G, F = x.shape
     tc = config.transform
     xf = x.reshape(B, T, G * F).float()
-    mean = xf.mean(1, keepdim=True).to(torch.bfloat16)
-    xc = xf - mean.float()
-    vh, path = basis(xc, min(rank, T, G * F), config, timer)
+    if shared is None:
+        mean = xf.mean(1, keepdim=True).to(torch.bfloat16)
+        xc = xf - mean.float()
+        vh, path = basis(xc, min(rank, T, G * F), config, timer)
+        path = f"{path} transform {tc.basis_dtype}"
+        row = B * G * F * ENTRY_BYTES[tc.basis_dtype] + (B * SCALE_BYTES if tc.basis_dtype in BASIS_BITS else 0)
+    else:
+        mean, vh, path, row = shared.mean, shared.basis_rows(slice(None)), f"shared basis transform {tc.basis_dtype}", 0
+        xc = xf - mean.float()
     with maybe_stage(timer, "allocation", x.device):
         c = xc @ vh.mT
         stats = block_stats(c, tc.block_tokens)
         lengths = torch.tensor([min(tc.block_tokens, T - i) for i in range(0, T, tc.block_tokens)])
         energy = (stats[..., 0].float().square() * lengths[:, None]).sum((0, 1)).double()   # (r,)
         distortion = torch.stack([c.square().sum((0, 1)).double()] + [energy * GAUSS_MSE[b] for b in BITS[1:]], -1)
-        row = B * G * F * ENTRY_BYTES[tc.basis_dtype] + (B * SCALE_BYTES if tc.basis_dtype == "int8" else 0)
         per_bit = torch.tensor([B * T * b / 8 + (row + B * stats.shape[1] * STAT_BYTES if b else 0) for b in BITS],
                                dtype=torch.float64)
-    return Latents(kind, layers, xf, c, vh, mean, stats, distortion, per_bit.expand(c.shape[-1], -1),
-                   f"{path} transform {tc.basis_dtype}")
+    return Latents(kind, layers, xf, c, vh, mean, stats, distortion, per_bit.expand(c.shape[-1], -1), path, shared)
 
 
 def allocate(latents: list[Latents], budget: float, config) -> tuple[list[Tensor], float]:
     """Bits per column (index into BITS) for every matrix, the largest allocation whose bytes
-    (plus each matrix's mean) fit ``budget``, values' errors weighted by ``value_weight``; returns
+    (plus each new mean) fit ``budget``, values' errors weighted by ``value_weight``; returns
     (choices, λ)."""
-    fixed = sum(lt.mean.numel() * lt.mean.element_size() for lt in latents)
+    fixed = sum(lt.mean.numel() * lt.mean.element_size() for lt in latents if lt.shared is None)
     D = torch.cat([lt.distortion * (config.transform.value_weight if lt.kind == "v" else 1.0) for lt in latents])
     R = torch.cat([lt.cost for lt in latents])
     room = budget - fixed
@@ -223,8 +232,10 @@ def allocate(latents: list[Latents], budget: float, config) -> tuple[list[Tensor
 class TransformStore:
     """x ≈ Ĉ·Vᵀ + μ for one segment of a group, K or V. Kept columns are ordered by width:
     ``widths`` ((bits, columns), ...) widest first; ``codes`` one packed uint8 tensor (B, bytes)
-    per width; ``stats`` (B, blocks, kept, 2) bf16 std and mean; ``basis`` (B, kept, G·F) bf16,
-    or int8 with ``basis_scale`` (B, kept, 1) bf16; ``mean`` (B, 1, G·F) bf16."""
+    per width; ``stats`` (B, blocks, kept, 2) bf16 std and mean; ``basis`` (B, rows, G·F) bf16,
+    or int8 / packed int4 (uint8) with ``basis_scale`` (B, rows, 1) bf16; ``mean`` (B, 1, G·F) bf16. A store coded on an
+    earlier store's basis shares its ``basis``, ``basis_scale`` and ``mean`` tensors and names its
+    kept columns' rows in ``rows`` (kept,) int16."""
     widths: tuple[tuple[int, int], ...]
     codes: list[Tensor]
     stats: Tensor
@@ -236,6 +247,7 @@ class TransformStore:
     block: int
     path: str
     allocation: dict
+    rows: Tensor | None = None
 
     def coefficients(self) -> Tensor:
         """Ĉ float32 (B, T, kept) dequantised from the codes."""
@@ -248,19 +260,27 @@ class TransformStore:
             return self.mean.new_zeros(self.mean.shape[0], self.tokens, 0, dtype=torch.float32)
         return torch.cat(parts, -1)
 
-    def _basis(self, cols: slice) -> Tensor:
-        rows = self.basis[..., cols]
-        if self.basis_scale is None:
-            return rows.float()
-        return dequantize_rows(rows, self.basis_scale, 8, rows.shape[-1], torch.float32)
+    def basis_rows(self, cols: slice) -> Tensor:
+        """The basis rows of this store's columns, restricted to features ``cols``: (B, kept, ·) float32."""
+        scale = self.basis_scale
+        start, stop, _ = cols.indices(self.mean.shape[-1])
+        packed = self.basis.dtype == torch.uint8  # int4: two entries per byte (G·F and F are even)
+        basis = self.basis[..., start // 2:stop // 2] if packed else self.basis[..., start:stop]
+        if self.rows is not None:
+            rows = self.rows.long()
+            basis, scale = basis[:, rows], None if scale is None else scale[:, rows]
+        if scale is None:
+            return basis.float()
+        return dequantize_rows(basis, scale, 4 if packed else 8, stop - start, torch.float32)
 
     def layer(self, j: int, dtype: torch.dtype) -> Tensor:
         cols = slice(j * self.features, (j + 1) * self.features)
-        return (self.coefficients() @ self._basis(cols) + self.mean[..., cols].float()).to(dtype)
+        return (self.coefficients() @ self.basis_rows(cols) + self.mean[..., cols].float()).to(dtype)
 
     def held(self) -> dict[str, list[Tensor]]:
         scales = [self.stats] + ([self.basis_scale] if self.basis_scale is not None else [])
-        return {"codes": list(self.codes), "scales": scales, "factors": [self.basis, self.mean]}
+        out = {"codes": list(self.codes), "scales": scales, "factors": [self.basis, self.mean]}
+        return out if self.rows is None else {**out, "index": [self.rows]}
 
 
 def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
@@ -275,18 +295,20 @@ def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
         widths.append((b, len(cols)))
         q = quantize(lt.c[..., cols], lt.stats[:, :, cols], b, tc.block_tokens)
         codes.append(pack_bits(q.reshape(B, -1), b))
-    vh = lt.vh[:, order].float()
-    if tc.basis_dtype == "int8":
-        basis, basis_scale = quantize_rows(vh, 8)
+    rows = None
+    if lt.shared is not None:  # the earlier store's rows, named by index
+        basis, basis_scale, rows = lt.shared.basis, lt.shared.basis_scale, order.to(torch.int16)
+    elif tc.basis_dtype in BASIS_BITS:
+        basis, basis_scale = quantize_rows(lt.vh[:, order].float(), BASIS_BITS[tc.basis_dtype])
     else:
-        basis, basis_scale = vh.to(torch.bfloat16), None
+        basis, basis_scale = lt.vh[:, order].to(torch.bfloat16), None
     G_F = lt.x.shape[-1]
     counts = {str(b): int((bits == b).sum()) for b in BITS}
     predicted = float(lt.distortion.gather(1, choice[:, None]).sum()) / float(lt.x.square().sum())
     store = TransformStore(tuple(widths), codes, lt.stats[:, :, order].clone(), basis, basis_scale, lt.mean, T,
-                           G_F // len(lt.layers), tc.block_tokens, lt.path, {})
+                           G_F // len(lt.layers), tc.block_tokens, lt.path, {}, rows)
     sample = slice(None, None, MEASURE_EVERY)  # the measured error, on every 8th token
-    rebuilt = store.coefficients()[:, sample] @ store._basis(slice(None)) + lt.mean.float()
+    rebuilt = store.coefficients()[:, sample] @ store.basis_rows(slice(None)) + lt.mean.float()
     x = lt.x[:, sample]
     store.allocation = {"kind": lt.kind, "layers": lt.layers, "bits": counts, "kept": len(order),
                         "bits_per_entry": sum(b * n for b, n in widths) / G_F,
@@ -295,11 +317,12 @@ def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
     return store
 
 
-def compress(matrices: list[tuple[Tensor, int, str, list[int]]], config, budget: float,
+def compress(matrices: list[tuple[Tensor, int, str, list[int], "TransformStore | None"]], config, budget: float,
              timer: StageTimer | None = None) -> tuple[list[TransformStore], float]:
-    """Transform-code ``matrices`` ((x (B, T, G, F), max rank, "k"|"v", layers), ...) together in
-    ``budget`` bytes: one allocation over all of them. Returns the stores and λ."""
-    latents = [analyse(x, rank, config, kind=kind, layers=layers, timer=timer) for x, rank, kind, layers in matrices]
+    """Transform-code ``matrices`` ((x (B, T, G, F), max rank, "k"|"v", layers, shared store or None), ...)
+    together in ``budget`` bytes: one allocation over all of them. Returns the stores and λ."""
+    latents = [analyse(x, rank, config, kind=kind, layers=layers, timer=timer, shared=shared)
+               for x, rank, kind, layers, shared in matrices]
     dev = matrices[0][0].device
     with maybe_stage(timer, "allocation", dev):
         choices, lam = allocate(latents, budget, config)
