@@ -173,23 +173,28 @@ class LayerGroup:
         self.add_segment(n, store_k, store_v)
 
     def read(self, j: int, values: bool, dtype: torch.dtype) -> Tensor | None:
-        """Layer j's compressed tokens rebuilt densely: (B, H, T_compressed, d), or None."""
+        """Layer j's compressed tokens rebuilt densely: (B, H, T_compressed, d), or None. With
+        memoize_reads a stale read rebuilds every layer of the group at once (each store is then read
+        layer after layer, as a forward reads it)."""
         if not self.segments:
             return None
-        cache, key = self.cache, (j, values, dtype)
-        if key in self.rebuilt and self.rebuilt[key][0] == len(self.segments):
-            return self.rebuilt[key][1]
-        parts = []
+        key = (j, values, dtype)
+        if not self.cache.memoize_reads:
+            return self._rebuild(j, values, dtype)
+        if key not in self.rebuilt or self.rebuilt[key][0] != len(self.segments):
+            for jj in range(len(self.members)):
+                self.rebuilt[jj, values, dtype] = (len(self.segments), self._rebuild(jj, values, dtype))
+        return self.rebuilt[key][1]
+
+    def _rebuild(self, j: int, values: bool, dtype: torch.dtype) -> Tensor:
+        cache, parts = self.cache, []
         for seg in self.segments:
             x = (seg.values if values else seg.keys).layer(j, dtype)            # (B, T, H·d)
             x = x.unflatten(-1, (cache.kv_heads, cache.head_dim)).transpose(1, 2)
             if not values and cache.config.key_space == "pre_rope":
                 x = apply_rope(x, *cache.rope.span(seg.start, seg.start + seg.length))
             parts.append(x)
-        out = torch.cat(parts, dim=-2)
-        if cache.memoize_reads:
-            self.rebuilt[key] = (len(self.segments), out)
-        return out
+        return torch.cat(parts, dim=-2)
 
 
 class LowRankLayer(CacheLayerMixin):

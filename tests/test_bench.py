@@ -62,20 +62,20 @@ def test_latency_harness_measures_each_length_side_by_side_and_resumes(smollm2, 
     from kvsvd.bench import cache as latency
     model, tok = smollm2
     kw = dict(decode_tokens=3, out=tmp_path, model=model, tokenizer=tok, ratios=(4.0,), groups=(1, 2), n_iters=(0,),
-              sweep_group=2)
+              sweep_group=2, transform_group=5)
     payloads = latency.run([256, 320], **kw)
     assert [p["context_tokens"] for p in payloads] == [256, 320]
     res = payloads[0]["results"]
-    assert list(res) == ["dense", "svd_G1_4x", "xkv_G2_4x", "xkv_G2_4x_q0"]
+    assert list(res) == ["dense", "svd_G1_4x", "xkv_G2_4x", "xkv_G2_4x_q0", "transform_G5_4x"]
     assert res["xkv_G2_4x_q0"]["config"]["n_iter"] == 0
     for name, r in res.items():
         assert len(r["decode_step_ms"]) == 3 and r["decode_ms_median"] <= max(r["decode_step_ms"])
         assert r["decode_tokens_per_s"] == pytest.approx(3e3 / sum(r["decode_step_ms"]))
         if name != "dense":
             assert r["memory"]["total_bytes"] < r["memory"]["dense16_bytes"] and r["paths"]
-            log = r["compression_log"]  # one entry per compressed group, each with the rsvd stages
-            assert len(log) == (30 if name.startswith("svd") else 15)
-            assert {"projection", "lift"} <= set(log[0]["breakdown_ms"])
+            log = r["compression_log"]  # one entry per compressed group (transform: one for all), with its stages
+            assert len(log) == {"svd": 30, "xkv": 15, "transform": 1}[name.split("_")[0]]
+            assert {"projection", "lift" if name.startswith(("svd", "xkv")) else "encoding"} <= set(log[0]["breakdown_ms"])
     assert "x dense" in latency.table(payloads[0])
     path = tmp_path / "smollm2-135m_256.json"
     mtime = path.stat().st_mtime_ns

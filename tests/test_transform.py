@@ -44,7 +44,8 @@ def test_bit_packing_round_trips_and_holds_n_bits_per_value(bits):
     g = torch.Generator().manual_seed(bits)
     q = torch.randint(0, 1 << bits, (2, 1001), generator=g, dtype=torch.uint8)
     packed = pack_bits(q, bits)
-    assert packed.dtype == torch.uint8 and packed.shape == (2, -(-1001 * bits // 8))
+    planes = {1: [1], 2: [2], 3: [2, 1], 4: [4], 8: [8]}[bits]  # 3 bits: a 2-bit and a 1-bit plane
+    assert packed.dtype == torch.uint8 and packed.shape == (2, sum(-(-1001 * b // 8) for b in planes))
     assert torch.equal(unpack_bits(packed, bits, 1001), q)
 
 

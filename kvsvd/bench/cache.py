@@ -2,7 +2,7 @@
 
 For each context length one run measures, side by side on the same prose context: a dense
 ``DynamicCache`` and each LowRankCache configuration (per-layer SVD and xKV groups at ≈4× and
-≈8× fewer bytes, and an n_iter sweep), and writes ``results/cache/<model>_<tokens>.json``
+≈8× fewer bytes, an n_iter sweep, and the transform coder at the same ratios), and writes ``results/cache/<model>_<tokens>.json``
 with per-token decode latencies, the compression log (ms per group, rsvd stage breakdown)
 and memory_report(). A context length whose file exists is skipped, so a run resumes.
 """
@@ -56,10 +56,11 @@ def measure(model, context_ids: torch.Tensor, cache, decode_tokens: int, forced:
     return res
 
 
-def configs_for(context_tokens: int, model_config, ratios=(4.0, 8.0), groups=(1, 2, 4, 8),
-                n_iters=(0, 1, 4), sweep_group: int = 4) -> dict[str, CompressionConfig | None]:
+def configs_for(context_tokens: int, model_config, ratios=(4.0, 8.0), groups=(1, 2, 5),
+                n_iters=(0, 1, 4), sweep_group: int = 5, transform_group: int = 5) -> dict[str, CompressionConfig | None]:
     """``dense``, then ``svd_G1_4x`` / ``xkv_G<G>_<ratio>x`` for every ratio × group, then the
-    n_iter sweep ``xkv_G<sweep_group>_<ratios[0]>x_q<n>`` (the others run at the default n_iter=2)."""
+    n_iter sweep ``xkv_G<sweep_group>_<ratios[0]>x_q<n>`` (the others run at the default n_iter=2),
+    then ``transform_G<transform_group>_<ratio>x`` for every ratio (decoded from its codes)."""
     configs: dict[str, CompressionConfig | None] = {"dense": None}
     for ratio in ratios:
         for G in groups:
@@ -68,6 +69,9 @@ def configs_for(context_tokens: int, model_config, ratios=(4.0, 8.0), groups=(1,
     for q in n_iters:
         configs[f"xkv_G{sweep_group}_{ratios[0]:g}x_q{q}"] = config_for_ratio(
             ratios[0], context_tokens, model_config, method="xkv", layer_group_size=sweep_group, n_iter=q)
+    for ratio in ratios:
+        configs[f"transform_G{transform_group}_{ratio:g}x"] = config_for_ratio(
+            ratio, context_tokens, model_config, method="transform", layer_group_size=transform_group)
     return configs
 
 

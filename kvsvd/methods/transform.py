@@ -18,7 +18,7 @@ b this is reverse water-filling, bᵢ = max(0, ½·log₂(σᵢ²/θ)).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -81,26 +81,32 @@ class TransformConfig:
 
 # -- bit packing ------------------------------------------------------------------------------
 def pack_bits(q: Tensor, bits: int) -> Tensor:
-    """q uint8 (B, N) with values < 2^bits → (B, ⌈N·bits/8⌉) uint8, the bits of each value in turn."""
+    """q uint8 (B, N) with values < 2^bits → (B, bytes) uint8: 8/bits values per byte for 1, 2 and 4
+    bits, a 2-bit plane then a 1-bit plane for 3 bits (⌈N/4⌉ + ⌈N/8⌉ bytes), q itself for 8. Every
+    plane is byte-aligned, so unpacking is one shift-and-mask."""
     if bits not in BITS[1:]:
         raise ValueError(f"bits={bits} is not a code width; accepted: {', '.join(map(str, BITS[1:]))}")
     if bits == 8:
         return q.contiguous()
-    B, N = q.shape
-    shifts = torch.arange(bits, dtype=torch.uint8, device=q.device)
-    flat = ((q.unsqueeze(-1) >> shifts) & 1).reshape(B, N * bits)
-    flat = torch.nn.functional.pad(flat, (0, -(N * bits) % 8)).reshape(B, -1, 8).to(torch.int32)
-    return (flat << torch.arange(8, dtype=torch.int32, device=q.device)).sum(-1).to(torch.uint8)
+    if bits == 3:
+        return torch.cat([pack_bits(q & 3, 2), pack_bits(q >> 2, 1)], -1)
+    per = 8 // bits
+    q = torch.nn.functional.pad(q, (0, -q.shape[1] % per)).reshape(q.shape[0], -1, per)
+    out = q[..., 0].clone()
+    for i in range(1, per):
+        out |= q[..., i] << (i * bits)
+    return out
 
 
 def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of :func:`pack_bits`: (B, n) uint8."""
     if bits == 8:
         return packed[:, :n]
-    B = packed.shape[0]
-    flat = ((packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1).reshape(B, -1)
-    flat = flat[:, :n * bits].reshape(B, n, bits).to(torch.int32)
-    return (flat << torch.arange(bits, dtype=torch.int32, device=packed.device)).sum(-1).to(torch.uint8)
+    if bits == 3:
+        low = -(-n // 4)  # bytes of the 2-bit plane
+        return unpack_bits(packed[:, :low], 2, n) | (unpack_bits(packed[:, low:], 1, n) << 2)
+    mask = (1 << bits) - 1  # scalar shifts: a broadcast uint8 shift tensor is ~40x slower on CPU
+    return torch.stack([(packed >> i) & mask for i in range(0, 8, bits)], -1).reshape(packed.shape[0], -1)[:, :n]
 
 
 # -- the per-column block quantiser ----------------------------------------------------------
@@ -248,6 +254,7 @@ class TransformStore:
     path: str
     allocation: dict
     rows: Tensor | None = None
+    decoded: Tensor | None = field(default=None, repr=False)  # Ĉ while a forward reads the group's layers
 
     def coefficients(self) -> Tensor:
         """Ĉ float32 (B, T, kept) dequantised from the codes."""
@@ -274,8 +281,12 @@ class TransformStore:
         return dequantize_rows(basis, scale, 4 if packed else 8, stop - start, torch.float32)
 
     def layer(self, j: int, dtype: torch.dtype) -> Tensor:
+        """Layer j's (B, T, F). The group's layers are read in turn within a forward: the dequantised
+        coefficients are kept from one layer to the next and dropped after the last one."""
+        c = self.decoded if self.decoded is not None else self.coefficients()
+        self.decoded = c if j < self.mean.shape[-1] // self.features - 1 else None
         cols = slice(j * self.features, (j + 1) * self.features)
-        return (self.coefficients() @ self.basis_rows(cols) + self.mean[..., cols].float()).to(dtype)
+        return (c @ self.basis_rows(cols) + self.mean[..., cols].float()).to(dtype)
 
     def held(self) -> dict[str, list[Tensor]]:
         scales = [self.stats] + ([self.basis_scale] if self.basis_scale is not None else [])
