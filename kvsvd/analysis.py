@@ -254,6 +254,78 @@ def compressibility(sample: KVSample, *, kinds=KINDS, groups=(1, 2, 4, 8), ratio
     return df
 
 
+# ------------------------------------------------------------------ rate-distortion (notebook 03)
+
+RD_METHODS = ("truncation", "per-token int", "per-channel int", "transform", "Gaussian bound")
+
+
+@torch.no_grad()
+def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | None = None,
+                    bits=(0.5, 1, 2, 3, 4)) -> pd.DataFrame:
+    """Relative error ‖X̂−X‖/‖X‖ against bits per entry for one group of layers (default the 5 from
+    the middle), K pre-RoPE and V as one (T × G·F) matrix, by five ways of spending bytes:
+
+    - ``truncation``: the exact rank-r SVD with bf16 factors, r the largest the budget holds;
+    - ``per-token int`` / ``per-channel int``: symmetric 4- and 8-bit quantisation with one bf16
+      scale per token row / per feature column (``kvsvd.store.quantize_rows``);
+    - ``transform``: the transform coder (``kvsvd.methods.transform``) at each budget;
+    - ``Gaussian bound``: reverse water-filling over the centred covariance's eigenvalues λᵢ,
+      D(θ) = Σ min(θ, λᵢ), R(θ) = Σ max(0, ½·log₂(λᵢ/θ)) bits per token: the least error any code
+      can reach on Gaussian data with this spectrum (the mean taken as known).
+
+    Bits per entry are 8 · bytes held (``kvsvd.accounting``) / (T · G·F) for every method but the bound.
+    """
+    from .methods import transform
+    from .store import quantize_rows, dequantize_rows
+    from .svd import full_svd
+    L, T, F = sample.num_layers, sample.tokens, sample.kv_heads * sample.head_dim
+    group = group if group is not None else range(L // 2 - 2, L // 2 + 3)
+    rows = []
+
+    def add(kind, method, held_bytes, x_hat, x):
+        rows.append({"kind": kind, "method": method, "bits_per_entry": 8 * held_bytes / x.numel(),
+                     "rel_error": _rel(x_hat, x), "tokens": T, "layers": f"{group.start}-{group.stop - 1}"})
+
+    for kind in kinds:
+        x = torch.stack([sample.matrix(kind, l) for l in group], 1)  # (T, G, F)
+        X = x.reshape(T, -1)
+        n = X.shape[1]
+        U, S, Vh = full_svd(X, min(T, n))
+        for b in bits:
+            rank = int(b / 8 * T * n // (2 * (T + n)))  # bf16 token and right factors
+            if rank >= 1:
+                u, w = U[:, :rank].to(torch.bfloat16), (S[:rank, None] * Vh[:rank]).to(torch.bfloat16)
+                add(kind, "truncation", accounting.report({"factors": [u, w]}, 0)["total_bytes"],
+                    u.float() @ w.float(), X)
+            cfg = CompressionConfig(method="transform", layer_group_size=len(group),
+                                    transform=transform.TransformConfig(ratio=16 / b, sink_tokens=0))
+            (store,), _ = transform.compress([(x[None], n, kind[0], list(group), None)], cfg, b / 8 * T * n)
+            rebuilt = torch.cat([store.layer(j, torch.float32)[0] for j in range(len(group))], -1)
+            add(kind, "transform", accounting.report(store.held(), 0)["total_bytes"], rebuilt, X)
+        for qbits in (4, 8):
+            for method, M in (("per-token int", X), ("per-channel int", X.mT)):
+                q, scale = quantize_rows(M, qbits)
+                m_hat = dequantize_rows(q, scale, qbits, M.shape[-1], torch.float32)
+                add(kind, method, accounting.report({"codes": [q], "scales": [scale]}, 0)["total_bytes"],
+                    m_hat if method == "per-token int" else m_hat.mT, X)
+        Xc = X - X.mean(0)
+        lam = torch.linalg.eigvalsh(Xc.double().mT @ Xc.double()).clamp_min(0) / T
+        for theta in torch.logspace(float(lam.max().log10()) - 6, float(lam.max().log10()), 60, dtype=torch.float64):
+            rate = (0.5 * torch.log2(lam / theta)).clamp_min(0).sum() / n
+            dist = torch.minimum(lam, theta).sum() * T
+            rows.append({"kind": kind, "method": "Gaussian bound", "bits_per_entry": float(rate),
+                         "rel_error": float((dist / X.double().square().sum()).sqrt()), "tokens": T,
+                         "layers": f"{group.start}-{group.stop - 1}"})
+    return pd.DataFrame(rows)
+
+
+def at_budget(df: pd.DataFrame, bits_per_entry: float) -> pd.DataFrame:
+    """Per kind and method of :func:`rate_distortion`, the least error within ``bits_per_entry``."""
+    within = df[df["bits_per_entry"] <= bits_per_entry * 1.001]
+    best = within.loc[within.groupby(["kind", "method"])["rel_error"].idxmin()]
+    return best.pivot(index="method", columns="kind", values="rel_error").reindex(list(RD_METHODS))
+
+
 # ----------------------------------------------------------------------- kernel stability (notebook 02)
 
 def conditioned_matrix(m: int, n: int, kappa: float, seed: int = 0) -> Tensor:

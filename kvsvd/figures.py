@@ -415,6 +415,33 @@ def pca_vs_svd(R: Path):
     return fig, cap
 
 
+@figure("03_rate_distortion", "analysis/rate_distortion.csv")
+def rate_distortion(R: Path):
+    from .analysis import RD_METHODS, at_budget
+    df = pd.read_csv(R / "analysis/rate_distortion.csv")
+    kinds = list(dict.fromkeys(df["kind"]))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        d = df[df["kind"] == kind]
+        for method in RD_METHODS:
+            g = d[d["method"] == method].sort_values("bits_per_entry")
+            ax.plot(g["bits_per_entry"], g["rel_error"], "-" if method == "Gaussian bound" else "-o", label=method,
+                    markersize=4)
+        ax.set(xscale="log", yscale="log", xlabel="bits per entry (a 16-bit cache holds 16)",
+               ylabel="relative error ‖X̂−X‖/‖X‖", title=KIND_LABELS[kind], xlim=(0.3, 12))
+        ax.set_xticks([0.5, 1, 2, 4, 8], ["0.5", "1", "2", "4", "8"])
+        ax.minorticks_off()
+        ax.legend(fontsize=8, loc="lower left")
+    two = at_budget(df, 2)
+    cap = (f"One group of layers {df['layers'].iloc[0]} ({int(df['tokens'].iloc[0])} tokens of prose), K pre-RoPE and "
+           "V each as one matrix; bits per entry from the bytes each code holds. Within 2 bits per entry (8× fewer "
+           "bytes than 16-bit) the error is " + "; ".join(
+               f"{KIND_LABELS[k]}: transform {two.at['transform', k]:.3f}, truncation {two.at['truncation', k]:.3f}, "
+               f"Gaussian bound {two.at['Gaussian bound', k]:.3f}" for k in kinds)
+           + ". Per-token and per-channel int quantisation have points at 4 and 8 bits only.")
+    return fig, cap
+
+
 # ---------------------------------------------------------------- notebook 04: RULER and latency
 
 def _eval(R: Path) -> pd.DataFrame:

@@ -31,11 +31,12 @@ SETTINGS: dict[str, dict[str, dict]] = {
         "gpu": dict(profiles=("gpu",), orth_shape=(65536, 256), demo_shape=(65536, 4096)),
     },
     "03_kv_compressibility": {
-        "smoke": dict(tokens=256, groups=(1, 2), ratios=(4, 8), factor_dtypes=("fp32", "int8"), calib_tokens=256),
+        "smoke": dict(tokens=256, groups=(1, 2), ratios=(4, 8), factor_dtypes=("fp32", "int8"), calib_tokens=256,
+                      rd_bits=(1, 2)),
         "cpu": dict(tokens=2048, groups=(1, 2, 4, 8), ratios=(2, 3, 4, 6, 8, 12, 16),
-                    factor_dtypes=("fp32", "bf16", "int8", "int4"), calib_tokens=2048),
+                    factor_dtypes=("fp32", "bf16", "int8", "int4"), calib_tokens=2048, rd_bits=(0.5, 1, 2, 3, 4)),
         "gpu": dict(tokens=8192, groups=(1, 2, 4, 8), ratios=(2, 3, 4, 6, 8, 12, 16),
-                    factor_dtypes=("fp32", "bf16", "int8", "int4"), calib_tokens=8192),
+                    factor_dtypes=("fp32", "bf16", "int8", "int4"), calib_tokens=8192, rd_bits=(0.5, 1, 2, 3, 4)),
     },
     "04_ruler_accuracy_and_latency": {
         "smoke": dict(grids=("configs/smoke.yaml",), targets=dict(config="configs/smoke.yaml", run=True),
