@@ -14,6 +14,7 @@ the notebooks) saves, displays the figure and returns the caption. Inputs, relat
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 import warnings
 from pathlib import Path
@@ -686,3 +687,40 @@ def target_grid(R: Path):
     return fig, ("Target grid: every method on the same samples (SmolLM2-135M in FP32; headline average over the six "
                  "needle tasks, vt reported, not averaged; ratios are measured against a 16-bit dense cache). Best of "
                  "each family at matched ratios, with the paired 95% interval against dense: " + " | ".join(caps) + ".")
+
+
+def _series(label: str) -> str:
+    """A method's label without its budget (``4x``, a quantiser's ``int4`` or ``3-bit``) and without the
+    paths that ran (they differ between budgets; the report lists them): the line its ratios are points of."""
+    label = label.split(" → ")[0]
+    return re.sub(r" \d+(\.\d+)?x(?= |$)| int\d$| \d-bit$", "", label)
+
+
+@figure("04_frontier", "eval_frontier/*.jsonl")
+def frontier_grid(R: Path):
+    from .grid import load_results
+    from .report import headline, score_table, tidy
+    df = tidy(pd.concat([load_results(p) for p in sorted((R / "eval_frontier").glob("*.jsonl"))], ignore_index=True))
+    lengths = sorted(set(df["context_length"]))
+    fig, axes = plt.subplots(1, len(lengths), figsize=(7.5 * len(lengths) + 3, 4.5), squeeze=False)
+    caps = []
+    for ax, L in zip(axes[0], lengths):
+        t = score_table(df, L)
+        t = t[t["family"] != "dense"].assign(series=[_series(lbl) for lbl in t[t["family"] != "dense"].index])
+        for name, g in t.sort_values("ratio").groupby("series", sort=False):
+            ax.errorbar(g["ratio"], g["delta"], yerr=np.vstack([g["delta"] - g["delta_lo"], g["delta_hi"] - g["delta"]]),
+                        fmt="-o", ms=4, capsize=2, label=name)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set(xscale="log", xlabel="measured × fewer bytes than a 16-bit cache",
+               ylabel="average score minus dense (points), 95% CI",
+               title=f"{L} tokens (n ≥ {int(t['n'].min())} samples per task)")
+        _ratio_axis(ax)
+        h = headline(t)
+        caps.append(f"{L} tokens: " + "; ".join(
+            f"≈{r['target']:g}× {r['method'].split(' → ')[0]} {r['average']:.1f} "
+            f"(Δ {r['delta']:+.1f} [{r['delta_lo']:+.1f}, {r['delta_hi']:+.1f}])" for _, r in h.iterrows()))
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    return fig, ("Each line is one method over its budgets, at the ratio it measured (context, question and answer "
+                 "tokens all counted); the paired difference to the FP32 dense cache on the same samples, averaged "
+                 "over the needle tasks. Best per family within 15% of each target ratio — " + " ".join(caps))
+

@@ -40,15 +40,18 @@ SETTINGS: dict[str, dict[str, dict]] = {
     },
     "04_ruler_accuracy_and_latency": {
         "smoke": dict(grids=("configs/smoke.yaml",), targets=dict(config="configs/smoke.yaml", run=True),
+                      frontier=dict(config="configs/smoke_frontier.yaml", run=True),
                       contexts=(256,), decode_tokens=4,
                       latency=dict(ratios=(4.0,), groups=(1, 2), n_iters=(0,), sweep_group=2),
                       attention=dict(contexts=(512,), key_spaces=("post_rope",), decode_tokens=2, rounds=2)),
         "cpu": dict(grids=("configs/cpu.yaml", "configs/cpu_sweeps.yaml", "configs/cpu_peers.yaml"),
-                    targets=dict(config="configs/cpu_targets.yaml", run=False), contexts=(1024, 2048, 4096),
+                    targets=dict(config="configs/cpu_targets.yaml", run=False),
+                    frontier=dict(config="configs/cpu_frontier.yaml", run=False), contexts=(1024, 2048, 4096),
                     decode_tokens=24, latency=dict(ratios=(4.0,), groups=(1, 2, 4), n_iters=(0, 4)),
                     attention=dict(contexts=(8160,), key_spaces=("post_rope", "pre_rope"), decode_tokens=16,
                                    rounds=2)),
         "gpu": dict(grids=("configs/gpu.yaml",), targets=dict(config="configs/cpu_targets.yaml", run=False),
+                    frontier=dict(config="configs/cpu_frontier.yaml", run=False),
                     contexts=(4096, 8192), decode_tokens=64,
                     latency=dict(ratios=(4.0, 8.0), groups=(1, 2, 4, 8), n_iters=(0, 1, 4)),
                     attention=dict(contexts=(4096, 8160), key_spaces=("post_rope", "pre_rope"), decode_tokens=64,
@@ -79,14 +82,15 @@ def run_grids(paths, results: Path, model, tokenizer, folder: str = "eval") -> l
     return outs
 
 
-def target_grid(config: str | Path, run: bool, results: Path, model, tokenizer) -> Path | None:
-    """The issue-4 target grid's rows, ``results/eval_targets/<name>.jsonl``: run (or resumed) here
-    when ``run`` (the smoke profile: seconds); otherwise the file already there (the CPU target grid
-    takes hours on 2 cores and runs on its own, ``python -m kvsvd eval CONFIG``), or None."""
+def committed_grid(config: str | Path, run: bool, results: Path, model, tokenizer, folder: str) -> Path | None:
+    """A long grid's rows, ``results/<folder>/<name>.jsonl`` (the target grid in ``eval_targets``, the
+    frontier grid in ``eval_frontier``): run (or resumed) here when ``run`` (the smoke profile:
+    seconds); otherwise the file already there (the CPU grids take hours on 2 cores and run on their
+    own, ``python -m kvsvd eval CONFIG``), or None."""
     if run:
-        return run_grids([config], results, model, tokenizer, folder="eval_targets")[0]
+        return run_grids([config], results, model, tokenizer, folder=folder)[0]
     import yaml
-    out = Path(results) / "eval_targets" / f"{yaml.safe_load(Path(config).read_text())['name']}.jsonl"
+    out = Path(results) / folder / f"{yaml.safe_load(Path(config).read_text())['name']}.jsonl"
     return out if out.exists() else None
 
 
