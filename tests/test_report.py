@@ -23,6 +23,8 @@ METHODS = {  # name -> (method, score on every sample, measured ratio, paths)
     "snapkv8": ({"method": "press", "press": "snapkv", "ratio": 8}, 30.0, 7.9, {"snapkv eviction, dense bf16": 60}),
     "int4": ({"method": "quantized", "nbits": 4}, 85.0, 2.7, {"quanto int4": 60}),
     "int2": ({"method": "quantized", "nbits": 2}, 10.0, 4.2, {"quanto int2": 60}),
+    "transform8": ({"method": "transform", "layer_group_size": 5, "ratio": 8}, 35.0, 8.1,
+                   {"gram transform int8": 12, "dense bf16": 12}),
 }
 
 
@@ -75,6 +77,9 @@ def test_goal_checks_compare_with_quantisation_peers_and_the_exact_svd_on_the_ra
     assert e["delta"] == pytest.approx(1.0) and e["delta_ci"][0] <= e["delta"] <= e["delta_ci"][1]
     g8 = report.goal_checks(df, 2048, ratio=8)
     assert not g8["within_2_of_dense"] and not g8["ahead_of_every_press"] and "best_quantized" not in g8
+    assert g8["best_transform"].startswith("transform G5 8x") and g8["transform_ahead_of_every_press"]
+    assert g8["transform_dominated_by"] is None  # snapkv 8x (30) holds more bytes (7.9x) and scores less
+    assert not g8["transform_within_2_of_dense"] and "best_transform" not in g
 
 
 def test_headline_takes_the_best_method_of_each_family_at_matched_ratios(results):
