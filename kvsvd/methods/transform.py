@@ -119,23 +119,26 @@ def block_stats(c: Tensor, block: int) -> Tensor:
     return torch.stack([std, mean], -1).to(torch.bfloat16)
 
 
-def _per_token(stats: Tensor, block: int, T: int) -> tuple[Tensor, Tensor]:
-    s = stats.float().repeat_interleave(block, dim=1)[:, :T]
-    return s[..., 0], s[..., 1]
+def _blocks(x: Tensor, block: int) -> Tensor:
+    """x (B, T, r) → (B, ⌈T/block⌉, block, r), the last block zero-padded."""
+    B, T, r = x.shape
+    return torch.nn.functional.pad(x, (0, 0, 0, -T % block)).view(B, -1, block, r)
 
 
 def quantize(c: Tensor, stats: Tensor, bits: int, block: int) -> Tensor:
     """Codes uint8 (B, T, r) in [0, 2^bits) of c (B, T, r) with the blocks' ``stats``."""
-    std, mean = _per_token(stats, block, c.shape[1])
+    std, mean = stats.float().unsqueeze(2).unbind(-1)                         # (B, blocks, 1, r)
     step = (GAUSS_STEP[bits] * std).clamp_min(torch.finfo(torch.float32).tiny)
     half = 1 << (bits - 1)
-    return (torch.floor((c - mean) / step) + half).clamp(0, 2 * half - 1).to(torch.uint8)
+    q = (torch.floor((_blocks(c, block) - mean) / step) + half).clamp(0, 2 * half - 1).to(torch.uint8)
+    return q.flatten(1, 2)[:, :c.shape[1]]
 
 
 def dequantize(q: Tensor, stats: Tensor, bits: int, block: int) -> Tensor:
     """Inverse of :func:`quantize` → float32 (B, T, r)."""
-    std, mean = _per_token(stats, block, q.shape[1])
-    return (q.float() - (1 << (bits - 1)) + 0.5) * (GAUSS_STEP[bits] * std) + mean
+    std, mean = stats.float().unsqueeze(2).unbind(-1)
+    x = (_blocks(q, block).float() - ((1 << (bits - 1)) - 0.5)) * (GAUSS_STEP[bits] * std) + mean
+    return x.flatten(1, 2)[:, :q.shape[1]]
 
 
 # -- analysis, allocation, encoding -----------------------------------------------------------
