@@ -77,6 +77,28 @@ def test_kvpress_pipeline_with_lowrank_cache_alone_and_after_a_press(smollm2):
              cache=LowRankCache(CompressionConfig(method="svd", layer_group_size=1, rank_k=48, rank_v=64), model.config))
 
 
+@pytest.mark.model
+def test_kvpress_pipeline_and_generate_with_the_transform_cache(smollm2):
+    """method="transform" as a drop-in cache on SmolLM2: kvpress's pipeline (cache= argument) and
+    model.generate both answer from the codes, at the bytes asked for."""
+    import kvpress  # noqa: F401  (registers the pipeline)
+    from kvsvd.config import config_for_ratio
+    model, tok = smollm2
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
+    n = len(tok(tok.apply_chat_template([{"role": "user", "content": CONTEXT}], tokenize=False)).input_ids)
+    cfg = config_for_ratio(4, n, model.config, method="transform", layer_group_size=5, block_tokens=64)
+    cache = LowRankCache(cfg, model.config)
+    assert "4417" in pipe(CONTEXT, question=QUESTION, max_new_tokens=10, cache=cache)["answer"]
+    assert cache.path_counts()["gram transform int8"] == 12 and cache.memory_report()["ratio"] > 3
+    chat = tok.apply_chat_template([{"role": "user", "content": CONTEXT + QUESTION}], tokenize=False,
+                                   add_generation_prompt=True)
+    ids = tok(chat, return_tensors="pt").input_ids
+    cache = LowRankCache(config_for_ratio(4, ids.shape[1], model.config, method="transform", layer_group_size=5,
+                                          block_tokens=64), model.config)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    assert "4417" in tok.decode(out[0, ids.shape[1]:]) and cache.memory_report()["ratio"] > 3
+
+
 class ByteTokenizer:
     """Enough of a tokenizer for calibrate() on the tiny random Llama (vocab 128)."""
 
