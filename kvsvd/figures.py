@@ -77,14 +77,14 @@ def draw(name: str, results: Path) -> tuple[plt.Figure, str]:
     return fig, caption
 
 
-def show(name: str, results: Path) -> str:
-    """Notebook use: draw and save the figure, display it, and return its caption (Markdown)."""
+def show(name: str, results: Path) -> None:
+    """Notebook use: draw and save the figure and display it with its caption (Markdown), once: nothing
+    is returned, so a cell ending with this call shows no second copy of the caption as its Out[]."""
     from IPython.display import Markdown, display
     fig, caption = draw(name, results)
     plt.show()
     display(Markdown(f"**Figure {name}.** {caption}"))
     plt.close(fig)
-    return caption
 
 
 def redraw_all(results: Path) -> list[str]:
