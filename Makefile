@@ -9,7 +9,7 @@ NOTEBOOKS := $(notdir $(wildcard notebooks/[0-9]*.ipynb))
 NB_RESULTS := $(if $(filter /%,$(RESULTS)),$(RESULTS),../$(RESULTS))
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test reproduce figures bench lab clean gpu-wheels
+.PHONY: setup test reproduce figures bench lab lab-check clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -54,8 +54,20 @@ gpu-wheels: setup
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  -d .whl $(GPU_WHEELS)
 
+# JupyterLab with the repository's server config: notebooks are saved without outputs, and
+# interactive runs write under results/interactive/ (git-ignored).
 lab: setup
-	$(PY) -m jupyter lab notebooks/
+	$(PY) -m jupyter lab --config=jupyter_server_config.json notebooks/
+
+# Every notebook in JupyterLab in a real headless browser (Debian's Chromium, Playwright from
+# PyPI): run, widgets moved, screenshots; git status of the scratch copy must stay clean.
+# Minutes long, so it is not part of `make test`.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+lab-check: setup
+	test -x /usr/bin/chromium || ($(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium)
+	$(PY) -m pip install -q -e ".[lab]"
+	$(PY) tools/lab_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

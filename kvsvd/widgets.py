@@ -43,16 +43,20 @@ class Controls:
         return W.VBox([W.HBox(list(self.widgets.values())), self.output])
 
 
+LABEL = {"description_width": "initial"}  # a label as wide as its name: "layer_group_size" in full
+
+
 def _widget(name: str, value, spec) -> W.ValueWidget:
     if isinstance(spec, tuple) and len(spec) == 3:
         lo, hi, step = spec
         if not (isinstance(value, int) and lo <= value <= hi):
             raise ValueError(f"{name}={value!r} is out of range; accepted: integers in [{lo}, {hi}]")
-        return W.IntSlider(value=value, min=lo, max=hi, step=step, description=name, continuous_update=False)
+        return W.IntSlider(value=value, min=lo, max=hi, step=step, description=name, continuous_update=False,
+                           style=LABEL)
     if isinstance(spec, list):
         if value not in spec:
             raise ValueError(f"{name}={value!r} is unknown; accepted: {', '.join(map(str, spec))}")
-        return W.Dropdown(value=value, options=spec, description=name)
+        return W.Dropdown(value=value, options=spec, description=name, style=LABEL)
     raise TypeError(f"ranges[{name!r}] must be (min, max, step) or a list of options, got {spec!r}")
 
 

@@ -7,6 +7,8 @@ function to :func:`kvsvd.widgets.controls`, which calls it with the slider value
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
@@ -60,6 +62,21 @@ SETTINGS: dict[str, dict[str, dict]] = {
 }
 
 
+# What each notebook writes under its results folder (globs), and the order of the profiles by size.
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "01_spectrum_analysis": ("analysis/spectrum_stats.csv", "analysis/spectra.csv", "analysis/layer_similarity.csv",
+                             "figures/01_*"),
+    "02_kernel_derivation_and_stability": ("analysis/orthogonality.csv", "kernels/*", "kernels_sweep/*",
+                                           "figures/02_*"),
+    "03_kv_compressibility": ("analysis/pca_calibration.safetensors", "analysis/compressibility.csv",
+                              "analysis/rate_distortion.csv", "figures/03_*"),
+    "04_ruler_accuracy_and_latency": ("eval/*", "eval_targets/*", "eval_frontier/*", "cache/*", "attention/*",
+                                      "figures/04_*"),
+}
+PROFILE_SIZE = {"smoke": 0, "cpu": 1, "gpu": 2}
+MANIFEST = "profiles.json"  # {output glob: profile of the run that last wrote it}, one per results folder
+
+
 def settings(notebook: str, profile: str) -> dict:
     """The settings of ``notebook`` for ``profile``; errors name the accepted values."""
     if notebook not in SETTINGS:
@@ -67,6 +84,49 @@ def settings(notebook: str, profile: str) -> dict:
     if profile not in SETTINGS[notebook]:
         raise ValueError(f"profile={profile!r} is unknown; accepted: {', '.join(SETTINGS[notebook])}")
     return dict(SETTINGS[notebook][profile])
+
+
+def results_folder(notebook: str, profile: str, results_dir: str | Path | None = None,
+                   committed: str | Path = "../results") -> Path:
+    """The folder ``notebook`` writes its tables, JSON and figures to under ``profile``.
+
+    ``results_dir`` when given (``make reproduce`` passes ``../results``); otherwise the git-ignored
+    scratch folder ``<committed>/interactive/<profile>``, first filled with copies of the committed
+    outputs of this notebook made with the same profile, so that finished grid cells and benchmark
+    configurations are reused and nothing committed is touched. ``MANIFEST`` in the folder records
+    the profile of each output; a run with a smaller profile than the one that made existing
+    outputs refuses, naming the files and both profiles."""
+    settings(notebook, profile)
+    committed = Path(committed)
+    out = Path(results_dir) if results_dir is not None else committed / "interactive" / profile
+    if results_dir is None:
+        source = committed / "gpu" if profile == "gpu" else committed
+        made = _manifest(source)
+        for pattern in OUTPUTS[notebook]:
+            if made.get(pattern) == profile and not any(out.glob(pattern)):
+                for path in source.glob(pattern):
+                    (out / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+                    (shutil.copytree if path.is_dir() else shutil.copy2)(path, out / path.relative_to(source))
+    recorded = _manifest(out)
+    clashes = [(pattern, recorded[pattern]) for pattern in OUTPUTS[notebook]
+               if PROFILE_SIZE.get(recorded.get(pattern), -1) > PROFILE_SIZE[profile] and any(out.glob(pattern))]
+    if clashes:
+        files = sorted(str(f) for pattern, _ in clashes for f in out.glob(pattern))
+        made_with = sorted({p for _, p in clashes})
+        raise FileExistsError(f"profile={profile!r} would replace results made with profile "
+                              f"{' and '.join(map(repr, made_with))} in {out}: {', '.join(files[:8])}"
+                              f"{' …' if len(files) > 8 else ''}; run with that profile, or set results_dir to "
+                              "another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "analysis").mkdir(exist_ok=True)
+    (out / MANIFEST).write_text(json.dumps({**recorded, **dict.fromkeys(OUTPUTS[notebook], profile)}, indent=1,
+                                           sort_keys=True) + "\n")
+    return out
+
+
+def _manifest(folder: Path) -> dict[str, str]:
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def run_grids(paths, results: Path, model, tokenizer, folder: str = "eval") -> list[Path]:
@@ -96,6 +156,17 @@ def committed_grid(config: str | Path, run: bool, results: Path, model, tokenize
 
 # ------------------------------------------------------------------------- widget computations
 
+_WARMED: set[tuple] = set()
+
+
+def _warm_up(key: tuple, call) -> None:
+    """Run ``call`` once, untimed, the first time ``key`` is seen: a first call pays one-off costs
+    (allocator, library initialisation) that are not the kernel's time."""
+    if key not in _WARMED:
+        call()
+        _WARMED.add(key)
+
+
 def explore_group(sample: analysis.KVSample, *, kind: str, rank: int, n_iter: int, layer_group_size: int,
                   first_layer: int | None = None) -> dict:
     """Compress one group of ``layer_group_size`` layers of ``kind`` at ``rank`` (rsvd, n_iter) and
@@ -109,8 +180,11 @@ def explore_group(sample: analysis.KVSample, *, kind: str, rank: int, n_iter: in
     from .methods import COMPRESSORS
     layers = list(range(start, start + G))
     x = torch.stack([sample.matrix(kind, l) for l in layers], 1)[None]
+    def compress(timer: StageTimer):
+        return COMPRESSORS[cfg.method](x, rank, cfg, kind=kind[0], layers=layers, heads=sample.kv_heads, timer=timer)
+    _warm_up(("group", cfg.method, tuple(x.shape)), lambda: compress(StageTimer()))
     timer = StageTimer()
-    store = COMPRESSORS[cfg.method](x, rank, cfg, kind=kind[0], layers=layers, heads=sample.kv_heads, timer=timer)
+    store = compress(timer)
     rows = []
     for j, l in enumerate(layers):
         x_hat = store.layer(j, torch.float32)[0]
@@ -125,8 +199,9 @@ def explore_group(sample: analysis.KVSample, *, kind: str, rank: int, n_iter: in
     ax.bar(idx + 0.2, [r[2] for r in rows], 0.4, label="attention-output error")
     ax.set(xticks=idx.tolist(), xticklabels=[f"layer {r[0]}" for r in rows], ylabel="relative error",
            title=f"{analysis.KIND_LABELS[kind]}: G={G}, rank {rank}, "
-                 f"n_iter {n_iter} ({store.path}) → {ratio:.1f}× fewer bytes than 16-bit, {timer.total_ms():.1f} ms")
-    ax.legend()
+                 f"n_iter {n_iter} ({store.path}) → {ratio:.1f}× fewer bytes than 16-bit, {timer.total_ms():.1f} ms "
+                 "(after a warm-up call)")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # beside the bars, never over them
     plt.show()
     return {"ratio": ratio, "errors": rows, "ms": timer.breakdown_ms()}
 
@@ -135,18 +210,21 @@ def explore_rsvd(A: torch.Tensor, *, rank: int, n_iter: int, method: str) -> dic
     """One call of ``method`` (rsvd, lowrank_svd, full_svd) on A: time, error vs optimum, and its
     singular values against the exact ones."""
     fn = get_svd(method)
+    def call(timer: StageTimer):
+        return fn(A, rank, n_iter=n_iter, generator=torch.Generator(device=A.device).manual_seed(0), timer=timer)
+    _warm_up(("svd", method, tuple(A.shape), A.dtype, str(A.device)), lambda: call(StageTimer()))
     timer = StageTimer()
     t0 = time.perf_counter()
-    U, S, Vh = fn(A, rank, n_iter=n_iter, generator=torch.Generator(device=A.device).manual_seed(0), timer=timer)
+    U, S, Vh = call(timer)
     ms = (time.perf_counter() - t0) * 1e3
     rel = float(truncation_error(A, U, S, Vh) / optimal_error(A, rank))
     exact = torch.linalg.svdvals(A.double())[:rank]
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.semilogy(exact.cpu(), "k-", label="exact σᵢ")
     ax.semilogy(S.double().cpu(), "o", ms=3, label=f"{method} σᵢ")
-    ax.set(xlabel="index i", ylabel="σᵢ", title=f"{method}, rank {rank}, n_iter {n_iter}: {ms:.1f} ms, "
-                                                 f"error = {rel:.4f} × optimum")
-    ax.legend()
+    ax.set(xlabel="index i", ylabel="σᵢ", title=f"{method}, rank {rank}, n_iter {n_iter}: {ms:.1f} ms (after a warm-up "
+                                                 f"call), error = {rel:.4f} × optimum")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     plt.show()
     return {"ms": ms, "rel_error": rel, "breakdown_ms": timer.breakdown_ms()}
 
@@ -177,7 +255,7 @@ def explore_answer(model, tokenizer, sample: dict, task: str, *, method: str, ra
         left += ms
     ax.set(yticks=[], xlabel="compression ms (all groups)",
            title=f"{method} G={G} rank {rank} q={n_iter}: {mem['ratio']:.1f}× fewer bytes than 16-bit, score {score:.0f}")
-    ax.legend(fontsize=7, ncol=3, loc="lower right")
+    ax.legend(fontsize=7, ncol=4, loc="upper left", bbox_to_anchor=(0, -0.45), frameon=False)  # below the bar
     plt.show()
     print(f"gold: {sample['outputs']}  prediction: {res['prediction'].strip()!r}")
     return {"score": score, "ratio": mem["ratio"], "prediction": res["prediction"], "stages_ms": stages}

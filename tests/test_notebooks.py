@@ -29,6 +29,10 @@ def test_four_numbered_notebooks_stored_without_outputs():
         for name in ("profile", "results_dir", "interactive", "rank", "n_iter"):
             assert f"{name} =" in params[0].source, f"{path.name}: parameter {name} missing"
         assert any("controls(" in c.source for c in code), f"{path.name} has no widget controls"
+        # an interactive run writes to the git-ignored scratch folder; make reproduce passes results_dir
+        assert "results_dir = None" in params[0].source, f"{path.name}: results_dir must default to None"
+        assert any(f'workbook.results_folder("{path.stem}", profile, results_dir)' in c.source for c in code)
+        assert book.metadata.kernelspec.name == "python3"  # named, so JupyterLab starts it without asking
 
 
 @pytest.fixture(scope="module")
