@@ -108,11 +108,12 @@ def results_folder(notebook: str, profile: str, results_dir: str | Path | None =
                     (out / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
                     (shutil.copytree if path.is_dir() else shutil.copy2)(path, out / path.relative_to(source))
     recorded = _manifest(out)
-    clashes = [(pattern, recorded[pattern]) for pattern in OUTPUTS[notebook]
-               if PROFILE_SIZE.get(recorded.get(pattern), -1) > PROFILE_SIZE[profile] and any(out.glob(pattern))]
+    larger = {pattern: sorted(out.glob(pattern)) for pattern in OUTPUTS[notebook]
+              if PROFILE_SIZE.get(recorded.get(pattern), -1) > PROFILE_SIZE[profile]}
+    clashes = {pattern: found for pattern, found in larger.items() if found}
     if clashes:
-        files = sorted(str(f) for pattern, _ in clashes for f in out.glob(pattern))
-        made_with = sorted({p for _, p in clashes})
+        files = sorted(str(f) for found in clashes.values() for f in found)
+        made_with = sorted({recorded[pattern] for pattern in clashes})
         raise FileExistsError(f"profile={profile!r} would replace results made with profile "
                               f"{' and '.join(map(repr, made_with))} in {out}: {', '.join(files[:8])}"
                               f"{' …' if len(files) > 8 else ''}; run with that profile, or set results_dir to "
@@ -157,14 +158,20 @@ def committed_grid(config: str | Path, run: bool, results: Path, model, tokenize
 # ------------------------------------------------------------------------- widget computations
 
 _WARMED: set[tuple] = set()
+BESIDE = dict(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # a legend beside the axes, never over data
 
 
-def _warm_up(key: tuple, call) -> None:
-    """Run ``call`` once, untimed, the first time ``key`` is seen: a first call pays one-off costs
-    (allocator, library initialisation) that are not the kernel's time."""
+def _timed(key: tuple, call):
+    """``call(timer)`` with a fresh StageTimer; returns (its result, the timer, wall ms). The first
+    time ``key`` is seen, one untimed call runs first: it pays one-off costs (allocator, library
+    initialisation) that are not the kernel's time."""
     if key not in _WARMED:
-        call()
+        call(StageTimer())
         _WARMED.add(key)
+    timer = StageTimer()
+    t0 = time.perf_counter()
+    result = call(timer)
+    return result, timer, (time.perf_counter() - t0) * 1e3
 
 
 def explore_group(sample: analysis.KVSample, *, kind: str, rank: int, n_iter: int, layer_group_size: int,
@@ -180,11 +187,8 @@ def explore_group(sample: analysis.KVSample, *, kind: str, rank: int, n_iter: in
     from .methods import COMPRESSORS
     layers = list(range(start, start + G))
     x = torch.stack([sample.matrix(kind, l) for l in layers], 1)[None]
-    def compress(timer: StageTimer):
-        return COMPRESSORS[cfg.method](x, rank, cfg, kind=kind[0], layers=layers, heads=sample.kv_heads, timer=timer)
-    _warm_up(("group", cfg.method, tuple(x.shape)), lambda: compress(StageTimer()))
-    timer = StageTimer()
-    store = compress(timer)
+    store, timer, _ = _timed(("group", cfg.method, tuple(x.shape)), lambda timer: COMPRESSORS[cfg.method](
+        x, rank, cfg, kind=kind[0], layers=layers, heads=sample.kv_heads, timer=timer))
     rows = []
     for j, l in enumerate(layers):
         x_hat = store.layer(j, torch.float32)[0]
@@ -201,7 +205,7 @@ def explore_group(sample: analysis.KVSample, *, kind: str, rank: int, n_iter: in
            title=f"{analysis.KIND_LABELS[kind]}: G={G}, rank {rank}, "
                  f"n_iter {n_iter} ({store.path}) → {ratio:.1f}× fewer bytes than 16-bit, {timer.total_ms():.1f} ms "
                  "(after a warm-up call)")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)  # beside the bars, never over them
+    ax.legend(**BESIDE)
     plt.show()
     return {"ratio": ratio, "errors": rows, "ms": timer.breakdown_ms()}
 
@@ -210,13 +214,8 @@ def explore_rsvd(A: torch.Tensor, *, rank: int, n_iter: int, method: str) -> dic
     """One call of ``method`` (rsvd, lowrank_svd, full_svd) on A: time, error vs optimum, and its
     singular values against the exact ones."""
     fn = get_svd(method)
-    def call(timer: StageTimer):
-        return fn(A, rank, n_iter=n_iter, generator=torch.Generator(device=A.device).manual_seed(0), timer=timer)
-    _warm_up(("svd", method, tuple(A.shape), A.dtype, str(A.device)), lambda: call(StageTimer()))
-    timer = StageTimer()
-    t0 = time.perf_counter()
-    U, S, Vh = call(timer)
-    ms = (time.perf_counter() - t0) * 1e3
+    (U, S, Vh), timer, ms = _timed(("svd", method, tuple(A.shape), A.dtype, str(A.device)), lambda timer: fn(
+        A, rank, n_iter=n_iter, generator=torch.Generator(device=A.device).manual_seed(0), timer=timer))
     rel = float(truncation_error(A, U, S, Vh) / optimal_error(A, rank))
     exact = torch.linalg.svdvals(A.double())[:rank]
     fig, ax = plt.subplots(figsize=(7, 3.2))
@@ -224,7 +223,7 @@ def explore_rsvd(A: torch.Tensor, *, rank: int, n_iter: int, method: str) -> dic
     ax.semilogy(S.double().cpu(), "o", ms=3, label=f"{method} σᵢ")
     ax.set(xlabel="index i", ylabel="σᵢ", title=f"{method}, rank {rank}, n_iter {n_iter}: {ms:.1f} ms (after a warm-up "
                                                  f"call), error = {rel:.4f} × optimum")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    ax.legend(**BESIDE)
     plt.show()
     return {"ms": ms, "rel_error": rel, "breakdown_ms": timer.breakdown_ms()}
 
