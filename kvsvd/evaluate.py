@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache
 
 from .cache import LowRankCache
+from .compat import cache_of, with_cache
 
 
 def split_prompt(tokenizer, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,14 +47,14 @@ def _forward(model, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
     different numbers of tokens (a press with per-layer budgets, e.g. PyramidKV), transformers'
     causal mask (sized from layer 0) cannot serve a multi-token step: feed one token at a time."""
     if len({cache.get_seq_length(i) for i in range(len(cache.layers))}) == 1:
-        return model(input_ids=ids, past_key_values=cache, position_ids=_positions(start, ids.shape[1], ids.device)).logits
-    return torch.cat([model(input_ids=ids[:, j:j + 1], past_key_values=cache,
+        return model(input_ids=ids, **with_cache(cache), position_ids=_positions(start, ids.shape[1], ids.device)).logits
+    return torch.cat([model(input_ids=ids[:, j:j + 1], **with_cache(cache),
                             position_ids=_positions(start + j, 1, ids.device)).logits for j in range(ids.shape[1])], 1)
 
 
 def _prefill(model, ctx: torch.Tensor, cache, press) -> None:
     with press(model) if press is not None else contextlib.nullcontext():
-        model.model(input_ids=ctx.to(model.device), past_key_values=cache)
+        model.model(input_ids=ctx.to(model.device), **with_cache(cache))
 
 
 @dataclass
@@ -82,8 +83,9 @@ def record_prefill(model, ctx: torch.Tensor) -> Prefill:
     calls: list = []
 
     def hook(module, args, kwargs, output):
-        layer = kwargs["past_key_values"].layers[module.layer_idx]
-        calls.append(({k: v for k, v in kwargs.items() if k != "past_key_values"}, layer.keys, layer.values, output))
+        cache = cache_of(kwargs)
+        layer = cache.layers[module.layer_idx]
+        calls.append(({k: v for k, v in kwargs.items() if v is not cache}, layer.keys, layer.values, output))
 
     hooks = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
     try:
@@ -103,11 +105,11 @@ def _fill_layer(module, kwargs: dict, keys: torch.Tensor, values: torch.Tensor, 
     cache.update(keys.clone(), values.clone(), module.layer_idx,
                  {"sin": sin, "cos": cos, "cache_position": kwargs.get("cache_position")})
     if press is not None:
-        press.forward_hook(module, (), {**kwargs, "past_key_values": cache}, output)
+        press.forward_hook(module, (), {**kwargs, **with_cache(cache)}, output)
 
 
 def replay_prefill(model, prefill: Prefill, cache, press=None) -> None:
-    """Fill ``cache`` exactly as ``model.model(ctx, past_key_values=cache)`` under ``press`` would,
+    """Fill ``cache`` exactly as ``model.model(ctx, **with_cache(cache))`` under ``press`` would,
     without the forward: each recorded layer call through :func:`_fill_layer`."""
     with press(model) if press is not None else contextlib.nullcontext():
         for layer, (kwargs, keys, values, output) in zip(model.model.layers, prefill.calls):
@@ -125,7 +127,7 @@ def fan_out_prefill(model, ctx: torch.Tensor, targets: list[tuple[object, object
         raise ValueError(f"fan_out_prefill needs presses of one class, got {sorted({type(p).__name__ for _, p in targets})}")
 
     def hook(module, args, kwargs, output):
-        layer = kwargs["past_key_values"].layers[module.layer_idx]
+        layer = cache_of(kwargs).layers[module.layer_idx]
         for cache, other in rest:
             _fill_layer(module, kwargs, layer.keys, layer.values, output, cache, other)
 
@@ -207,7 +209,7 @@ def answer(model, tokenizer, sample: dict, cache, max_new_tokens: int = 32, pres
     eos = set(eos if isinstance(eos, list) else [eos])
     t3 = time.perf_counter()
     while len(tokens) < max_new_tokens and tokens[-1] not in eos:
-        logits = model(input_ids=torch.tensor([[tokens[-1]]], device=dev), past_key_values=cache,
+        logits = model(input_ids=torch.tensor([[tokens[-1]]], device=dev), **with_cache(cache),
                        position_ids=_positions(pos + len(tokens) - 1, 1, dev)).logits
         tokens.append(int(logits[0, -1].argmax()))
     t4 = time.perf_counter()

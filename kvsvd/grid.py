@@ -60,6 +60,7 @@ import copy
 import gc
 import gzip
 import hashlib
+import importlib.util
 import itertools
 import json
 import os
@@ -245,6 +246,36 @@ def check_budgets(grid: Grid, rows) -> None:
                              f"with {r.get('max_new_tokens')}: choose another 'out' or remove the file")
 
 
+def _peer_module(method: dict) -> str | None:
+    """The package a peer method runs in (all of them in kvsvd's ``peers`` extra), or None."""
+    if method["method"] == "quantized":
+        return {"quanto": "optimum.quanto", "hqq": "hqq"}.get(method.get("backend", "quanto"))
+    return {"press": "kvpress", "turboquant": "turboquant"}.get(method["method"])
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
+class PeersMissing(ModuleNotFoundError):
+    """A grid names peer methods whose packages (kvsvd's ``peers`` extra) are not installed."""
+
+
+def require_peers(methods: list[dict]) -> None:
+    """Refuse, before a model loads, methods whose peer package is not installed, naming the extra."""
+    missing = sorted({m for m in map(_peer_module, methods) if m and not _installed(m)})
+    if missing:
+        import transformers
+        names = [_label({f"m_{k}": v for k, v in m.items()}) for m in methods if _peer_module(m) in missing]
+        raise PeersMissing(
+            f"methods {names} need {', '.join(missing)}, from kvsvd's 'peers' extra: pip install -e '.[peers]' "
+            f"(make setup installs it in .venv). kvpress 0.5.5 needs transformers>=4.56,<5.3 (installed: "
+            f"{transformers.__version__}); run these grids in the workbook environment, or leave these methods out")
+
+
 def build(method: dict, model, context_tokens: int, memoize_reads: bool = False, reserve_tokens: int = 0):
     """(cache, press) for one method at a context of ``context_tokens`` tokens (``memoize_reads``:
     see ``LowRankCache``); a ratio budgets ``reserve_tokens`` more tokens held dense after the context
@@ -380,6 +411,7 @@ def units(grid: Grid) -> list[tuple[str, int, int]]:
 def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
     """Run (or resume) a grid; returns the results path. Shards over torchrun processes."""
     grid = load_grid(source)
+    require_peers(grid.methods)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")

@@ -7,24 +7,28 @@ import torch
 from transformers import DynamicCache, QuantizedCache
 
 from kvsvd import accounting
+from kvsvd.compat import with_cache
 from kvsvd.dense import Dense16Cache
 from kvsvd.grid import validate_row
 from conftest import held_storage_bytes
+
+pytestmark = pytest.mark.core  # also run in the current environment
 
 
 def test_dense16_bytes_is_two_bytes_per_entry_whatever_the_model_dtype(tiny_llama):
     assert accounting.dense16_bytes(tiny_llama.config, 100, batch=3) == 2 * 3 * 100 * 4 * 2 * 16 * 2
 
 
+@pytest.mark.peers
 @torch.no_grad()
 def test_quantized_cache_bytes_are_its_codes_scales_shifts_and_residual(tiny_llama):
     """quanto's int4 QuantizedCache, counted tensor by tensor: packed uint8 codes, FP32 scales and shifts
     per group of 64, and the residual window in the model dtype."""
     cache = QuantizedCache(backend="quanto", config=tiny_llama.config, nbits=4, residual_length=8)
     ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(0))
-    tiny_llama(ids, past_key_values=cache)
+    tiny_llama(ids, **with_cache(cache))
     for t in range(12):  # past the residual length once: the history is requantised, 4 tokens stay dense
-        tiny_llama(ids[:, t:t + 1], past_key_values=cache)
+        tiny_llama(ids[:, t:t + 1], **with_cache(cache))
     codes = scales = residual = 0
     for layer in cache.layers:
         for q in (layer._quantized_keys, layer._quantized_values):
@@ -38,13 +42,14 @@ def test_quantized_cache_bytes_are_its_codes_scales_shifts_and_residual(tiny_lla
     assert rep["dense16_bytes"] == 2 * 112 * 4 * 2 * 16 * 2 and rep["ratio"] == rep["dense16_bytes"] / rep["total_bytes"]
 
 
+@pytest.mark.peers
 @torch.no_grad()
 def test_hqq_quantized_cache_bytes_are_its_packed_codes_scales_zeros_and_residual(tiny_llama):
     """HQQ's 3-bit QuantizedCache: codes bit-packed into int32 (10 per word), FP32 scale and zero per
     group of 64, the residual in the model dtype."""
     cache = QuantizedCache(backend="hqq", config=tiny_llama.config, nbits=3, residual_length=8)
     ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(0))
-    tiny_llama(ids, past_key_values=cache)
+    tiny_llama(ids, **with_cache(cache))
     codes = scales = residual = 0
     for layer in cache.layers:
         for q, meta in (layer._quantized_keys, layer._quantized_values):
@@ -58,6 +63,7 @@ def test_hqq_quantized_cache_bytes_are_its_packed_codes_scales_zeros_and_residua
     assert rep["total_bytes"] == codes + scales + residual
 
 
+@pytest.mark.peers
 @torch.no_grad()
 def test_turboquant_bytes_are_its_uint8_indices_norms_and_window_and_its_view_is_apart(tiny_llama):
     """TurboQuantCache keeps one uint8 index per entry (not bit-packed: 1 byte whatever the bits), an FP32
@@ -67,10 +73,10 @@ def test_turboquant_bytes_are_its_uint8_indices_norms_and_window_and_its_view_is
     from turboquant import TurboQuantCache
     cache = TurboQuantCache(bits=3)
     ids = torch.randint(0, 128, (1, 301), generator=torch.Generator().manual_seed(0))
-    tiny_llama(ids[:, :300], past_key_values=cache)
+    tiny_llama(ids[:, :300], **with_cache(cache))
     prefill = accounting.cache_report(cache, tiny_llama.config, 300)
     assert prefill["residual_bytes"] == 4 * 2 * 2 * 300 * 16 * 4  # the window is a view of all 300 prefill tokens
-    tiny_llama(ids[:, 300:], past_key_values=cache, position_ids=torch.tensor([[300]]))
+    tiny_llama(ids[:, 300:], **with_cache(cache), position_ids=torch.tensor([[300]]))
     rep = accounting.cache_report(cache, tiny_llama.config, 301)
     entries = 4 * 2 * 2 * 173 * 16  # layers × K/V × heads × quantised tokens × head_dim
     assert rep["codes_bytes"] == entries and rep["scales_bytes"] == 4 * entries // 16
@@ -84,10 +90,10 @@ def test_turboquant_bytes_are_its_uint8_indices_norms_and_window_and_its_view_is
 def test_dense16_cache_holds_bf16_and_reads_the_model_dtype(tiny_llama):
     ids = torch.randint(0, 128, (2, 60), generator=torch.Generator().manual_seed(1))
     ref, cache = DynamicCache(), Dense16Cache()
-    ref_logits = tiny_llama(ids, past_key_values=ref).logits
-    logits = tiny_llama(ids, past_key_values=cache).logits
-    step = tiny_llama(ids[:, :1], past_key_values=cache).logits
-    ref_step = tiny_llama(ids[:, :1], past_key_values=ref).logits
+    ref_logits = tiny_llama(ids, **with_cache(ref)).logits
+    logits = tiny_llama(ids, **with_cache(cache)).logits
+    step = tiny_llama(ids[:, :1], **with_cache(cache)).logits
+    ref_step = tiny_llama(ids[:, :1], **with_cache(ref)).logits
     assert torch.equal(logits, ref_logits)  # a step attends its own new tokens as computed, the rest as stored
     assert (step - ref_step).abs().max() < 2e-2 and not torch.equal(step, ref_step)
     layer = cache.layers[0]
@@ -98,13 +104,14 @@ def test_dense16_cache_holds_bf16_and_reads_the_model_dtype(tiny_llama):
     assert accounting.cache_report(ref, tiny_llama.config, 61, batch=2)["ratio"] == 0.5  # FP32 dense
 
 
+@pytest.mark.peers
 @torch.no_grad()
 def test_a_press_prunes_the_dense16_cache_in_its_storage_dtype(tiny_llama):
     from kvpress import KnormPress
     ids = torch.randint(0, 128, (1, 80), generator=torch.Generator().manual_seed(2))
     cache = Dense16Cache()
     with KnormPress(compression_ratio=0.5)(tiny_llama):
-        tiny_llama.model(ids, past_key_values=cache)
+        tiny_llama.model(ids, **with_cache(cache))
     assert cache.get_seq_length() == 40 and cache.layers[0]._keys.dtype == torch.bfloat16
     assert accounting.cache_report(cache, tiny_llama.config, 80)["ratio"] == 2.0
 

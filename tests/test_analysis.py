@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from kvsvd import analysis, workbook
+from kvsvd.compat import with_cache
 from kvsvd.orth import ORTH_METHODS
+
+pytestmark = pytest.mark.core  # also run in the current environment
 
 
 def test_spectrum_statistics_on_known_spectra():
@@ -67,7 +70,7 @@ def test_sample_and_compressibility_on_smollm2(smollm2):
     ids = tok(natural_text(128 * 8), return_tensors="pt").input_ids[:, :128]
     cache = DynamicCache()
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **with_cache(cache))
     stored = cache.layers[3].keys[0].transpose(0, 1).reshape(128, -1)
     torch.testing.assert_close(s.matrix("k_post", 3), stored, atol=1e-4, rtol=1e-4)
     stats, spectra = analysis.spectrum_tables(s)

@@ -9,7 +9,10 @@ from transformers import DynamicCache
 
 from kvsvd import CompressionConfig, LowRankCache
 from kvsvd.attention import Factors, attend, merge
+from kvsvd.compat import with_cache
 from test_cache import full_rank_config, greedy
+
+pytestmark = pytest.mark.core  # also run in the current environment
 
 
 @contextlib.contextmanager
@@ -91,9 +94,9 @@ def test_multi_token_step_after_compression_is_causal(tiny_llama):
     for impl in ("sdpa", "kvsvd"):
         with attn(tiny_llama, impl), torch.no_grad():
             cache = LowRankCache(cfg, tiny_llama.config)
-            tiny_llama(ctx, past_key_values=cache)
+            tiny_llama(ctx, **with_cache(cache))
             cache.compress_pending()
-            outs.append(tiny_llama(question, past_key_values=cache).logits)
+            outs.append(tiny_llama(question, **with_cache(cache)).logits)
     assert (outs[0] - outs[1]).abs().max() < 1e-4
 
 
@@ -107,7 +110,7 @@ def test_other_caches_and_prefill_use_sdpa_and_dropout_is_refused(tiny_llama):
                                            key_space="post_rope"),
                          tiny_llama.config)
     with attn(tiny_llama, "kvsvd"), torch.no_grad():
-        tiny_llama(ids, past_key_values=cache)
+        tiny_llama(ids, **with_cache(cache))
         cache.compress_pending()
         k, v = cache.layers[0].update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16))
         with pytest.raises(ValueError, match="dropout=0.1 is not supported"):

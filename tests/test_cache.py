@@ -7,15 +7,18 @@ import torch
 from transformers import DynamicCache
 
 from kvsvd import CompressionConfig, LowRankCache
+from kvsvd.compat import with_cache
 from kvsvd.config import config_for_ratio
 from kvsvd.store import dequantize_rows, quantize_rows
 from conftest import held_storage_bytes
+
+pytestmark = pytest.mark.core  # also run in the current environment
 
 FULL = {"svd": 1, "xkv": 2}
 
 
 def greedy(model, ids, cache, n=8, **kw):
-    out = model.generate(ids, max_new_tokens=n, do_sample=False, past_key_values=cache, return_dict_in_generate=True,
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, **with_cache(cache), return_dict_in_generate=True,
                          output_logits=True, pad_token_id=0, attention_mask=kw.pop("attention_mask", torch.ones_like(ids)), **kw)
     return out.sequences, torch.stack(out.logits)
 
@@ -52,9 +55,9 @@ def test_full_rank_reproduces_dynamic_cache_smollm2(smollm2, method, G):
 def test_pre_rope_keys_round_trip(tiny_llama):
     ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(2))
     dyn = DynamicCache()
-    tiny_llama(ids, past_key_values=dyn)
+    tiny_llama(ids, **with_cache(dyn))
     cache = LowRankCache(full_rank_config("svd", 1, 32, "pre_rope"), tiny_llama.config)
-    tiny_llama(ids, past_key_values=cache)
+    tiny_llama(ids, **with_cache(cache))
     cache.compress_pending()
     assert cache.groups[0].segments and cache.groups[0].segments[0].length == 37
     for layer, ref in zip(cache.layers, dyn.layers):
@@ -111,7 +114,7 @@ def test_config_for_ratio_budgets_the_factor_width(tiny_llama, factor_dtype):
                             factor_dtype="fp32")
     assert cfg.rank_v >= {"fp32": 1, "bf16": 1.8, "int8": 3, "int4": 4}[factor_dtype] * fp32.rank_v
     cache = LowRankCache(cfg, tiny_llama.config)
-    tiny_llama(ids, past_key_values=cache)
+    tiny_llama(ids, **with_cache(cache))
     cache.compress_pending()
     rep = cache.memory_report()
     assert rep["ratio"] == pytest.approx(4, rel=0.03)
@@ -134,16 +137,16 @@ def test_quantised_rows_round_trip():
 def test_reduced_rank_keeps_the_answer_close(tiny_llama):
     ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(4))
     ref = DynamicCache()
-    ref_logits = tiny_llama(ids, past_key_values=ref).logits[:, -1]
+    ref_logits = tiny_llama(ids, **with_cache(ref)).logits[:, -1]
     cache = LowRankCache(CompressionConfig(method="xkv", layer_group_size=2, rank_k=16, rank_v=24, residual_length=0),
                          tiny_llama.config)
-    tiny_llama(ids[:, :-1], past_key_values=cache)
+    tiny_llama(ids[:, :-1], **with_cache(cache))
     copied = copy.deepcopy(cache)  # what teacher forcing decodes on
-    logits = tiny_llama(ids[:, -1:], past_key_values=cache).logits[:, -1]
+    logits = tiny_llama(ids[:, -1:], **with_cache(cache)).logits[:, -1]
     assert cache.memory_report()["ratio"] > 1.5
     assert torch.nn.functional.cosine_similarity(logits, ref_logits).item() > 0.95
     assert copied.model_config is cache.model_config and copied.get_seq_length() == 199  # untouched by the step
-    assert torch.equal(tiny_llama(ids[:, -1:], past_key_values=copied).logits[:, -1], logits)
+    assert torch.equal(tiny_llama(ids[:, -1:], **with_cache(copied)).logits[:, -1], logits)
 
 
 def test_batch_with_left_padding_and_repeated_generate(tiny_llama):
@@ -177,7 +180,7 @@ def test_context_shorter_than_the_rank_is_stored_uncompressed(tiny_llama):
 def test_compression_log_records_time_and_rsvd_stages(tiny_llama):
     cache = LowRankCache(CompressionConfig(method="xkv", layer_group_size=2, rank_k=16, rank_v=16, qr="householder"),
                          tiny_llama.config)
-    tiny_llama(torch.randint(0, 128, (1, 100)), past_key_values=cache)
+    tiny_llama(torch.randint(0, 128, (1, 100)), **with_cache(cache))
     cache.compress_pending()
     assert len(cache.compression_log) == 2
     entry = cache.compression_log[0]
@@ -218,7 +221,7 @@ def test_bad_config_for_the_model_names_the_parameter(tiny_llama, kwargs, patter
 def test_beam_search_is_refused_clearly(tiny_llama):
     cache = LowRankCache(CompressionConfig(method="svd", layer_group_size=1, rank_k=8, rank_v=8), tiny_llama.config)
     with pytest.raises(NotImplementedError, match="num_beams"):
-        tiny_llama.generate(torch.randint(0, 128, (1, 50)), num_beams=2, max_new_tokens=3, past_key_values=cache,
+        tiny_llama.generate(torch.randint(0, 128, (1, 50)), num_beams=2, max_new_tokens=3, **with_cache(cache),
                             pad_token_id=0, attention_mask=torch.ones(1, 50, dtype=torch.long))
 
 
@@ -233,7 +236,7 @@ def test_memory_report_is_the_same_for_an_fp32_and_a_bf16_model(tiny_llama):
     reports = []
     for model in (tiny_llama, bf16):
         cache = LowRankCache(cfg, model.config)
-        model(ids, past_key_values=cache)
+        model(ids, **with_cache(cache))
         cache.compress_pending()
         reports.append(cache.memory_report())
         assert reports[-1]["total_bytes"] == held_storage_bytes(cache)
@@ -249,7 +252,7 @@ def test_path_counts_name_what_ran(tiny_llama):
                                        ("xkv", 3, 1, {"randomized q2 p8 bf16": 2, "dense bf16": 2})):
         cache = LowRankCache(CompressionConfig(method=method, layer_group_size=G, start_layer=start, rank_k=8,
                                                rank_v=12, residual_length=4), tiny_llama.config)
-        tiny_llama(ids, past_key_values=cache)
+        tiny_llama(ids, **with_cache(cache))
         cache.compress_pending()
         assert cache.path_counts() == expected
         assert cache.compression_log[0]["paths"] == [next(iter(expected))] * 2

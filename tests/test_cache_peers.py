@@ -6,6 +6,7 @@ from transformers import DynamicCache, pipeline
 
 import kvsvd
 from kvsvd import CompressionConfig, LowRankCache
+from kvsvd.compat import with_cache
 from kvsvd.methods import minicache
 
 CONTEXT = "The secret access code is 4417. " + "The grass is green. The sky is blue. " * 40
@@ -24,12 +25,12 @@ def test_pca_at_full_rank_reproduces_the_model(smollm2, calibration):
     model, tok = smollm2
     ids = tok("Once upon a time there was a cat. " * 30, return_tensors="pt").input_ids
     assert ids.shape[1] > 192  # longer than the rank, so it is really projected
-    ref = model(ids, past_key_values=DynamicCache()).logits
+    ref = model(ids, **with_cache(DynamicCache())).logits
     cache = LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=192, rank_v=192,
                                            calibration_path=str(calibration), residual_length=0, factor_dtype="fp32",
                                            dense_dtype="fp32"), model.config)
-    model(ids[:, :-1], past_key_values=cache)
-    last = model(ids[:, -1:], past_key_values=cache).logits
+    model(ids[:, :-1], **with_cache(cache))
+    last = model(ids[:, -1:], **with_cache(cache)).logits
     assert (last[:, -1] - ref[:, -1]).abs().max() < 1e-4
     rep = cache.memory_report()
     assert rep["calibration_bytes"] > 0 and rep["factors_bytes"] > 0
@@ -95,7 +96,7 @@ def test_kvpress_pipeline_and_generate_with_the_transform_cache(smollm2):
     ids = tok(chat, return_tensors="pt").input_ids
     cache = LowRankCache(config_for_ratio(4, ids.shape[1], model.config, method="transform", layer_group_size=5,
                                           block_tokens=64), model.config)
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+    out = model.generate(ids, **with_cache(cache), max_new_tokens=12, do_sample=False)
     assert "4417" in tok.decode(out[0, ids.shape[1]:]) and cache.memory_report()["ratio"] > 3
 
 
@@ -110,12 +111,12 @@ def test_pca_at_full_rank_reproduces_the_tiny_model(tiny_llama, tmp_path):
     path = kvsvd.calibrate(tiny_llama, ByteTokenizer(), ["some calibration text " * 20, "and another " * 30],
                            32, 32, tmp_path / "tiny.safetensors")
     ids = torch.randint(0, 128, (1, 90), generator=torch.Generator().manual_seed(0))
-    ref = tiny_llama(ids, past_key_values=DynamicCache()).logits[:, -1]
+    ref = tiny_llama(ids, **with_cache(DynamicCache())).logits[:, -1]
     cache = LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=32, rank_v=32,
                                            calibration_path=str(path), residual_length=0, factor_dtype="fp32",
                                            dense_dtype="fp32"), tiny_llama.config)
-    tiny_llama(ids[:, :-1], past_key_values=cache)
-    assert (tiny_llama(ids[:, -1:], past_key_values=cache).logits[:, -1] - ref).abs().max() < 1e-4
+    tiny_llama(ids[:, :-1], **with_cache(cache))
+    assert (tiny_llama(ids[:, -1:], **with_cache(cache)).logits[:, -1] - ref).abs().max() < 1e-4
     assert cache.memory_report()["factors_bytes"] > 0
     small = kvsvd.calibrate(tiny_llama, ByteTokenizer(), ["text " * 40], 8, 8, tmp_path / "small.safetensors")
     with pytest.raises(ValueError, match="rank_k=9 exceeds the calibrated rank 8"):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvsvd import grid
+from kvsvd.__main__ import main
 from kvsvd.evaluate import fan_out_prefill
 
 BASE = {"name": "t", "model": "smollm2-135m", "tasks": ["niah_single_1"], "context_lengths": [384], "n_samples": 2,
@@ -300,3 +301,28 @@ def test_grid_fills_a_samples_observed_attention_cells_from_one_forward(smollm2,
     rows = grid.read_rows(grid.run(cfg(tmp_path, methods=methods, n_samples=1), model, tok))
     assert calls == [2] and [r["method"].get("ratio") for r in rows] == [None, 2, 4]  # cells as run_cell's: see above
     assert all(r["prefill_shared"] and r["kv_ratio"] > 1.5 for r in rows[1:])
+
+
+@pytest.mark.core
+def test_a_grid_naming_peers_that_are_not_installed_names_the_extra(tmp_path, monkeypatch, capsys):
+    """Without the peers extra a grid that names a press or a quantised cache stops before any model
+    loads, naming the methods, the packages, the extra and kvpress's transformers range."""
+    real = grid.importlib.util.find_spec
+
+    def find_spec(name, *args):
+        if name == "optimum.quanto":
+            raise ModuleNotFoundError("No module named 'optimum'")
+        return None if name == "kvpress" else real(name, *args)
+
+    monkeypatch.setattr(grid.importlib.util, "find_spec", find_spec)
+    methods = [{"method": "xkv", "layer_group_size": 2, "ratio": 3}, {"method": "press", "press": "tova", "ratio": 4},
+               {"method": "quantized", "nbits": 4}]
+    with pytest.raises(grid.PeersMissing, match=r"\['tova 4x', 'quantized quanto int4'\] need kvpress, "
+                                                r"optimum.quanto, from kvsvd's 'peers' extra.*transformers>=4.56,<5.3"):
+        grid.run(cfg(tmp_path, methods=methods), model=object(), tokenizer=None)
+    assert not (tmp_path / "r.jsonl").exists()
+    config = tmp_path / "g.yaml"
+    config.write_text(json.dumps(cfg(tmp_path, methods=methods)))  # JSON is YAML
+    assert main(["eval", str(config)]) == 2                       # the CLI says it in one line, exit status 2
+    assert "from kvsvd's 'peers' extra" in capsys.readouterr().err
+    grid.require_peers([{"method": "xkv", "ratio": 3}, {"method": "none"}])  # kvsvd's own methods need no peer

@@ -7,6 +7,8 @@ import torch
 
 from kvsvd import models
 
+pytestmark = pytest.mark.core  # also run in the current environment
+
 
 def test_capture_kv_returns_pre_rope_projections(tiny_llama):
     ids = torch.randint(0, 128, (2, 17))

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nbformat
 import pytest
+
+nbformat = pytest.importorskip("nbformat", reason="the notebooks need kvsvd's workbook extra")
 
 from kvsvd import figures
 from kvsvd.__main__ import main

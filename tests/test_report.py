@@ -9,6 +9,8 @@ from kvsvd import report
 from kvsvd.__main__ import main
 from kvsvd.grid import load_results
 
+pytestmark = pytest.mark.core  # also run in the current environment
+
 XKV = {"method": "xkv", "layer_group_size": 2, "ratio": 4, "key_space": "pre_rope"}
 RANDOMIZED = "xkv G2 4x pre_rope bf16 q2 qr=householder → randomized"
 METHODS = {  # name -> (method, score on every sample, measured ratio, paths)

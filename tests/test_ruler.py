@@ -5,6 +5,8 @@ import pytest
 from kvsvd import ruler
 from kvsvd.evaluate import split_prompt
 
+pytestmark = pytest.mark.core  # also run in the current environment
+
 
 @pytest.fixture(scope="module")
 def tok(smollm2):

@@ -7,11 +7,14 @@ import torch
 from transformers import DynamicCache
 
 from kvsvd import CompressionConfig, LowRankCache
+from kvsvd.compat import with_cache
 from kvsvd.config import config_for_ratio
 from kvsvd.grid import _label
 from kvsvd.methods import transform
 from kvsvd.methods.transform import BITS, GAUSS_STEP, TransformConfig, pack_bits, unpack_bits
 from conftest import held_storage_bytes
+
+pytestmark = pytest.mark.core  # also run in the current environment
 
 
 def prefilled(model, cfg, tokens=200, seed=0, batch=1):
@@ -19,8 +22,8 @@ def prefilled(model, cfg, tokens=200, seed=0, batch=1):
     cache = LowRankCache(cfg, model.config)
     dyn = DynamicCache()
     with torch.no_grad():
-        model(ids, past_key_values=cache)
-        model(ids, past_key_values=dyn)
+        model(ids, **with_cache(cache))
+        model(ids, **with_cache(dyn))
     cache.compress_pending()
     return cache, dyn
 
@@ -151,9 +154,9 @@ def test_reserved_tokens_land_the_ratio_at_the_end_of_the_timeline(tiny_llama, m
         cfg = config_for_ratio(3, 200, tiny_llama.config, method=method, layer_group_size=2, residual_length=8,
                                reserve_tokens=reserve, **extra)
         cache = LowRankCache(cfg, tiny_llama.config)
-        tiny_llama(ids[:, :200], past_key_values=cache)
+        tiny_llama(ids[:, :200], **with_cache(cache))
         cache.compress_pending()
-        tiny_llama(ids[:, 200:], past_key_values=cache, position_ids=torch.arange(200, 220)[None])
+        tiny_llama(ids[:, 200:], **with_cache(cache), position_ids=torch.arange(200, 220)[None])
         ratios.append(cache.memory_report()["ratio"])
     assert ratios[0] < 0.95 * 3 and ratios[1] == pytest.approx(3, rel=0.05)
 
@@ -178,7 +181,7 @@ def test_generate_decodes_from_the_codes_and_codes_new_blocks(tiny_llama):
     seqs = []
     for memo in (False, True):
         cache = LowRankCache(cfg, tiny_llama.config, memoize_reads=memo)
-        out = tiny_llama.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, past_key_values=cache,
+        out = tiny_llama.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, **with_cache(cache),
                                   pad_token_id=0, attention_mask=torch.ones_like(ids))
         seqs.append(out)
         assert len(cache.compression_log) >= 2 and len(cache.groups[0].segments) >= 3
@@ -204,7 +207,7 @@ def test_kvsvd_attention_decodes_transform_segments(tiny_llama):
     outs = []
     for impl in ("sdpa", "kvsvd"):
         model.set_attn_implementation(impl)
-        outs.append(model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=LowRankCache(cfg, model.config),
+        outs.append(model.generate(ids, max_new_tokens=8, do_sample=False, **with_cache(LowRankCache(cfg, model.config)),
                                    pad_token_id=0, attention_mask=torch.ones_like(ids)))
     assert torch.equal(outs[0], outs[1])
 

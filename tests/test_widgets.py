@@ -2,7 +2,8 @@
 
 import pytest
 
-from kvsvd.widgets import controls
+pytest.importorskip("ipywidgets", reason="the widgets need kvsvd's workbook extra")
+from kvsvd.widgets import controls  # noqa: E402
 
 
 def test_headless_controls_draw_once_then_redraw_on_change():

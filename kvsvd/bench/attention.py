@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..cache import LowRankCache
+from ..compat import crop_to, with_cache
 from .. import accounting
 from ..config import config_for_ratio
 from .kernels import natural_text
@@ -40,7 +41,7 @@ def _decode(model, cache, tokens: list[int], start: int) -> list[float]:
         ids = torch.tensor([[t]], device=model.device)
         pos = torch.tensor([[start + i]], device=model.device)
         t0 = time.perf_counter()
-        model(input_ids=ids, past_key_values=cache, position_ids=pos)
+        model(input_ids=ids, **with_cache(cache), position_ids=pos)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
         times.append((time.perf_counter() - t0) * 1e3)
@@ -75,20 +76,20 @@ def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0,
     previous = model.config._attn_implementation
     model.set_attn_implementation("sdpa")
     dense = DynamicCache()
-    logits = model(ids, past_key_values=dense, logits_to_keep=1).logits
+    logits = model(ids, **with_cache(dense), logits_to_keep=1).logits
     tokens = [int(logits[0, -1].argmax())]
     for _ in range(decode_tokens * rounds - 1):  # the dense greedy continuation, forced on every path
         pos = torch.tensor([[context_tokens + len(tokens) - 1]], device=model.device)
-        nxt = model(input_ids=torch.tensor([[tokens[-1]]], device=model.device), past_key_values=dense,
+        nxt = model(input_ids=torch.tensor([[tokens[-1]]], device=model.device), **with_cache(dense),
                     position_ids=pos).logits
         tokens.append(int(nxt[0, -1].argmax()))
-    dense.crop(context_tokens)  # back to the bare context
+    crop_to(dense, context_tokens)  # back to the bare context
     factor_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model.dtype]
     cfg = config_for_ratio(ratio, context_tokens, model.config, method="svd" if layer_group_size == 1 else "xkv",
                            layer_group_size=layer_group_size, key_space=key_space,
                            factor_dtype=factor_dtype)  # factors at the model's dtype
     low = LowRankCache(cfg, model.config)
-    model(ids, past_key_values=low, logits_to_keep=1)
+    model(ids, **with_cache(low), logits_to_keep=1)
     low.compress_pending()
     caches = {"dense": (dense, "sdpa"), "reconstruct": (copy.deepcopy(low), "sdpa"), "factors": (low, "kvsvd")}
     steps: dict[str, list[float]] = {name: [] for name in caches}

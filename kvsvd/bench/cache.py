@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..cache import LowRankCache
+from ..compat import with_cache
 from .. import accounting
 from ..config import CompressionConfig, config_for_ratio
 from .kernels import natural_text
@@ -31,7 +32,7 @@ def measure(model, context_ids: torch.Tensor, cache, decode_tokens: int, forced:
     instead (teacher forcing: same work, and the top-1 agreement per step is comparable).
     """
     t0 = time.perf_counter()
-    out = model(context_ids, past_key_values=cache, logits_to_keep=1)
+    out = model(context_ids, **with_cache(cache), logits_to_keep=1)
     prefill_ms = (time.perf_counter() - t0) * 1e3
     t0 = time.perf_counter()
     if isinstance(cache, LowRankCache):
@@ -42,7 +43,7 @@ def measure(model, context_ids: torch.Tensor, cache, decode_tokens: int, forced:
     for i in range(decode_tokens):
         feed = token if forced is None else torch.tensor([[forced[i]]])
         t0 = time.perf_counter()
-        token = model(feed, past_key_values=cache).logits[:, -1].argmax(-1, keepdim=True)
+        token = model(feed, **with_cache(cache)).logits[:, -1].argmax(-1, keepdim=True)
         step_ms.append((time.perf_counter() - t0) * 1e3)
         tokens.append(int(token))
     ordered = sorted(step_ms)
