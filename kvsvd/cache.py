@@ -21,7 +21,8 @@ one bit allocation spends the whole cache's byte budget over all groups, K and V
 Everything kept dense (the residual window, uncompressed layers) is stored in
 ``config.dense_dtype`` (bf16 by default, what a 16-bit serving cache holds) and read back in the
 model dtype. Reads rebuild the segments densely (the reconstruct-on-read path). For ``pre_rope``
-keys the cache inverts RoPE with the model's own cos/sin on the way in and re-applies it on read;
+keys the cache inverts RoPE with the model's own cos/sin (passed to ``update``, or rebuilt from its
+``position_ids`` by ``kvsvd.compat``) on the way in and re-applies it on read;
 the cos/sin tables of the timeline are held once for all groups (FP32, at half width when their
 halves repeat, as in the rotate_half convention) and counted as ``rope`` bytes.
 With ``memoize_reads`` a group keeps what it rebuilt until its segments change: the same
