@@ -319,6 +319,66 @@ def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | No
     return pd.DataFrame(rows)
 
 
+def _present(*tensors: Tensor | None) -> list[Tensor]:
+    return [t for t in tensors if t is not None]
+
+
+CALIBRATION_OFFSET = 60_000  # characters into the shipped prose: calibration text, apart from the analysed prompts
+
+
+def basis_by_context(model, tokenizer, lengths: tuple[int, ...], *, bits=(1, 2, 3), calib_tokens: int = 2048,
+                     kinds=("k_pre", "v"), group: range | None = None) -> pd.DataFrame:
+    """The transform coder's basis fitted per prompt or calibrated once, as a function of context
+    length: relative error ‖X̂−X‖/‖X‖ against the bits per entry a prompt holds, for one group of
+    layers (default the 5 middle ones), K pre-RoPE and V each as one (T × G·F) matrix, at a budget
+    of ``bits`` per entry for every prompt of ``lengths`` tokens (the shipped prose from its start).
+
+    - ``per prompt``: mean and basis (int8 rows of the kept columns) fitted on the prompt and held
+      in its bytes (``basis_bytes``);
+    - ``calibrated``: mean and basis (int8, every direction the calibration text has) fitted once
+      on ``calib_tokens`` tokens of other prose (from :data:`CALIBRATION_OFFSET` characters on):
+      held once per model (``calibration_bytes``), not in a prompt's bytes; a prompt holds its
+      codes, their block statistics and the int16 index of its kept rows.
+    """
+    from .methods import transform
+    calib = sample_kv(model, tokenizer, calib_tokens, offset_chars=CALIBRATION_OFFSET)
+    L, F = calib.num_layers, calib.kv_heads * calib.head_dim
+    group = group if group is not None else range(L // 2 - 2, L // 2 + 3)
+    layers, n = list(group), len(group) * F
+
+    # compress() spends the budget it is given; the config's ratio (for a cache) plays no part
+    cfg = CompressionConfig(method="transform", layer_group_size=len(group),
+                            transform=transform.TransformConfig(ratio=2, sink_tokens=0))
+
+    def matrix(sample: KVSample, kind: str) -> Tensor:
+        return torch.stack([sample.matrix(kind, l) for l in group], 1)[None]      # (1, T, G, F)
+
+    # every column at up to 8 bits: the calibration store keeps the whole basis
+    calibrated = {kind: transform.compress([(matrix(calib, kind), n, kind[0], layers, None)], cfg,
+                                           2 * calib_tokens * n)[0][0] for kind in kinds}
+    rows = []
+    for T in tqdm(lengths, desc="basis by context"):
+        sample = sample_kv(model, tokenizer, T)
+        for kind in kinds:
+            x = matrix(sample, kind)
+            cal = calibrated[kind]
+            cal_bytes = accounting.report({"factors": [cal.basis, cal.mean], "scales": _present(cal.basis_scale)}, 0)
+            for b in bits:
+                for basis, shared in (("per prompt", None), ("calibrated", cal)):
+                    (store,), _ = transform.compress([(x, n, kind[0], layers, shared)], cfg, b / 8 * T * n)
+                    held = store.held() if shared is None else {"codes": store.codes, "scales": [store.stats],
+                                                                "index": [store.rows]}
+                    basis_held = accounting.report({"factors": [store.basis], "scales": _present(store.basis_scale)}, 0)
+                    rebuilt = torch.cat([store.layer(j, torch.float32) for j in range(len(group))], -1)
+                    rows.append({"kind": kind, "basis": basis, "tokens": T, "target_bits": b,
+                                 "bits_per_entry": 8 * accounting.report(held, 0)["total_bytes"] / (T * n),
+                                 "rel_error": _rel(rebuilt[0], x.reshape(T, n)), "kept": store.allocation["kept"],
+                                 "basis_bytes": basis_held["total_bytes"] if shared is None else 0,
+                                 "calibration_bytes": cal_bytes["total_bytes"] if shared is not None else 0,
+                                 "calib_tokens": calib_tokens, "layers": f"{group.start}-{group.stop - 1}"})
+    return pd.DataFrame(rows)
+
+
 def at_budget(df: pd.DataFrame, bits_per_entry: float) -> pd.DataFrame:
     """Per kind and method of :func:`rate_distortion`, the least error within ``bits_per_entry``."""
     within = df[df["bits_per_entry"] <= bits_per_entry * 1.001]

@@ -7,7 +7,7 @@ the notebooks) saves, displays the figure and returns the caption. Inputs, relat
 
     analysis/spectra.csv, spectrum_stats.csv, layer_similarity.csv   (notebook 01)
     analysis/orthogonality.csv, kernels/*.json, kernels_sweep/*.json (notebook 02)
-    analysis/compressibility.csv                                     (notebook 03)
+    analysis/compressibility.csv, rate_distortion.csv, basis_by_context.csv (notebook 03)
     eval/*.jsonl, eval_targets/*.jsonl, cache/*.json, attention/*.json (notebook 04)
 """
 
@@ -440,6 +440,47 @@ def rate_distortion(R: Path):
                f"{KIND_LABELS[k]}: transform {two.at['transform', k]:.3f}, truncation {two.at['truncation', k]:.3f}, "
                f"Gaussian bound {two.at['Gaussian bound', k]:.3f}" for k in kinds)
            + ". Per-token and per-channel int quantisation have points at 4 and 8 bits only.")
+    return fig, cap
+
+
+@figure("03_basis_vs_context", "analysis/basis_by_context.csv")
+def basis_vs_context(R: Path):
+    df = pd.read_csv(R / "analysis/basis_by_context.csv")
+    kinds = list(dict.fromkeys(df["kind"]))
+    bits, lengths = sorted(set(df["target_bits"])), sorted(set(df["tokens"]))
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds) + 2, 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for basis, color in (("per prompt", "C0"), ("calibrated", "C1")):
+            for b, style in zip(bits, ("-o", "--s", ":^", "-.v")):
+                g = df[(df["kind"] == kind) & (df["basis"] == basis) & (df["target_bits"] == b)].sort_values("tokens")
+                ax.plot(g["tokens"], g["rel_error"], style, color=color, label=f"{basis}, {b:g} bits per entry",
+                        markersize=4)
+        ax.set(xscale="log", yscale="log", xlabel="context tokens", ylabel="relative error ‖X̂−X‖/‖X‖",
+               title=KIND_LABELS[kind])
+        ax.set_xticks(lengths, [str(t) for t in lengths])
+        lo, hi = ax.get_ylim()
+        ax.set_yticks([t for t in (0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 1) if lo <= t <= hi])
+        ax.yaxis.set_major_formatter(plt.FormatStrFormatter("%g"))
+        ax.minorticks_off()
+    axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    mid = bits[len(bits) // 2]
+    at = df[df["target_bits"] == mid].pivot_table(index=["kind", "tokens"], columns="basis", values="rel_error")
+
+    def wins(kind: str) -> str:
+        won = [t for t in lengths if at.at[(kind, t), "calibrated"] < at.at[(kind, t), "per prompt"]]
+        return "every length" if won == lengths else (", ".join(map(str, won)) + " tokens" if won else "no length")
+
+    cal = df[df["basis"] == "calibrated"]["calibration_bytes"].max()
+    cap = (f"Transform coder on one group of layers {df['layers'].iloc[0]} of SmolLM2 (shipped prose), K pre-RoPE and "
+           f"V each as one matrix, at {', '.join(f'{b:g}' for b in bits)} bits per entry held by the prompt. The basis "
+           f"is fitted per prompt (its int8 rows held in the prompt's bytes) or calibrated once on "
+           f"{int(df['calib_tokens'].iloc[0])} tokens of other prose ({cal / 2**20:.2f} MiB per group and kind, held "
+           f"once per model, not counted in a prompt's bytes). At {mid:g} bits the calibrated basis has the lower error "
+           f"(lengths {lengths[0]}–{lengths[-1]}) at " + "; ".join(f"{KIND_LABELS[k]}: {wins(k)}" for k in kinds)
+           + (f"; at {lengths[-2]} tokens " + "; ".join(
+               f"{KIND_LABELS[k]} {at.at[(k, lengths[-2]), 'calibrated']:.3f} calibrated vs "
+               f"{at.at[(k, lengths[-2]), 'per prompt']:.3f} per prompt" for k in kinds) if len(lengths) > 1 else "")
+           + ".")
     return fig, cap
 
 

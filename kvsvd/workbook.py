@@ -34,11 +34,13 @@ SETTINGS: dict[str, dict[str, dict]] = {
     },
     "03_kv_compressibility": {
         "smoke": dict(tokens=256, groups=(1, 2), ratios=(4, 8), factor_dtypes=("fp32", "int8"), calib_tokens=256,
-                      rd_bits=(1, 2)),
+                      rd_bits=(1, 2), basis_lengths=(128, 256), basis_bits=(2,)),
         "cpu": dict(tokens=2048, groups=(1, 2, 4, 8), ratios=(2, 3, 4, 6, 8, 12, 16),
-                    factor_dtypes=("fp32", "bf16", "int8", "int4"), calib_tokens=2048, rd_bits=(0.5, 1, 2, 3, 4)),
+                    factor_dtypes=("fp32", "bf16", "int8", "int4"), calib_tokens=2048, rd_bits=(0.5, 1, 2, 3, 4),
+                    basis_lengths=(512, 1024, 2048, 4096), basis_bits=(1, 2, 3)),
         "gpu": dict(tokens=8192, groups=(1, 2, 4, 8), ratios=(2, 3, 4, 6, 8, 12, 16),
-                    factor_dtypes=("fp32", "bf16", "int8", "int4"), calib_tokens=8192, rd_bits=(0.5, 1, 2, 3, 4)),
+                    factor_dtypes=("fp32", "bf16", "int8", "int4"), calib_tokens=8192, rd_bits=(0.5, 1, 2, 3, 4),
+                    basis_lengths=(1024, 2048, 4096, 8192), basis_bits=(1, 2, 3)),
     },
     "04_ruler_accuracy_and_latency": {
         "smoke": dict(grids=("configs/smoke.yaml",), targets=dict(config="configs/smoke.yaml", run=True),
@@ -69,7 +71,7 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "02_kernel_derivation_and_stability": ("analysis/orthogonality.csv", "kernels/*", "kernels_sweep/*",
                                            "figures/02_*"),
     "03_kv_compressibility": ("analysis/pca_calibration.safetensors", "analysis/compressibility.csv",
-                              "analysis/rate_distortion.csv", "figures/03_*"),
+                              "analysis/rate_distortion.csv", "analysis/basis_by_context.csv", "figures/03_*"),
     "04_ruler_accuracy_and_latency": ("eval/*", "eval_targets/*", "eval_frontier/*", "cache/*", "attention/*",
                                       "figures/04_*"),
 }

@@ -102,6 +102,24 @@ def test_rate_distortion_orders_the_codes_and_stays_above_the_bound(smollm2):
     assert (four.loc["per-token int"] > 0).all() and four.loc["per-channel int"].notna().all()
 
 
+@pytest.mark.model
+def test_a_calibrated_basis_costs_the_prompt_no_basis_rows(smollm2):
+    """Per prompt and calibrated bases at the same budget: both hold about the bits per entry asked
+    (the calibrated one's int16 row index aside), only the per-prompt one holds basis rows, and the
+    calibrated basis (fitted on other prose) is held once, apart."""
+    model, tok = smollm2
+    df = analysis.basis_by_context(model, tok, (128, 256), bits=(2,), calib_tokens=256, group=range(13, 15))
+    assert len(df) == 2 * 2 * 2 and set(df["basis"]) == {"per prompt", "calibrated"}
+    own, cal = df[df["basis"] == "per prompt"], df[df["basis"] == "calibrated"]
+    assert (own["bits_per_entry"] <= 2).all() and (df["bits_per_entry"] > 1.5).all()
+    index_bits = 16 * cal["kept"] / (cal["tokens"] * 2 * 192)  # int16 row index, outside the allocation's model
+    assert (cal["bits_per_entry"] <= 2 + index_bits + 1e-9).all()
+    assert (own["basis_bytes"] > 0).all() and (own["calibration_bytes"] == 0).all()
+    assert (cal["basis_bytes"] == 0).all() and (cal["calibration_bytes"] > 0).all()
+    assert (cal["kept"].to_numpy() > own["kept"].to_numpy()).all()  # no basis rows to pay for: more columns get bits
+    assert (df["rel_error"] < 1).all()
+
+
 def test_orthogonality_sweep_records_breakdowns():
     df = analysis.orthogonality_vs_kappa(sorted(ORTH_METHODS), kappas=(1e1, 1e8), m=256, n=16)
     assert len(df) == len(ORTH_METHODS) * 2 * 2

@@ -50,6 +50,8 @@ def test_bit_packing_round_trips_and_holds_n_bits_per_value(bits):
     planes = {1: [1], 2: [2], 3: [2, 1], 4: [4], 8: [8]}[bits]  # 3 bits: a 2-bit and a 1-bit plane
     assert packed.dtype == torch.uint8 and packed.shape == (2, sum(-(-1001 * b // 8) for b in planes))
     assert torch.equal(unpack_bits(packed, bits, 1001), q)
+    padded = torch.randint(0, 1 << bits, (2, 1024), generator=g, dtype=torch.uint8)[:, :1001]
+    assert pack_bits(padded, bits).untyped_storage().nbytes() == packed.numel()  # no padding stays held
 
 
 def test_bit_width_outside_the_set_is_refused():

@@ -86,8 +86,8 @@ def pack_bits(q: Tensor, bits: int) -> Tensor:
     plane is byte-aligned, so unpacking is one shift-and-mask."""
     if bits not in BITS[1:]:
         raise ValueError(f"bits={bits} is not a code width; accepted: {', '.join(map(str, BITS[1:]))}")
-    if bits == 8:
-        return q.contiguous()
+    if bits == 8:  # a copy: q may be a view of a larger (block-padded) buffer, which would stay held
+        return q.clone(memory_format=torch.contiguous_format)
     if bits == 3:
         return torch.cat([pack_bits(q & 3, 2), pack_bits(q >> 2, 1)], -1)
     per = 8 // bits
