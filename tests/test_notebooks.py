@@ -3,6 +3,7 @@ and every figure redrawn from their saved results alone (`make figures`)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -22,6 +23,7 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
 def test_four_numbered_notebooks_stored_without_outputs():
     assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04"]
     for path in NOTEBOOKS:
+        assert all("id" in c for c in json.loads(path.read_text())["cells"]), f"{path.name}: a cell has no id"
         book = nbformat.read(path, as_version=4)
         code = [c for c in book.cells if c.cell_type == "code"]
         assert all(c.outputs == [] and c.execution_count is None for c in code), f"{path.name} has outputs"
