@@ -356,25 +356,26 @@ def basis_by_context(model, tokenizer, lengths: tuple[int, ...], *, bits=(1, 2, 
     # every column at up to 8 bits: the calibration store keeps the whole basis
     calibrated = {kind: transform.compress([(matrix(calib, kind), n, kind[0], layers, None)], cfg,
                                            2 * calib_tokens * n)[0][0] for kind in kinds}
+    calibration_bytes = {kind: accounting.report({"factors": [s.basis, s.mean], "scales": _present(s.basis_scale)},
+                                                 0)["total_bytes"] for kind, s in calibrated.items()}
     rows = []
     for T in tqdm(lengths, desc="basis by context"):
         sample = sample_kv(model, tokenizer, T)
         for kind in kinds:
             x = matrix(sample, kind)
             cal = calibrated[kind]
-            cal_bytes = accounting.report({"factors": [cal.basis, cal.mean], "scales": _present(cal.basis_scale)}, 0)
             for b in bits:
                 for basis, shared in (("per prompt", None), ("calibrated", cal)):
                     (store,), _ = transform.compress([(x, n, kind[0], layers, shared)], cfg, b / 8 * T * n)
                     held = store.held() if shared is None else {"codes": store.codes, "scales": [store.stats],
                                                                 "index": [store.rows]}
-                    basis_held = accounting.report({"factors": [store.basis], "scales": _present(store.basis_scale)}, 0)
                     rebuilt = torch.cat([store.layer(j, torch.float32) for j in range(len(group))], -1)
                     rows.append({"kind": kind, "basis": basis, "tokens": T, "target_bits": b,
                                  "bits_per_entry": 8 * accounting.report(held, 0)["total_bytes"] / (T * n),
                                  "rel_error": _rel(rebuilt[0], x.reshape(T, n)), "kept": store.allocation["kept"],
-                                 "basis_bytes": basis_held["total_bytes"] if shared is None else 0,
-                                 "calibration_bytes": cal_bytes["total_bytes"] if shared is not None else 0,
+                                 "basis_bytes": 0 if shared is not None else accounting.report(
+                                     {"factors": [store.basis], "scales": _present(store.basis_scale)}, 0)["total_bytes"],
+                                 "calibration_bytes": calibration_bytes[kind] if shared is not None else 0,
                                  "calib_tokens": calib_tokens, "layers": f"{group.start}-{group.stop - 1}"})
     return pd.DataFrame(rows)
 

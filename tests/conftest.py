@@ -66,6 +66,13 @@ def smollm2():
     return load_model("smollm2-135m")
 
 
+class ByteTokenizer:
+    """Enough of a tokenizer for calibrate() on the tiny random Llama (vocab 128)."""
+
+    def __call__(self, text, return_tensors="pt"):
+        return type("Enc", (), {"input_ids": torch.tensor([[ord(c) % 128 for c in text]])})()
+
+
 def held_storage_bytes(obj) -> int:
     """Bytes of every distinct tensor storage reachable from ``obj`` (an independent walk)."""
     seen_obj, seen_storage, total = set(), set(), 0

@@ -8,6 +8,7 @@ import kvsvd
 from kvsvd import CompressionConfig, LowRankCache
 from kvsvd.compat import with_cache
 from kvsvd.methods import minicache
+from conftest import ByteTokenizer
 
 CONTEXT = "The secret access code is 4417. " + "The grass is green. The sky is blue. " * 40
 QUESTION = "What is the secret access code?"
@@ -98,13 +99,6 @@ def test_kvpress_pipeline_and_generate_with_the_transform_cache(smollm2):
                                           block_tokens=64), model.config)
     out = model.generate(ids, **with_cache(cache), max_new_tokens=12, do_sample=False)
     assert "4417" in tok.decode(out[0, ids.shape[1]:]) and cache.memory_report()["ratio"] > 3
-
-
-class ByteTokenizer:
-    """Enough of a tokenizer for calibrate() on the tiny random Llama (vocab 128)."""
-
-    def __call__(self, text, return_tensors="pt"):
-        return type("Enc", (), {"input_ids": torch.tensor([[ord(c) % 128 for c in text]])})()
 
 
 def test_pca_at_full_rank_reproduces_the_tiny_model(tiny_llama, tmp_path):

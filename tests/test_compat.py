@@ -15,7 +15,7 @@ from kvsvd import CompressionConfig, LowRankCache, compat, figures
 from kvsvd.__main__ import main
 from kvsvd.config import METHODS, config_for_ratio
 from kvsvd.dense import Dense16Cache
-from conftest import held_storage_bytes
+from conftest import ByteTokenizer, held_storage_bytes
 
 pytestmark = pytest.mark.core
 
@@ -103,13 +103,6 @@ def test_models_with_other_than_full_attention_layers_are_refused_by_name():
         LowRankCache(CompressionConfig(method="svd", layer_group_size=1, rank_k=8, rank_v=8), cfg)
 
 
-class _Tokenizer:
-    """Enough of a tokenizer for kvsvd.calibrate on the tiny random Llama (vocab 128)."""
-
-    def __call__(self, text, return_tensors="pt"):
-        return type("Enc", (), {"input_ids": torch.tensor([[ord(c) % 128 for c in text]])})()
-
-
 def method_config(method: str, model, tokenizer, tokens: int, ratio: float, path) -> CompressionConfig:
     """Each LowRankCache method at ``ratio`` (minicache: its merge; pca: rank 8) for ``tokens`` tokens of context."""
     if method == "minicache":
@@ -146,7 +139,7 @@ def generate_with_every_method(model, tokenizer, ids, ratio, path) -> dict[str, 
 
 def test_every_method_generates_on_the_tiny_llama(tiny_llama, tmp_path):
     ids = torch.randint(0, 128, (1, 192), generator=torch.Generator().manual_seed(4))
-    caches = generate_with_every_method(tiny_llama, _Tokenizer(), ids, 3, tmp_path)
+    caches = generate_with_every_method(tiny_llama, ByteTokenizer(), ids, 3, tmp_path)
     for method in ("svd", "xkv", "transform"):  # budgeted at 3× of the context, 12 decoded tokens later
         assert 2.5 < caches[method].memory_report()["ratio"] < 3.5, method
 
