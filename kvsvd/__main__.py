@@ -3,7 +3,8 @@
     python -m kvsvd bench kernels [--profile cpu|gpu|smoke] [--device ...] [--out ...]
     python -m kvsvd bench cache [--contexts 1024 2048 4096] | attention [--context 8160 ...] [--model M --device D] | niah
     python -m kvsvd figures [--results results]
-    python -m kvsvd eval CONFIG.yaml        (torchrun --nproc_per_node N -m kvsvd eval CONFIG.yaml)
+    python -m kvsvd eval CONFIG.yaml [--minutes N] [--dry-run]
+                                            (torchrun --nproc_per_node N -m kvsvd eval CONFIG.yaml)
     python -m kvsvd seal CONFIG.yaml LENGTH (move a finished context length into RESULTS.LENGTH.jsonl.gz)
     python -m kvsvd report RESULTS.jsonl    (score tables and the issue-4 goal checks, markdown)
 """
@@ -55,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     figs.add_argument("--results", default="results", help="results folder (figures go to RESULTS/figures)")
     ev = sub.add_parser("eval", help="run (or resume) an evaluation grid from a YAML config")
     ev.add_argument("config", help="grid YAML (see kvsvd.grid)")
+    ev.add_argument("--minutes", type=float, default=None,
+                    help="stop at the first cell boundary after N minutes (every finished row written); "
+                         "the same command resumes")
+    ev.add_argument("--dry-run", action="store_true",
+                    help="print the cells left by length and method and their estimated time; run nothing")
     seal = sub.add_parser("seal", help="move a finished context length's rows into a read-only gzip part")
     seal.add_argument("config", help="grid YAML (see kvsvd.grid)")
     seal.add_argument("context_length", type=int, help="one of the grid's context_lengths, every cell finished")
@@ -75,9 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown(args.results_file))
         return 0
     if args.command == "eval":
-        from .grid import PeersMissing, run as run_grid
+        from .grid import PeersMissing, plan, run as run_grid
+        if args.dry_run:
+            print(plan(args.config))
+            return 0
         try:
-            print(run_grid(args.config))
+            print(run_grid(args.config, minutes=args.minutes))
         except PeersMissing as e:  # said in one line, before any model loads
             print(f"kvsvd eval: {e}", file=sys.stderr)
             return 2

@@ -15,7 +15,9 @@ A grid is a YAML file (or dict)::
       - {method: xkv, layer_group_size: [2, 5], ratio: [4, 8], key_space: pre_rope}
       - {method: press, press: [knorm, snapkv], ratio: [4, 8]}
 
-A list value in a method entry expands into one method per value (a product over lists).
+A list value in a method entry expands into one method per value (a product over lists). An entry's
+``context_lengths`` (a subset of the grid's) runs its methods at those lengths only, so that a grid can be
+complete at one length and focused at another; it is not part of the method (nor of its cells' keys).
 ``ratio`` asks for that many times fewer KV bytes than a 16-bit dense cache (``kvsvd.accounting``),
 whatever dtype the model computes in: kvsvd methods get ranks from ``ranks_for_ratio`` (counting
 residual, RoPE and scale bytes and the ``factor_dtype`` width), presses prune a bf16-stored cache
@@ -41,6 +43,12 @@ unchanging prefix per token dominates the run: such rows hold ``reads_memoized``
 ``kv_bytes_rebuilt`` (``kv_bytes_held`` stays the compressed state), and their decode time as
 ``decode_ms_per_token_memoized`` — it is not the method's decode latency (``bench cache`` measures that).
 
+A long grid runs as a series of pieces: ``python -m kvsvd eval CONFIG --minutes N`` stops at the first
+cell boundary after N minutes (every finished row written) and prints the cells done and left with an
+estimate of the time left; ``--dry-run`` prints what is left, by length and method, and its estimated
+time, without loading the model. Estimates come from the measured time of finished cells (``cell_s``:
+a cell's wall time, its shared prefill apart) of the same method and length.
+
 Each finished cell is appended (and flushed) as one JSON line, so a rerun skips finished
 cells and an interrupted run loses at most the cell in flight; a corrupt last line (a
 process killed mid-write) is dropped and redone. A grid may grow in place (more methods,
@@ -65,6 +73,9 @@ import itertools
 import json
 import os
 import resource
+import statistics
+import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +103,7 @@ BUDGETS = ("context", "timeline")
 METHOD_KEYS = ({"method", "ratio", "press", "k_share", "nbits", "backend"}
                | set(CompressionConfig.__dataclass_fields__) - {"method", "transform"} | set(TRANSFORM_FIELDS))
 TIMING_KEYS = {"prefill_ms", "replay_ms", "compress_ms", "decode_ms_per_token", "decode_ms_per_token_memoized",
-               "compression_breakdown_ms", "peak_rss_mb", "peak_cuda_mb"}
+               "compression_breakdown_ms", "peak_rss_mb", "peak_cuda_mb", "cell_s"}
 
 
 @dataclass
@@ -110,6 +121,12 @@ class Grid:
     # what a method's ratio budgets: the prefilled context ("context"), or the whole timeline a cell
     # holds at its end ("timeline": context, question and decode budget, the last two held dense)
     budget: str = "context"
+    # method (its cell-key JSON) -> the only context lengths it runs at; a method absent runs at every length
+    only_at: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def methods_at(self, context_length: int) -> list[dict]:
+        """The grid's methods that run at ``context_length``, in the grid's order."""
+        return [m for m in self.methods if context_length in self.only_at.get(method_json(m), (context_length,))]
 
     @property
     def config_hash(self) -> str:
@@ -126,15 +143,29 @@ def _as_list(value) -> list:
     return value if isinstance(value, list) else [value]
 
 
-def expand_methods(entries: list[dict]) -> list[dict]:
-    """One method dict per combination of list values; ``none`` is added first if missing."""
+def method_json(method: dict) -> str:
+    return json.dumps(method, sort_keys=True)
+
+
+def expand_methods(entries: list[dict], context_lengths: list[int]) -> tuple[list[dict], dict[str, tuple[int, ...]]]:
+    """One method dict per combination of list values (``none`` first, added if missing), and the lengths of
+    the methods that run at only some of ``context_lengths`` (their entries' ``context_lengths``; a method
+    named by several entries runs at the union of their lengths)."""
     out: list[dict] = []
+    lengths_of: dict[str, set[int]] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "method" not in entry:
             raise ValueError(f"methods[{i}] must be a mapping with a 'method' key, got {entry!r}")
-        unknown = set(entry) - METHOD_KEYS
+        unknown = set(entry) - METHOD_KEYS - {"context_lengths"}
         if unknown:
-            raise ValueError(f"methods[{i}] has unknown key(s) {sorted(unknown)}; accepted: {sorted(METHOD_KEYS)}")
+            raise ValueError(f"methods[{i}] has unknown key(s) {sorted(unknown)}; accepted: "
+                             f"{sorted(METHOD_KEYS | {'context_lengths'})}")
+        entry = dict(entry)
+        at = entry.pop("context_lengths", context_lengths)
+        at = at if isinstance(at, list) else [at]
+        if not at or not set(at) <= set(context_lengths):
+            raise ValueError(f"methods[{i}].context_lengths={at} is out of range; accepted: a non-empty subset of "
+                             f"the grid's context_lengths {context_lengths}")
         keys = list(entry)
         for combo in itertools.product(*(_as_list(entry[k]) for k in keys)):
             spec = dict(zip(keys, combo))
@@ -144,10 +175,14 @@ def expand_methods(entries: list[dict]) -> list[dict]:
                 raise ValueError(f"methods[{i}].press={spec.get('press')!r} is unknown; accepted: {', '.join(PRESSES)}")
             if spec["method"] not in ("none",) and "ratio" in spec and not spec["ratio"] > 1:
                 raise ValueError(f"methods[{i}].ratio={spec['ratio']} is out of range; accepted: > 1")
-            out.append(spec)
+            if method_json(spec) not in lengths_of:
+                out.append(spec)
+            lengths_of.setdefault(method_json(spec), set()).update(at)
     if {"method": "none"} not in out:
         out.insert(0, {"method": "none"})
-    return out
+    dense = method_json({"method": "none"})  # the reference runs for every sample
+    only_at = {k: tuple(sorted(v)) for k, v in lengths_of.items() if v != set(context_lengths) and k != dense}
+    return out, only_at
 
 
 def load_grid(source: str | Path | dict) -> Grid:
@@ -182,10 +217,11 @@ def load_grid(source: str | Path | dict) -> Grid:
         raise ValueError(f"budget={raw['budget']!r} is unknown; accepted: {', '.join(BUDGETS)}")
     if not isinstance(raw.get("memoize_reads", False), bool):
         raise ValueError(f"memoize_reads={raw['memoize_reads']!r} is out of range; accepted: true or false")
+    methods, only_at = expand_methods(_as_list(raw["methods"]), lengths)
     return Grid(name=str(raw["name"]), model=str(raw["model"]), tasks=_as_list(raw["tasks"]), context_lengths=lengths,
-                n_samples=raw["n_samples"], methods=expand_methods(_as_list(raw["methods"])), out=Path(raw["out"]),
-                seed=int(raw.get("seed", 0)), max_new_tokens=budget, memoize_reads=raw.get("memoize_reads", False),
-                budget=raw.get("budget", "context"))
+                n_samples=raw["n_samples"], methods=methods, out=Path(raw["out"]), seed=int(raw.get("seed", 0)),
+                max_new_tokens=budget, memoize_reads=raw.get("memoize_reads", False),
+                budget=raw.get("budget", "context"), only_at=only_at)
 
 
 def cell_key(method: dict, task: str, context_length: int, index: int) -> str:
@@ -289,9 +325,11 @@ def build(method: dict, model, context_tokens: int, memoize_reads: bool = False,
         import kvpress
         ratio, T = method.get("ratio", 2.0), context_tokens
         kept = (T + reserve_tokens) / ratio - reserve_tokens  # context tokens the press may keep
-        if kept <= 0:
-            raise ValueError(f"ratio={ratio} is out of reach for a press: the {reserve_tokens} question and decode "
-                             f"tokens alone hold more than 1/{ratio} of {T + reserve_tokens} tokens")
+        if kept < 1:  # kvpress keeps at least one token: the row's measured kv_ratio falls short of the ratio
+            warnings.warn(f"ratio={ratio} is out of reach for a press: the {reserve_tokens} question and decode tokens "
+                          f"alone hold more than 1/{ratio} of {T + reserve_tokens} tokens; it keeps 1 context token "
+                          f"(the fewest kvpress keeps) and the row's kv_ratio says what it held", stacklevel=2)
+            kept = 1
         return Dense16Cache(), getattr(kvpress, PRESSES[method["press"]])(compression_ratio=1 - kept / T)
     if kind == "quantized":  # transformers' QuantizedCache (KIVI-style, optimum-quanto or HQQ backend)
         from transformers import QuantizedCache
@@ -408,8 +446,101 @@ def units(grid: Grid) -> list[tuple[str, int, int]]:
     return [(t, L, i) for L in sorted(grid.context_lengths) for t in grid.tasks for i in range(grid.n_samples)]
 
 
-def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
-    """Run (or resume) a grid; returns the results path. Shards over torchrun processes."""
+def cells(grid: Grid, units_: list[tuple[str, int, int]] | None = None) -> list[tuple[tuple[str, int, int], dict]]:
+    """(unit, method) of every cell the grid names, in run order (of ``units_``, by default every unit)."""
+    return [(u, m) for u in (units(grid) if units_ is None else units_) for m in grid.methods_at(u[1])]
+
+
+def cell_seconds(row: dict) -> float:
+    """A finished cell's wall time without its shared prefill: ``cell_s``, or for rows written before it
+    was measured, the sum of its timed parts (own prefill or replay, compression, decode)."""
+    if "cell_s" in row:
+        return row["cell_s"]
+    decode = row.get("decode_ms_per_token", row.get("decode_ms_per_token_memoized")) or 0.0
+    own = row.get("replay_ms") if row.get("prefill_shared") else row.get("prefill_ms")
+    return ((own or 0.0) + (row.get("compress_ms") or 0.0) + decode * row.get("new_tokens", 0)) / 1000
+
+
+def estimate_seconds(todo: list[tuple[tuple[str, int, int], dict]], done: dict[str, dict]) -> dict[str, float | None]:
+    """Estimated seconds of each cell of ``todo`` (by cell key), from finished rows: the median of the same
+    method at the same length, else at another length scaled by the length ratio, else of every method at
+    that length; a sample's shared prefill (the median ``prefill_ms``, scaled likewise) is added to its
+    first cell that shares it. None where nothing was measured."""
+    by_method: dict[tuple[str, int], list[float]] = {}
+    by_length: dict[int, list[float]] = {}
+    prefill: dict[int, list[float]] = {}
+    for r in done.values():
+        if "context_length" not in r or "method" not in r:
+            continue
+        seconds = cell_seconds(r)
+        by_method.setdefault((method_json(r["method"]), r["context_length"]), []).append(seconds)
+        by_length.setdefault(r["context_length"], []).append(seconds)
+        if r.get("prefill_shared") and r.get("prefill_ms"):
+            prefill.setdefault(r["context_length"], []).append(r["prefill_ms"] / 1000)
+
+    def scaled(measured: dict, L: int) -> float | None:
+        """The median at length L, else the medians at other lengths scaled by the length ratio."""
+        if L in measured:
+            return statistics.median(measured[L])
+        return statistics.median([(L / L0) * statistics.median(v) for L0, v in measured.items()]) if measured else None
+
+    def one(method: dict, L: int) -> float | None:
+        mine = {L0: v for (m, L0), v in by_method.items() if m == method_json(method)}
+        return scaled(mine, L) if mine else (statistics.median(by_length[L]) if L in by_length else None)
+
+    out: dict[str, float | None] = {}
+    recorded: set[tuple[str, int, int]] = set()
+    for u, m in todo:
+        seconds = one(m, u[1])
+        if seconds is not None and shares_prefill(m) and u not in recorded:
+            recorded.add(u)
+            seconds += scaled(prefill, u[1]) or 0.0
+        out[cell_key(m, *u)] = seconds
+    return out
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown (no finished cell to estimate from)"
+    hours, minutes = divmod(round(seconds / 60), 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min" if minutes else f"{seconds:.0f} s"
+
+
+def _total(estimates) -> float | None:
+    values = list(estimates)
+    return None if not values or any(v is None for v in values) else sum(values)
+
+
+def plan(source: str | Path | dict) -> str:
+    """What a run of the grid would do now, without loading a model: the cells left by length and method
+    and their estimated time (from the finished cells' measured times), then the totals."""
+    grid = load_grid(source)
+    done = rows_by_key([*sealed_parts(grid.out), grid.out, *_shards(grid)], grid.config_hash)
+    named = cells(grid)
+    todo = [(u, m) for u, m in named if cell_key(m, *u) not in done]
+    est = estimate_seconds(todo, done)
+    untimed = sum("cell_s" not in r for r in done.values())
+    lines = [f"{grid.name}: {len(named) - len(todo)} of {len(named)} cells done, {len(todo)} left, "
+             f"estimated {format_duration(_total(est.values()))} from the finished cells' times"
+             + (f" ({untimed} rows predate cell_s: their timed parts leave out the question's prefill and the "
+                "gold answer's scoring, so estimates from them run short)" if untimed else ""), "",
+             "| context length | method | cells left | estimated |", "|---:|---|---:|---:|"]
+    for L in sorted(grid.context_lengths):
+        for m in grid.methods_at(L):
+            keys = [cell_key(m, *u) for u, m2 in todo if u[1] == L and m2 is m]
+            if keys:
+                lines.append(f"| {L} | {_label({f'm_{k}': v for k, v in m.items()})} | {len(keys)} | "
+                             f"{format_duration(_total(est[k] for k in keys))} |")
+    return "\n".join(lines)
+
+
+def run(source: str | Path | dict, model=None, tokenizer=None, minutes: float | None = None) -> Path:
+    """Run (or resume) a grid; returns the results path. Shards over torchrun processes. With ``minutes``
+    it stops at the first cell boundary after that many minutes (at least one cell runs), every finished
+    row written, and prints the cells done and left and the estimated time left."""
+    if minutes is not None and not minutes >= 0:
+        raise ValueError(f"minutes={minutes} is out of range; accepted: >= 0")
+    started = time.monotonic()
     grid = load_grid(source)
     require_peers(grid.methods)
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
@@ -424,42 +555,52 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
     shard = grid.out if world == 1 else _shard(grid, rank)
     done = rows_by_key([*sealed_parts(grid.out), grid.out, *_shards(grid)], grid.config_hash)
     check_budgets(grid, done.values())
-    mine = units(grid)[rank::world]
-    todo = [(u, m) for u in mine for m in grid.methods if cell_key(m, *u) not in done]
+    todo = [(u, m) for u, m in cells(grid, units(grid)[rank::world]) if cell_key(m, *u) not in done]
     samples: dict[tuple[str, int], list[dict]] = {}
-    recorded: tuple[tuple, tuple | None, Prefill | None] = ((), None, None)  # the current sample's prompt, prefill
-    filled: dict[str, Filled] = {}  # fanned-out caches of the current sample's cells that cannot share the record
+    sample_state = SampleState()
+    finished = 0
     with open(shard, "a") as f:
         for (task, L, i), method in tqdm(todo, desc=f"{grid.name} (rank {rank}/{world})"):
+            if minutes is not None and finished and time.monotonic() - started >= 60 * minutes:
+                break
             if (task, L) not in samples:
                 samples[task, L] = ruler.generate(task, grid.n_samples, L, tokenizer, seed=grid.seed)
             sample = samples[task, L][i]
             key = cell_key(method, task, L, i)
-            if recorded[0] != (task, L, i):  # a new sample: drop the previous one's record
-                recorded, filled = ((), None, None), {}
+            if sample_state.unit != (task, L, i):  # a new sample: drop the previous one's record
+                sample_state = SampleState()
                 gc.collect()  # the last sample's caches and presses sit in reference cycles: RSS grew per sample
-                recorded = ((task, L, i), split_prompt(tokenizer, sample), None)
-                reserve = recorded[1][1].shape[1] + grid.max_new_tokens[task] if grid.budget == "timeline" else 0
-            if shares_prefill(method) and recorded[2] is None:
-                recorded = (*recorded[:2], record_prefill(model, recorded[1][0].to(model.device)))
-            if not shares_prefill(method) and key not in filled:  # this press's cells of the sample: one forward
+                prompt = split_prompt(tokenizer, sample)
+                reserve = prompt[1].shape[1] + grid.max_new_tokens[task] if grid.budget == "timeline" else 0
+                sample_state = SampleState((task, L, i), prompt, reserve)
+            if shares_prefill(method) and sample_state.record is None:
+                sample_state.record = record_prefill(model, sample_state.prompt[0].to(model.device))
+            t0 = time.perf_counter()
+            if not shares_prefill(method) and key not in sample_state.filled:  # this press's cells: one forward
                 group = [m for u, m in todo if u == (task, L, i) and m.get("press") == method.get("press")]
-                filled.update(zip((cell_key(m, task, L, i) for m in group),
-                                  fan_out(model, group, recorded[1][0], grid.memoize_reads, reserve)))
+                sample_state.filled.update(zip(
+                    (cell_key(m, task, L, i) for m in group),
+                    fan_out(model, group, sample_state.prompt[0], grid.memoize_reads, sample_state.reserve)))
             row = run_cell(model, tokenizer, sample, method, task, grid.max_new_tokens[task],
-                           recorded[2] if shares_prefill(method) else filled.pop(key), prompt=recorded[1],
-                           memoize_reads=grid.memoize_reads, reserve_tokens=reserve)
+                           sample_state.record if shares_prefill(method) else sample_state.filled.pop(key),
+                           prompt=sample_state.prompt, memoize_reads=grid.memoize_reads,
+                           reserve_tokens=sample_state.reserve)
             dense = done.get(cell_key({"method": "none"}, task, L, i))
             row["agreement_with_dense"] = None if dense is None else float(
                 row["prediction"].strip() == dense["prediction"].strip())
             row.update(key=key, config_hash=grid.config_hash, grid=grid.name,
                        method=method, task=task, context_length=L, index=i, outputs=sample["outputs"],
-                       max_new_tokens=grid.max_new_tokens[task])
+                       max_new_tokens=grid.max_new_tokens[task], cell_s=time.perf_counter() - t0)
             validate_row(row)
             done[row["key"]] = row
             f.write(json.dumps(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
+            finished += 1
+    left = todo[finished:]
+    print(f"{grid.name} (rank {rank}/{world}): {finished} cells done in this run, {len(left)} left"
+          + (f", estimated {format_duration(_total(estimate_seconds(left, done).values()))}" if left else "")
+          + (f"; stopped after {minutes:g} minutes, the same command resumes" if left else ""), flush=True)
     if world > 1:
         torch.distributed.barrier()
     if rank == 0 and _shards(grid):
@@ -467,6 +608,18 @@ def run(source: str | Path | dict, model=None, tokenizer=None) -> Path:
     if world > 1:
         torch.distributed.barrier()
     return grid.out
+
+
+@dataclass
+class SampleState:
+    """The sample whose cells are running: its prompt (context ids, question ids), the tokens a timeline
+    budget reserves, the recorded dense prefill its cells share, and the caches of cells that cannot
+    share it (one forward per press, ``fan_out``), by cell key."""
+    unit: tuple = ()
+    prompt: tuple[torch.Tensor, torch.Tensor] | None = None
+    reserve: int = 0
+    record: Prefill | None = None
+    filled: dict[str, Filled] = field(default_factory=dict)
 
 
 def _shard(grid: Grid, rank: int) -> Path:
@@ -489,7 +642,7 @@ def _merge_shards(grid: Grid) -> None:
 def _write_rows(grid: Grid, rows: dict[str, dict], path: Path) -> None:
     """Replace ``path`` (gzip for ``.gz``) by ``rows`` in the grid's canonical cell order; rows of cells the
     grid no longer names are kept, after them."""
-    order = [cell_key(m, *u) for u in units(grid) for m in grid.methods]
+    order = [cell_key(m, *u) for u, m in cells(grid)]
     named = set(order)
     data = "".join(json.dumps(rows[k]) + "\n" for k in order + [k for k in rows if k not in named] if k in rows)
     tmp = path.with_name(path.name + ".tmp")
@@ -512,7 +665,7 @@ def seal(source: str | Path | dict, context_length: int) -> Path:
     live = read_rows(grid.out, grid.config_hash)
     rows = rows_by_key([part], grid.config_hash)
     rows.update({r["key"]: r for r in live if r["context_length"] == context_length})
-    keys = (cell_key(m, *u) for u in units(grid) if u[1] == context_length for m in grid.methods)
+    keys = (cell_key(m, *u) for u, m in cells(grid) if u[1] == context_length)
     missing = [k for k in keys if k not in rows]
     if missing:
         raise ValueError(f"context_length={context_length} has {len(missing)} unfinished cells (first: "

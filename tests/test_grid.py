@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from kvsvd import grid
+from kvsvd import accounting, grid
 from kvsvd.__main__ import main
 from kvsvd.evaluate import fan_out_prefill
 
@@ -50,8 +50,22 @@ def test_a_timeline_budget_is_its_own_grid_and_leaves_presses_room_for_the_quest
     method = {"method": "press", "press": "knorm", "ratio": 4}
     assert grid.build(method, tiny_llama, 400)[1].compression_ratio == pytest.approx(0.75)
     assert grid.build(method, tiny_llama, 400, reserve_tokens=40)[1].compression_ratio == pytest.approx(1 - 70 / 400)
-    with pytest.raises(ValueError, match="ratio=16 is out of reach for a press"):
-        grid.build({**method, "ratio": 16}, tiny_llama, 400, reserve_tokens=40)
+    with pytest.warns(UserWarning, match="ratio=16 is out of reach for a press.*keeps 1 context token"):
+        press = grid.build({**method, "ratio": 16}, tiny_llama, 400, reserve_tokens=40)[1]
+    assert press.compression_ratio == pytest.approx(1 - 1 / 400)
+
+
+@pytest.mark.parametrize("press", ["tova", "streaming_llm"])
+def test_a_press_whose_budget_the_reserve_exceeds_keeps_one_context_token(tiny_llama, press):
+    """At ratio 16 a 40-token reserve leaves a 400-token context no room: the press still runs, its
+    cache holds the fewest tokens kvpress keeps, and its held bytes are what the row measures."""
+    ctx = torch.randint(0, tiny_llama.config.vocab_size, (1, 400))
+    with pytest.warns(UserWarning, match="out of reach"):
+        filled, = grid.fan_out(tiny_llama, [{"method": "press", "press": press, "ratio": 16}], ctx, reserve_tokens=40)
+    held = accounting.cache_report(filled.cache, tiny_llama.config, 400)
+    kept = {layer.keys.shape[-2] for layer in filled.cache.layers}
+    assert len(kept) == 1 and 1 <= kept.pop() <= 8
+    assert held["ratio"] > 400 / 8
 
 
 def test_methods_expand_as_a_product_with_dense_first(tmp_path):
@@ -78,7 +92,49 @@ def fake_rows(g, lengths):
     """Finished-looking rows of every cell of grid ``g`` at ``lengths`` (no model run)."""
     return [{"key": grid.cell_key(m, t, L, i), "config_hash": g.config_hash, "method": m, "task": t,
              "context_length": L, "index": i, "score": 100.0, "max_new_tokens": g.max_new_tokens[t]}
-            for t, L, i in grid.units(g) if L in lengths for m in g.methods]
+            for (t, L, i), m in grid.cells(g) if L in lengths]
+
+
+def test_an_entrys_context_lengths_focus_its_methods_without_changing_their_cells(tmp_path):
+    """A method entry with context_lengths runs only there; its cells keep the keys of the same method run
+    everywhere, a method named by two entries runs at the union, and dense runs at every length."""
+    entries = [{"method": "xkv", "layer_group_size": 2, "ratio": [3, 4], "context_lengths": [384]},
+               {"method": "xkv", "layer_group_size": 2, "ratio": 4, "context_lengths": 512},
+               {"method": "press", "press": "knorm", "ratio": 3}]
+    g = grid.load_grid(cfg(tmp_path, context_lengths=[384, 512], methods=entries))
+    everywhere = grid.load_grid(cfg(tmp_path, context_lengths=[384, 512], methods=[
+        {"method": "xkv", "layer_group_size": 2, "ratio": [3, 4]}, {"method": "press", "press": "knorm", "ratio": 3}]))
+    xkv3, xkv4 = ({"method": "xkv", "layer_group_size": 2, "ratio": r} for r in (3, 4))
+    assert g.methods == everywhere.methods and all("context_lengths" not in m for m in g.methods)
+    assert xkv3 in g.methods_at(384) and xkv3 not in g.methods_at(512) and xkv4 in g.methods_at(512)
+    assert {"method": "none"} in g.methods_at(512)
+    keys = {grid.cell_key(m, *u) for u, m in grid.cells(g)}
+    assert keys == {grid.cell_key(m, *u) for u, m in grid.cells(everywhere) if not (u[1] == 512 and m == xkv3)}
+    assert len(keys) == len(grid.cells(g)) == 2 * 4 + 2 * 3
+    assert g.config_hash == everywhere.config_hash
+    with pytest.raises(ValueError, match=r"methods\[0\].context_lengths=\[1024\] is out of range; accepted: a "
+                                         r"non-empty subset of the grid's context_lengths \[384, 512\]"):
+        grid.load_grid(cfg(tmp_path, context_lengths=[384, 512], methods=[{**entries[0], "context_lengths": [1024]}]))
+
+
+def test_dry_run_prints_the_cells_left_and_their_estimated_time(tmp_path, capsys):
+    """--dry-run loads no model: it counts the cells left by length and method and estimates their time from
+    finished cells (a method measured at one length is scaled to another by the length ratio)."""
+    import yaml
+    config = cfg(tmp_path, context_lengths=[384, 768], methods=[{"method": "press", "press": "knorm", "ratio": 3}])
+    g = grid.load_grid(config)
+    rows = [{**r, "cell_s": 2.0, "prefill_shared": True, "prefill_ms": 1000.0} for r in fake_rows(g, [384])]
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(config))
+    assert main(["eval", str(tmp_path / "g.yaml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    # 768 tokens, twice 384's times: 2 samples × (dense 4 s + the sample's 2 s prefill, knorm 4 s) = 20 s
+    assert "t: 4 of 8 cells done, 4 left, estimated 20 s" in out
+    assert "| 768 | dense | 2 | 12 s |" in out and "| 768 | knorm 3x | 2 | 8 s |" in out and "| 384 |" not in out
+    assert grid.cell_seconds({"prefill_shared": True, "prefill_ms": 900.0, "replay_ms": 100.0, "compress_ms": 400.0,
+                              "decode_ms_per_token_memoized": 50.0, "new_tokens": 10}) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=r"minutes=-1 is out of range; accepted: >= 0"):
+        grid.run(config, model=object(), tokenizer=None, minutes=-1)
 
 
 def test_sealed_parts_are_read_by_resume_and_load_and_refused_when_unfinished(tmp_path, capsys):
@@ -177,6 +233,28 @@ def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path, monkeypat
     new = grid.read_rows(out)
     assert [r["index"] for r in new] == [3] * 3 and len(grid.load_results(out)) == 12
     assert all(r["agreement_with_dense"] in (0.0, 1.0) for r in new if r["method"]["method"] != "none")
+
+
+@pytest.mark.model
+def test_a_grid_run_in_pieces_by_minutes_writes_every_cell_exactly_once(smollm2, tmp_path, capsys):
+    """minutes=0 stops after the first cell: piece after piece, each run writes one row, says what is left,
+    and the pieces together hold every cell of the grid once, in the grid's order."""
+    model, tok = smollm2
+    config = cfg(tmp_path, context_lengths=[384, 512],
+                 methods=[BASE["methods"][0] | {"context_lengths": [384]}, BASE["methods"][1]])
+    g = grid.load_grid(config)
+    named = [grid.cell_key(m, *u) for u, m in grid.cells(g)]
+    assert len(named) == 2 * 3 + 2 * 2
+    for piece in range(1, len(named) + 1):
+        grid.run(config, model, tok, minutes=0)
+        assert len(grid.read_rows(tmp_path / "r.jsonl")) == piece
+        assert f"1 cells done in this run, {len(named) - piece} left" in capsys.readouterr().out
+    rows = grid.read_rows(tmp_path / "r.jsonl")
+    assert [r["key"] for r in rows] == named
+    assert all(r["cell_s"] > 0 for r in rows)
+    grid.run(config, model, tok, minutes=0)  # nothing left: no cell runs
+    assert len(grid.read_rows(tmp_path / "r.jsonl")) == len(named)
+    assert "0 cells done in this run, 0 left" in capsys.readouterr().out
 
 
 @pytest.mark.model
