@@ -256,7 +256,9 @@ def compressibility(sample: KVSample, *, kinds=KINDS, groups=(1, 2, 4, 8), ratio
 
 # ------------------------------------------------------------------ rate-distortion (notebook 03)
 
-RD_METHODS = ("truncation", "per-token int", "per-channel int", "transform", "Gaussian bound")
+RD_METHODS = ("truncation", "per-token int", "per-channel int", "transform, σ-scaled blocks", "transform",
+              "Gaussian bound")
+RD_BLOCK_SCALES = {"unclipped": "transform", "std": "transform, σ-scaled blocks"}  # the coder's block scale → method
 
 
 @torch.no_grad()
@@ -268,7 +270,9 @@ def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | No
     - ``truncation``: the exact rank-r SVD with bf16 factors, r the largest the budget holds;
     - ``per-token int`` / ``per-channel int``: symmetric 4- and 8-bit quantisation with one bf16
       scale per token row / per feature column (``kvsvd.store.quantize_rows``);
-    - ``transform``: the transform coder (``kvsvd.methods.transform``) at each budget;
+    - ``transform``: the transform coder (``kvsvd.methods.transform``) at each budget, and
+      ``transform, σ-scaled blocks`` the same with ``block_scale="std"`` (8-bit codes clip a block's
+      outlying tokens);
     - ``Gaussian bound``: reverse water-filling over the centred covariance's eigenvalues λᵢ,
       D(θ) = Σ min(θ, λᵢ), R(θ) = Σ max(0, ½·log₂(λᵢ/θ)) bits per token: the least error any code
       can reach on Gaussian data with this spectrum (the mean taken as known).
@@ -297,11 +301,12 @@ def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | No
                 u, w = U[:, :rank].to(torch.bfloat16), (S[:rank, None] * Vh[:rank]).to(torch.bfloat16)
                 add(kind, "truncation", accounting.report({"factors": [u, w]}, 0)["total_bytes"],
                     u.float() @ w.float(), X)
-            cfg = CompressionConfig(method="transform", layer_group_size=len(group),
-                                    transform=transform.TransformConfig(ratio=16 / b, sink_tokens=0))
-            (store,), _ = transform.compress([(x[None], n, kind[0], list(group), None)], cfg, b / 8 * T * n)
-            rebuilt = torch.cat([store.layer(j, torch.float32)[0] for j in range(len(group))], -1)
-            add(kind, "transform", accounting.report(store.held(), 0)["total_bytes"], rebuilt, X)
+            for scale, method in RD_BLOCK_SCALES.items():
+                cfg = CompressionConfig(method="transform", layer_group_size=len(group), transform=transform.TransformConfig(
+                    ratio=16 / b, sink_tokens=0, block_scale=scale))
+                (store,), _ = transform.compress([(x[None], n, kind[0], list(group), None)], cfg, b / 8 * T * n)
+                rebuilt = torch.cat([store.layer(j, torch.float32)[0] for j in range(len(group))], -1)
+                add(kind, method, accounting.report(store.held(), 0)["total_bytes"], rebuilt, X)
         for qbits in (4, 8):
             for method, M in (("per-token int", X), ("per-channel int", X.mT)):
                 q, scale = quantize_rows(M, qbits)

@@ -181,8 +181,11 @@ def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "
     ``start_layer`` is given); residual, RoPE and scale bytes and the widths of ``factor_dtype``
     and ``dense_dtype`` are budgeted as in :func:`ranks_for_ratio`.
     """
+    _choice("method", method, tuple(m for m in METHODS if m != "minicache"))  # minicache has no ranks to size
     L = model_dims(model_config)[0]
     G = layer_group_size
+    if isinstance(G, bool) or not isinstance(G, int) or not 1 <= G <= L:
+        raise ValueError(f"layer_group_size={G!r} is out of range; accepted: an int in [1, {L}] (the model's layers)")
     fields.setdefault("start_layer", L % G)
     fields.setdefault("residual_length", CompressionConfig.residual_length)
     _int("reserve_tokens", reserve_tokens, 0)

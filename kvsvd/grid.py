@@ -644,7 +644,11 @@ def _write_rows(grid: Grid, rows: dict[str, dict], path: Path) -> None:
     grid no longer names are kept, after them."""
     order = [cell_key(m, *u) for u, m in cells(grid)]
     named = set(order)
-    data = "".join(json.dumps(rows[k]) + "\n" for k in order + [k for k in rows if k not in named] if k in rows)
+    _replace(path, "".join(json.dumps(rows[k]) + "\n" for k in order + [k for k in rows if k not in named] if k in rows))
+
+
+def _replace(path: Path, data: str) -> None:
+    """Write ``data`` to ``path`` (gzip for ``.gz``, deterministic) through a temporary file and a rename."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(gzip.compress(data.encode(), mtime=0) if path.suffix == ".gz" else data.encode())
     tmp.replace(path)
@@ -673,6 +677,26 @@ def seal(source: str | Path | dict, context_length: int) -> Path:
     _write_rows(grid, rows, part)  # the part first: a kill between the two writes leaves duplicates, not a loss
     _write_rows(grid, {r["key"]: r for r in live if r["context_length"] != context_length}, grid.out)
     return part
+
+
+def pin_method_field(path: Path, method: str, name: str, value) -> int:
+    """Name ``name: value`` in the method of every row of results file ``path`` (live, or a sealed ``.gz``
+    part) whose method is ``method`` and does not name ``name``, and key the row anew: when a method's
+    default changes, its earlier rows keep saying what ran and are labelled as that variant, apart from
+    the new default's cells. Returns how many rows changed; a row whose new key another row already has
+    is refused."""
+    rows = read_rows(path)
+    keys = {r["key"] for r in rows}
+    changed = 0
+    for r in rows:
+        if r["method"]["method"] == method and name not in r["method"]:
+            r["method"] = {**r["method"], name: value}
+            r["key"] = cell_key(r["method"], r["task"], r["context_length"], r["index"])
+            if r["key"] in keys:
+                raise ValueError(f"{path}: a row with {name}={value!r} already has key {r['key']}")
+            changed += 1
+    _replace(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return changed
 
 
 def load_results(path: str | Path):
@@ -735,6 +759,8 @@ def _label(row) -> str:
             parts.append(f"block {int(field('block_tokens'))}")
         if field("value_weight") != TransformConfig.value_weight:
             parts.append(f"V weight {field('value_weight'):g}")
+        if field("block_scale") != TransformConfig.block_scale:
+            parts.append(f"{field('block_scale')}-scaled blocks")
     elif m != "minicache":
         parts += [field("key_space"), field("factor_dtype")]
     else:

@@ -117,6 +117,37 @@ def test_an_entrys_context_lengths_focus_its_methods_without_changing_their_cell
         grid.load_grid(cfg(tmp_path, context_lengths=[384, 512], methods=[{**entries[0], "context_lengths": [1024]}]))
 
 
+def test_pinning_a_changed_default_keeps_earlier_rows_as_a_labelled_variant(tmp_path):
+    """When the transform coder's default block scale changed, its earlier rows name the old value: they
+    get new keys and labels, a grid naming the default runs its cells anew, other methods are untouched,
+    and a sealed part is pinned the same way."""
+    methods = [{"method": "transform", "layer_group_size": 2, "ratio": 4}, {"method": "press", "press": "knorm", "ratio": 3}]
+    config = cfg(tmp_path, methods=methods)
+    g = grid.load_grid(config)
+    rows = fake_rows(g, [384])
+    for r in rows:
+        r.update(paths={"gram transform int8": 2}, kv_ratio=4.0)
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "r.512.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    assert grid.pin_method_field(tmp_path / "r.jsonl", "transform", "block_scale", "std") == 2
+    assert grid.pin_method_field(tmp_path / "r.jsonl", "transform", "block_scale", "std") == 0
+    assert grid.pin_method_field(tmp_path / "r.512.jsonl.gz", "transform", "block_scale", "std") == 2
+    pinned = grid.read_rows(tmp_path / "r.jsonl")
+    assert [r["method"].get("block_scale") for r in pinned] == [None, "std", None] * 2
+    assert [r["key"] for r in pinned if r["method"]["method"] != "transform"] == \
+        [r["key"] for r in rows if r["method"]["method"] != "transform"]
+    todo = {grid.cell_key(m, *u) for u, m in grid.cells(g)} - {r["key"] for r in pinned}
+    assert len(todo) == 2 and all('"transform"' in k for k in todo)
+    labels = set(grid.load_results(tmp_path / "r.jsonl")["label"])
+    assert "transform G2 4x pre_rope basis int8 sinks 4 window 32 std-scaled blocks q2 → gram" in labels
+    pinned[0]["method"] = {**pinned[1]["method"], "block_scale": None}
+    del pinned[0]["method"]["block_scale"]  # an unpinned row whose pinned twin exists
+    pinned[0].update(task=pinned[1]["task"], index=pinned[1]["index"])
+    (tmp_path / "c.jsonl").write_text(json.dumps(pinned[0]) + "\n" + json.dumps(pinned[1]) + "\n")
+    with pytest.raises(ValueError, match="a row with block_scale='std' already has key"):
+        grid.pin_method_field(tmp_path / "c.jsonl", "transform", "block_scale", "std")
+
+
 def test_dry_run_prints_the_cells_left_and_their_estimated_time(tmp_path, capsys):
     """--dry-run loads no model: it counts the cells left by length and method and estimates their time from
     finished cells (a method measured at one length is scaled to another by the length ratio)."""

@@ -59,16 +59,37 @@ def test_bit_width_outside_the_set_is_refused():
         pack_bits(torch.zeros(1, 8, dtype=torch.uint8), 5)
 
 
+@pytest.mark.parametrize("scale", transform.BLOCK_SCALES)
 @pytest.mark.parametrize("bits", BITS[1:])
-def test_block_quantiser_error_is_the_gaussian_rate_distortion_of_its_step(bits):
+def test_block_quantiser_error_is_the_gaussian_rate_distortion_of_its_step(bits, scale):
     """On Gaussian columns the measured MSE is Max's: 0.3634, 0.1188, 0.0374, 0.0115 σ² (±8%); at 8 bits
-    the granular Δ²/12 (the ±3.9σ overload is next to never reached in 4096 samples)."""
+    the granular Δ²/12 (the ±3.9σ overload is next to never reached in 4096 samples, so an unclipped
+    scale is σ on nearly every block)."""
     expected = {1: 0.3634, 2: 0.1188, 3: 0.03744, 4: 0.01154, 8: GAUSS_STEP[8] ** 2 / 12}[bits]
     c = torch.randn(1, 4096, 8, generator=torch.Generator().manual_seed(0)) * torch.arange(1, 9).float() + 3.0
-    stats = transform.block_stats(c, 512)
+    stats = transform.block_stats(c, 512, scale)
     rec = transform.dequantize(transform.quantize(c, stats, bits, 512), stats, bits, 512)
     mse = (c - rec).square().mean(1) / c.var(1)
     assert mse.mean().item() == pytest.approx(expected, rel=0.08)
+
+
+def test_an_unclipped_block_scale_keeps_a_needle_token_that_a_sigma_scale_clips():
+    """One token of a 256-token Gaussian block sits 20σ out (a needle unlike its haystack). A σ-scaled
+    8-bit code clips it at ±3.9 block σ (an error over 10σ); the unclipped scale reaches it (within two steps) and keeps the rest
+    of the block within 30× of the Gaussian 8-bit error, far below the clipped token's error."""
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(1, 256, 4, generator=g)
+    c[0, 100, 2] = 20.0
+    errors = {}
+    for scale in transform.BLOCK_SCALES:
+        stats = transform.block_stats(c, 256, scale)
+        rec = transform.dequantize(transform.quantize(c, stats, 8, 256), stats, 8, 256)
+        step = GAUSS_STEP[8] * stats[0, 0, 2, 0].float()
+        errors[scale] = ((rec - c)[0, 100, 2].abs().item(), step.item(), (rec - c)[0, :, 2].square().mean().item())
+    assert errors["std"][0] > 10.0  # clipped at ±3.9 of the block σ, which the needle itself raises to 1.6
+    needle, step, mse = errors["unclipped"]
+    assert needle <= 2 * step and mse < 30 * GAUSS_STEP[8] ** 2 / 12
+    assert torch.equal(transform.block_stats(c[..., :2], 256, "unclipped"), transform.block_stats(c[..., :2], 256, "std"))
 
 
 def test_allocator_gives_more_bits_to_more_variance_and_fits_the_budget():
@@ -104,12 +125,24 @@ def test_transform_config_rejects_bad_settings():
                             ({"basis_dtype": "fp8"}, "basis_dtype='fp8' is unknown; accepted: bf16, int8, int4"),
                             ({"sink_tokens": -1}, "sink_tokens=-1 is out of range"),
                             ({"block_tokens": 0}, "block_tokens=0 is out of range"),
-                            ({"value_weight": 0}, "value_weight=0 is out of range; accepted: a number > 0")):
+                            ({"value_weight": 0}, "value_weight=0 is out of range; accepted: a number > 0"),
+                            ({"block_scale": "max"}, "block_scale='max' is unknown; accepted: unclipped, std")):
         with pytest.raises(ValueError, match=pattern):
             TransformConfig(**kwargs)
     with pytest.raises(ValueError, match="applies to method='transform' only"):
         CompressionConfig(method="xkv", transform=TransformConfig())
     assert CompressionConfig(method="transform").transform == TransformConfig()
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    ({"layer_group_size": 0}, r"layer_group_size=0 is out of range; accepted: an int in \[1, 4\]"),
+    ({"layer_group_size": 5}, r"layer_group_size=5 is out of range; accepted: an int in \[1, 4\]"),
+    ({"method": "transfrom"}, r"method='transfrom' is unknown; accepted: svd, xkv, pca, transform"),
+    ({"method": "minicache"}, r"method='minicache' is unknown; accepted: svd, xkv, pca, transform"),
+])
+def test_config_for_ratio_names_a_bad_group_size_or_method(tiny_llama, kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        config_for_ratio(4, 200, tiny_llama.config, **{"method": "transform", **kwargs})
 
 
 def test_config_for_ratio_refuses_a_budget_the_dense_parts_fill(tiny_llama):

@@ -3,8 +3,12 @@
 x (B, T, G, F) of one segment (keys pre-RoPE) is mean-centred per sequence and decorrelated by
 its top right singular vectors Vᵀ (B, r, G·F) (:func:`basis`): coefficients C = (x − μ)·V (B, T, r).
 Each latent column i gets bᵢ bits of :data:`BITS`: a midrise uniform quantiser per block of
-``block_tokens`` tokens whose step is Gaussian-optimal for the block's standard deviation,
-with the block's mean as offset (both held in bf16, the bits bit-packed into uint8). A column
+``block_tokens`` tokens whose step is Gaussian-optimal for the block's scale, with the block's
+mean as offset (both held in bf16, the bits bit-packed into uint8). The scale is the block's
+standard deviation; an 8-bit column's is raised where needed so that its code reaches the block's
+largest deviation (``block_scale="unclipped"``): a token unlike the rest of its block (a needle in
+its haystack) has coefficients of 10σ and more on some columns, which a σ-scaled quantiser clips at
+±3.9σ even at 8 bits (``block_scale="std"``). A column
 with 0 bits is dropped with its basis row. Rank truncation (0 or full bits) and uniform
 quantisation (equal bits) are special cases of the same code.
 
@@ -35,6 +39,8 @@ GAUSS_STEP = {1: 1.59577, 2: 0.99568, 3: 0.58602, 4: 0.33520, 8: 0.03076}
 # its MSE in σ² (at 8 bits the granular Δ²/12: the ±3.9σ overload is next to never reached)
 GAUSS_MSE = {1: 0.36338, 2: 0.11885, 3: 0.03744, 4: 0.01154, 8: GAUSS_STEP[8] ** 2 / 12}
 BASIS_DTYPES = ("bf16", "int8", "int4")
+BLOCK_SCALES = ("unclipped", "std")
+OVERLOAD_8 = (1 << 7) * GAUSS_STEP[8]  # an 8-bit code's reach, in steps of the Gaussian 8-bit quantiser: ±3.94 scales
 BASIS_BITS = {"int8": 8, "int4": 4}  # quantised basis rows: int8, or two 4-bit values per uint8
 STAT_BYTES = 2 * ENTRY_BYTES["bf16"]  # per block and kept column: std and mean in bf16
 MEASURE_EVERY = 8  # the recorded reconstruction error is measured on every 8th token
@@ -54,6 +60,10 @@ class TransformConfig:
         sink_tokens: the first tokens of the timeline, kept dense in ``dense_dtype``.
         block_tokens: tokens per coefficient block (one std and one mean per kept column).
         value_weight: the allocator's weight on a value's squared error against a key's (> 0).
+        block_scale: a block's quantiser scale per column: σ, except that ``unclipped`` raises an
+            8-bit column's to max(σ, max|c − mean| / 3.94), so that its code reaches the block's
+            largest deviation; ``std`` keeps σ (the Gaussian-optimal step, which clips a block's
+            outlying tokens) at every width.
         reserve_tokens: tokens still to come after the prefill (a question and its answer): up to
             ``block_size`` of them are budgeted as held dense, the rest as coded in blocks, so that
             the ratio is met at the end of the timeline rather than right after the prefill.
@@ -64,12 +74,15 @@ class TransformConfig:
     block_tokens: int = 256
     value_weight: float = 1.0
     reserve_tokens: int = 0
+    block_scale: str = "unclipped"
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
             raise ValueError(f"ratio={self.ratio!r} is out of range; accepted: a number > 1")
         if self.basis_dtype not in BASIS_DTYPES:
             raise ValueError(f"basis_dtype={self.basis_dtype!r} is unknown; accepted: {', '.join(BASIS_DTYPES)}")
+        if self.block_scale not in BLOCK_SCALES:
+            raise ValueError(f"block_scale={self.block_scale!r} is unknown; accepted: {', '.join(BLOCK_SCALES)}")
         if isinstance(self.value_weight, bool) or not isinstance(self.value_weight, (int, float)) \
                 or not self.value_weight > 0:
             raise ValueError(f"value_weight={self.value_weight!r} is out of range; accepted: a number > 0")
@@ -110,12 +123,16 @@ def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
 
 
 # -- the per-column block quantiser ----------------------------------------------------------
-def block_stats(c: Tensor, block: int) -> Tensor:
-    """Std and mean of every column per block of ``block`` tokens, rounded to bf16 as held:
-    c (B, T, r) float32 → (B, ⌈T/block⌉, r, 2) bf16."""
+def block_stats(c: Tensor, block: int, scale: str = "unclipped") -> Tensor:
+    """Scale and mean of every column per block of ``block`` tokens, rounded to bf16 as held:
+    c (B, T, r) float32 → (B, ⌈T/block⌉, r, 2) bf16. The scale is σ (``std``), or max(σ, the
+    largest |c − mean| / :data:`OVERLOAD_8`) (``unclipped``: an 8-bit code reaches every token)."""
     chunks = c.split(block, dim=1)
-    std = torch.stack([x.std(1, correction=0) for x in chunks], 1)
     mean = torch.stack([x.mean(1) for x in chunks], 1)
+    std = torch.stack([x.std(1, correction=0) for x in chunks], 1)
+    if scale == "unclipped":
+        reach = torch.stack([(x - m[:, None]).abs().amax(1) for x, m in zip(chunks, mean.unbind(1))], 1)
+        std = torch.maximum(std, reach / OVERLOAD_8)
     return torch.stack([std, mean], -1).to(torch.bfloat16)
 
 
@@ -145,7 +162,8 @@ def dequantize(q: Tensor, stats: Tensor, bits: int, block: int) -> Tensor:
 @dataclass
 class Latents:
     """One matrix before allocation: c (B, T, r) float32 coefficients on the basis vh (B, r, G·F),
-    mean (B, 1, G·F) bf16, x (B, T, G·F) the original, stats (B, blocks, r, 2) bf16, distortion
+    mean (B, 1, G·F) bf16, x (B, T, G·F) the original, stats (B, blocks, r, 2) bf16 (σ and mean; stats8
+    those of 8-bit columns, the same tensor unless ``block_scale="unclipped"``), distortion
     (r, len(BITS)) the Gaussian model's squared error per width and cost (r, len(BITS)) its bytes."""
     kind: str
     layers: list[int]
@@ -154,6 +172,7 @@ class Latents:
     vh: Tensor
     mean: Tensor
     stats: Tensor
+    stats8: Tensor
     distortion: Tensor
     cost: Tensor
     path: str
@@ -198,13 +217,17 @@ def analyse(x: Tensor, rank: int, config, *, kind: str, layers: list[int], timer
         xc = xf - mean.float()
     with maybe_stage(timer, "allocation", x.device):
         c = xc @ vh.mT
-        stats = block_stats(c, tc.block_tokens)
+        stats = block_stats(c, tc.block_tokens, "std")
+        stats8 = block_stats(c, tc.block_tokens, tc.block_scale) if tc.block_scale != "std" else stats
         lengths = torch.tensor([min(tc.block_tokens, T - i) for i in range(0, T, tc.block_tokens)])
-        energy = (stats[..., 0].float().square() * lengths[:, None]).sum((0, 1)).double()   # (r,)
-        distortion = torch.stack([c.square().sum((0, 1)).double()] + [energy * GAUSS_MSE[b] for b in BITS[1:]], -1)
+        energy, energy8 = ((st[..., 0].float().square() * lengths[:, None]).sum((0, 1)).double()   # (r,)
+                           for st in (stats, stats8))
+        distortion = torch.stack([c.square().sum((0, 1)).double()]
+                                 + [(energy8 if b == 8 else energy) * GAUSS_MSE[b] for b in BITS[1:]], -1)
         per_bit = torch.tensor([B * T * b / 8 + (row + B * stats.shape[1] * STAT_BYTES if b else 0) for b in BITS],
                                dtype=torch.float64)
-    return Latents(kind, layers, xf, c, vh, mean, stats, distortion, per_bit.expand(c.shape[-1], -1), path, shared)
+    return Latents(kind, layers, xf, c, vh, mean, stats, stats8, distortion, per_bit.expand(c.shape[-1], -1), path,
+                   shared)
 
 
 def allocate(latents: list[Latents], budget: float, config) -> tuple[list[Tensor], float]:
@@ -302,12 +325,13 @@ def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
     tc = config.transform
     bits = torch.tensor(BITS)[choice]
     order = torch.argsort(-bits, stable=True)[:int((bits > 0).sum())]   # kept columns, widest first
-    widths, codes = [], []
+    widths, codes, stats = [], [], []
     B, T = lt.c.shape[:2]
     for b, cols in zip(*(t.tolist() for t in torch.unique_consecutive(bits[order], return_counts=True))):
         cols = order[sum(n for _, n in widths):][:cols]
         widths.append((b, len(cols)))
-        q = quantize(lt.c[..., cols], lt.stats[:, :, cols], b, tc.block_tokens)
+        stats.append((lt.stats8 if b == 8 else lt.stats)[:, :, cols])
+        q = quantize(lt.c[..., cols], stats[-1], b, tc.block_tokens)
         codes.append(pack_bits(q.reshape(B, -1), b))
     rows = None
     if lt.shared is not None:  # the earlier store's rows, named by index
@@ -319,7 +343,8 @@ def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
     G_F = lt.x.shape[-1]
     counts = {str(b): int((bits == b).sum()) for b in BITS}
     predicted = float(lt.distortion.gather(1, choice[:, None]).sum()) / float(lt.x.square().sum())
-    store = TransformStore(tuple(widths), codes, lt.stats[:, :, order].clone(), basis, basis_scale, lt.mean, T,
+    stats = torch.cat(stats, 2) if stats else lt.stats[:, :, :0].clone()
+    store = TransformStore(tuple(widths), codes, stats, basis, basis_scale, lt.mean, T,
                            G_F // len(lt.layers), tc.block_tokens, lt.path, {}, rows)
     sample = slice(None, None, MEASURE_EVERY)  # the measured error, on every 8th token
     rebuilt = store.coefficients()[:, sample] @ store.basis_rows(slice(None)) + lt.mean.float()
