@@ -55,7 +55,8 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
 def score_table(df: pd.DataFrame, context_length: int) -> pd.DataFrame:
     """Rows: methods (dense first, then by measured ratio); columns: mean score per task, ``average``
     over the headline tasks, ``ratio`` (mean measured × fewer bytes) and ``n`` (fewest samples of any
-    task). Only samples that every method has finished count, so all rows average the same samples."""
+    task). Only samples that every method has finished count, so all rows average the same samples
+    (methods a grid has only begun are left out: :func:`unfinished`)."""
     d = finished(df, context_length)
     per = d.pivot_table(index="label", columns="task", values="score", aggfunc="mean")
     headline = headline_tasks(d)
@@ -74,9 +75,24 @@ def score_table(df: pd.DataFrame, context_length: int) -> pd.DataFrame:
     return order.drop(columns="dense")
 
 
-def finished(df: pd.DataFrame, context_length: int) -> pd.DataFrame:
-    """Rows at ``context_length`` of the (task, sample) pairs that every method has finished."""
+def pairs_done(df: pd.DataFrame, context_length: int) -> pd.Series:
+    """(task, sample) pairs each method has finished at ``context_length``, by label."""
     d = df[df["context_length"] == context_length]
+    return d.groupby("label")[["task", "index"]].apply(lambda g: len(g.drop_duplicates()))
+
+
+def unfinished(df: pd.DataFrame, context_length: int) -> pd.Series:
+    """Methods left out of the tables at ``context_length`` (label → pairs finished): those with fewer than
+    half the (task, sample) pairs of the most finished method, so that a method a grid has only begun
+    does not cut every other method down to its few samples."""
+    done = pairs_done(df, context_length)
+    return done[done < done.max() / 2]
+
+
+def finished(df: pd.DataFrame, context_length: int) -> pd.DataFrame:
+    """Rows at ``context_length`` of the (task, sample) pairs that every method has finished, the
+    :func:`unfinished` methods left out."""
+    d = df[(df["context_length"] == context_length) & ~df["label"].isin(unfinished(df, context_length).index)]
     return d[d.groupby(["task", "index"])["label"].transform("nunique") == d["label"].nunique()]
 
 
@@ -193,6 +209,9 @@ def markdown(path: str | Path) -> str:
         lines += [f"| {lbl} | {r['ratio']:.2f} | " + " | ".join(f"{r[c]:.1f}" for c in cols)
                   + f" | {r['delta']:+.1f} {_ci(r['delta_lo'], r['delta_hi'])} | {r.get('gold_nll', np.nan):.3f}"
                   + f" | {int(r['n'])} |" for lbl, r in t.iterrows()]
+        if len(left_out := unfinished(df, L)):
+            lines += ["", "Left out until more of their samples finish (pairs of task and sample finished, of "
+                      f"{pairs_done(df, L).max()}): " + "; ".join(f"{lbl} ({n})" for lbl, n in left_out.items())]
         h = headline(t)
         lines += ["", f"Headline at matched 16-bit ratios (within {MATCH:.0%}), {L} tokens; dense "
                   f"{t.at['dense', 'average']:.1f}:", "",

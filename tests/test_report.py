@@ -110,3 +110,21 @@ def test_difference_to_dense_is_paired_with_a_bootstrap_interval():
     assert vs_flaky.at["same", "delta"] == 50 and vs_flaky.at["flaky", "delta"] == 0
     no_dense = report.paired_delta(pd.DataFrame([r for r in rows if r["label"] != "dense"]), ["niah_single_1"])
     assert no_dense["delta"].isna().all()
+
+
+def test_a_method_a_grid_has_only_begun_is_left_out_not_cutting_the_others_down(tmp_path, capsys):
+    """A method with one of six (task, sample) pairs finished would cut every row to that pair: it is left
+    out of the tables and named with its count, and the others keep all their samples."""
+    path = write_rows(tmp_path / "r.jsonl")
+    begun = {"method": "transform", "layer_group_size": 5, "ratio": 4}
+    row = {"key": "begun", "method": begun, "task": "niah_single_1", "context_length": 2048, "index": 0,
+           "score": 0.0, "kv_ratio": 4.0, "gold_logprob": -1.0, "gold_tokens": 4, "paths": {"gram transform int8": 12}}
+    path.write_text(path.read_text() + json.dumps(row) + "\n")
+    df = report.tidy(load_results(path))
+    label = "transform G5 4x pre_rope basis int8 sinks 4 window 32 q2 → gram"
+    assert list(report.unfinished(df, 2048).items()) == [(label, 1)]
+    table = report.score_table(df, 2048)
+    assert label not in table.index and list(table["n"].unique()) == [3]
+    assert main(["report", str(path)]) == 0
+    assert f"Left out until more of their samples finish (pairs of task and sample finished, of 7): {label} (1)" \
+        in capsys.readouterr().out
