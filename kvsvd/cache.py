@@ -96,6 +96,14 @@ class RopeTable:
     def tensors(self) -> list[Tensor]:
         return [t for pair in self.chunks for t in pair]
 
+    def crop(self, length: int) -> None:
+        """Keep the rows of the first ``length`` tokens (copies: the longer table is freed)."""
+        if length < self.length:
+            self.span(0, 0)  # consolidates the chunks
+            cos, sin = self.chunks[0]
+            self.chunks = [(cos[:, :length].clone(), sin[:, :length].clone())]
+            self.length = length
+
 
 class LayerGroup:
     """G adjacent compressed layers sharing a token timeline and its segments."""
@@ -188,14 +196,34 @@ class LayerGroup:
         return self.rebuilt[key][1]
 
     def _rebuild(self, j: int, values: bool, dtype: torch.dtype) -> Tensor:
-        cache, parts = self.cache, []
-        for seg in self.segments:
-            x = (seg.values if values else seg.keys).layer(j, dtype)            # (B, T, H·d)
-            x = x.unflatten(-1, (cache.kv_heads, cache.head_dim)).transpose(1, 2)
-            if not values and cache.config.key_space == "pre_rope":
-                x = apply_rope(x, *cache.rope.span(seg.start, seg.start + seg.length))
-            parts.append(x)
-        return torch.cat(parts, dim=-2)
+        return torch.cat([self._decode(seg, j, values, dtype) for seg in self.segments], dim=-2)
+
+    def _decode(self, seg: Segment, j: int, values: bool, dtype: torch.dtype) -> Tensor:
+        """Layer j's K (post-RoPE) or V of one segment: (B, H, seg.length, d)."""
+        cache = self.cache
+        x = (seg.values if values else seg.keys).layer(j, dtype)            # (B, T, H·d)
+        x = x.unflatten(-1, (cache.kv_heads, cache.head_dim)).transpose(1, 2)
+        if not values and cache.config.key_space == "pre_rope":
+            x = apply_rope(x, *cache.rope.span(seg.start, seg.start + seg.length))
+        return x
+
+    def crop(self, keep: int) -> None:
+        """Keep the first ``keep`` tokens of the group's timeline: segments from ``keep`` on are dropped,
+        a segment that straddles it is decoded into every member's dense residual (its tokens before
+        ``keep``), and every residual is cut at ``keep``. The RoPE table is the cache's to cut."""
+        if keep < self.compressed_length:
+            straddle = next(seg for seg in self.segments if seg.start <= keep < seg.start + seg.length)
+            for j, m in enumerate(self.members):
+                k, v = (self._decode(straddle, j, values, m.dtype)[..., :keep - straddle.start, :].to(m.storage)
+                        for values in (False, True))
+                m._res_k, m._res_v = k, v
+            self.segments = [seg for seg in self.segments if seg.start + seg.length <= straddle.start]
+            self.compressed_length = straddle.start
+            self.rebuilt.clear()  # memoized reads are keyed by segment count, which a later block reuses
+        for m in self.members:
+            if m.residual_length() > keep - self.compressed_length:
+                n = keep - self.compressed_length
+                m._res_k, m._res_v = m._res_k[..., :n, :].clone(), m._res_v[..., :n, :].clone()
 
 
 class LowRankLayer(compat.GrowingLayer):
@@ -253,7 +281,8 @@ class LowRankLayer(compat.GrowingLayer):
         raise NotImplementedError("LowRankCache does not support beam search (reorder_cache): use num_beams=1")
 
     def crop(self, max_length: int) -> None:
-        raise NotImplementedError("LowRankCache does not support crop (assisted generation)")
+        raise NotImplementedError("a LowRankCache layer shares its segments with its group: crop the cache "
+                                  "(LowRankCache.crop), or assign the layer's keys and values")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("LowRankCache does not support batch_repeat_interleave (num_beams / "
@@ -275,11 +304,12 @@ class LowRankLayer(compat.GrowingLayer):
         return res if old is None else torch.cat([old, res], dim=-2)
 
     def _assign(self, value: Tensor | None, values: bool) -> None:
+        if value is not None and not self.group.prefill_pending and value.shape[-2] < self.get_seq_length():
+            # kvpress drops a question and its answer: the whole cache is cut there (codes, residuals and the
+            # RoPE table; kvpress then assigns every layer its cut timeline in turn)
+            self.group.cache.crop(value.shape[-2])
         if value is not None and self.group.compressed_length:
-            c = self.group.compressed_length
-            if value.shape[-2] < c:
-                raise ValueError(f"cannot shrink layer {self.group.layers[self.j]} below its {c} compressed tokens")
-            value = value[..., c:, :]
+            value = value[..., self.group.compressed_length:, :]
         if value is not None:  # a copy in the storage dtype: the rebuilt timeline is freed
             value = value.to(self.storage, copy=True)
         old = self._res_v if values else self._res_k
@@ -446,6 +476,23 @@ class LowRankCache(Cache):
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         raise NotImplementedError("LowRankCache does not support beam search (reorder_cache): use num_beams=1")
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens of the timeline (negative: drop the last −max_length), as
+        ``DynamicCache.crop``: coded segments after the cut are dropped, one that straddles it is decoded
+        into the dense residuals, and the RoPE table is cut; ``memory_report`` then counts what is left."""
+        n = self.get_seq_length()
+        keep = n + max_length if max_length < 0 else max_length
+        if keep < 0:
+            raise ValueError(f"max_length={max_length} is out of range; accepted: [-{n}, ∞)")
+        if keep >= n:
+            return
+        for group in self.groups:
+            group.crop(keep)
+        for layer in self.layers:
+            if not isinstance(layer, LowRankLayer) and layer.get_seq_length() > keep:
+                layer.crop(keep - layer.get_seq_length())  # a negative count: every supported release takes it
+        self.rope.crop(keep)
 
     def held_tensors(self) -> dict[str, list[Tensor]]:
         """Every tensor the cache holds, by kind of ``kvsvd.accounting.KINDS`` (see memory_report)."""

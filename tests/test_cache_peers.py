@@ -116,3 +116,25 @@ def test_pca_at_full_rank_reproduces_the_tiny_model(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="rank_k=9 exceeds the calibrated rank 8"):
         LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=9, rank_v=8,
                                        calibration_path=str(small)), tiny_llama.config)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("ratio", [8, 16])
+def test_kvpress_pipeline_with_blocks_coded_during_the_question(smollm2, ratio):
+    """The frontier's 8× and 16× setting (8-token window, blocks of 32) codes the question and the answer
+    into blocks; the pipeline then crops them away: the coded blocks after the context are dropped, the
+    one that straddles it decoded, and the cache holds the context at its ratio. At 8× the answer is right."""
+    import kvpress  # noqa: F401  (registers the pipeline)
+    from kvsvd.config import config_for_ratio
+    model, tok = smollm2
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
+    n = len(tok(tok.apply_chat_template([{"role": "user", "content": CONTEXT}], tokenize=False)).input_ids)
+    cfg = config_for_ratio(ratio, n, model.config, method="transform", layer_group_size=5, block_tokens=64,
+                           residual_length=8, block_size=32)
+    cache = LowRankCache(cfg, model.config)
+    answer = pipe(CONTEXT, question=QUESTION, max_new_tokens=10, cache=cache)["answer"]
+    assert "4417" in answer or ratio == 16
+    context = cache.get_seq_length()
+    assert context < n and cache.rope.length == context
+    assert all(g.compressed_length <= context for g in cache.groups)
+    assert cache.memory_report()["ratio"] == pytest.approx(ratio, rel=0.05)

@@ -252,3 +252,43 @@ def test_grid_label_says_what_was_asked():
            "m_sink_tokens": 4, "m_residual_length": 32}
     assert _label(row) == "transform G5 8x pre_rope basis int8 sinks 4 window 32 q2"
     assert _label({**row, "m_value_weight": 4.0}) == "transform G5 8x pre_rope basis int8 sinks 4 window 32 V weight 4 q2"
+
+
+@pytest.mark.parametrize("memoize", [False, True])
+def test_crop_below_the_coded_length_drops_later_blocks_and_decodes_the_one_it_cuts(tiny_llama, memoize):
+    """A prefill coded in one segment and 40 decoded tokens coded in blocks of 16 on its basis: cropping
+    into the second block keeps the first block's codes, decodes the cut block's first tokens into the
+    dense residual (the same K/V the cache gave before, to bf16), drops what follows, cuts the RoPE table,
+    and counts the bytes left; decoding then goes on from the cut. A crop into the prefill's segment
+    decodes that segment's head the same way."""
+    cfg = config_for_ratio(3, 200, tiny_llama.config, method="transform", layer_group_size=2, residual_length=8,
+                           block_size=16, block_tokens=64)
+    cache, _ = prefilled(tiny_llama, cfg)
+    cache.memoize_reads = memoize
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(40):
+            tiny_llama(torch.randint(0, 128, (1, 1), generator=g), **with_cache(cache))
+    group = cache.groups[0]
+    assert [s.length for s in group.segments] == [4, 188, 16, 16] and cache.get_seq_length() == 240
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    held = cache.memory_report()["total_bytes"]
+    cache.crop(-(240 - 215))  # into the second decoded block: [208, 224)
+    assert [s.length for s in group.segments] == [4, 188, 16] and cache.rope.length == 215
+    for layer, (k, v) in zip(cache.layers, before):
+        assert layer.get_seq_length() == 215 and layer.residual_length() == 7
+        assert torch.equal(layer.keys[..., :208, :], k[..., :208, :])
+        assert torch.allclose(layer.keys, k[..., :215, :], atol=0.02) and torch.allclose(layer.values, v[..., :215, :],
+                                                                                        atol=0.02)
+    rep = cache.memory_report()  # memoized reads are reachable too, counted apart from what is held
+    assert rep["total_bytes"] + rep["rebuilt_bytes"] == held_storage_bytes(cache) and rep["total_bytes"] < held
+    with torch.no_grad():
+        tiny_llama(torch.randint(0, 128, (1, 30), generator=g), **with_cache(cache))
+    assert cache.get_seq_length() == cache.rope.length == 245
+    cache.crop(100)  # into the prefill's coded segment [4, 192)
+    assert [s.length for s in group.segments] == [4] and cache.layers[0].residual_length() == 96
+    assert torch.allclose(cache.layers[0].values, before[0][1][..., :100, :], atol=0.02)
+    rep = cache.memory_report()
+    assert rep["total_bytes"] + rep["rebuilt_bytes"] == held_storage_bytes(cache)
+    with pytest.raises(ValueError, match=r"max_length=-101 is out of range; accepted: \[-100, ∞\)"):
+        cache.crop(-101)
