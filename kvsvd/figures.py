@@ -175,7 +175,8 @@ def layer_similarity(R: Path):
                      f"{g.loc[gap >= 8, 'overlap'].mean():.2f}")
     fig.tight_layout()
     cap = ("Similarity of layers over the same tokens. Mean token-subspace overlap (mean cos² of principal angles "
-           f"between top-{int(df['rank'].iloc[0])} left singular subspaces) for adjacent vs ≥8-apart layers: " + "; ".join(notes)
+           f"between top-{int(df['rank'].iloc[0])} left singular subspaces) for adjacent vs ≥8-apart layers: "
+           + "; ".join(notes)
            + ". Neighbouring layers share their dominant token directions, which is what lets xKV store one token "
              "factor for a group of layers.")
     return fig, cap
@@ -339,7 +340,8 @@ def group_size(R: Path):
     fig.tight_layout()
     m = d[d["target_ratio"] == 4].groupby(["kind", "group_size"])["attn_error"].mean()
     parts = [f"{KIND_LABELS[k]} {m.get((k, 1), np.nan):.3f} (G=1) → {m.get((k, m.loc[k].index.max()), np.nan):.3f} "
-             f"(G={m.loc[k].index.max()})" for k in kinds if k in m.index.get_level_values(0) and 4 in set(d['target_ratio'])]
+             f"(G={m.loc[k].index.max()})" for k in kinds
+             if k in m.index.get_level_values(0) and 4 in set(d['target_ratio'])]
     cap = ("Mean over layers of the relative error of attention outputs (last queries, causal) when one matrix is "
            "compressed, at equal bytes. At 4×: " + "; ".join(parts)
            + (". Sharing one token factor across more layers buys rank and lowers the error."
@@ -661,8 +663,8 @@ def decode_vs_context(R: Path):
     cap = (f"At {longest} tokens: dense {at.loc['dense', 'tok_s']:.1f} tok/s; " + ", ".join(
         f"{c} {r.tok_s:.1f} ({r.ratio:.1f}× fewer bytes)" for c, r in at.iterrows() if c != "dense" and "_q" not in c)
         + ". Decoding here rebuilds dense K/V from the factors at every step (reconstruct-on-read)"
-        + (", so compression saves memory but costs decode time." if (at.drop("dense")["tok_s"] < at.loc["dense", "tok_s"]).all()
-           else "."))
+        + (", so compression saves memory but costs decode time."
+           if (at.drop("dense")["tok_s"] < at.loc["dense", "tok_s"]).all() else "."))
     return fig, cap
 
 

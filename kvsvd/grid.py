@@ -508,7 +508,7 @@ def format_duration(seconds: float | None) -> str:
 
 def _total(estimates) -> float | None:
     values = list(estimates)
-    return None if not values or any(v is None for v in values) else sum(values)
+    return None if any(v is None for v in values) else sum(values)
 
 
 def plan(source: str | Path | dict) -> str:
@@ -523,7 +523,7 @@ def plan(source: str | Path | dict) -> str:
     lines = [f"{grid.name}: {len(named) - len(todo)} of {len(named)} cells done, {len(todo)} left, "
              f"estimated {format_duration(_total(est.values()))} from the finished cells' times"
              + (f" ({untimed} rows predate cell_s: their timed parts leave out the question's prefill and the "
-                "gold answer's scoring, so estimates from them run short)" if untimed else ""), "",
+                "gold answer's scoring, so estimates from them run short)" if untimed and todo else ""), "",
              "| context length | method | cells left | estimated |", "|---:|---|---:|---:|"]
     for L in sorted(grid.context_lengths):
         for m in grid.methods_at(L):

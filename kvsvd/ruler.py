@@ -269,7 +269,7 @@ def generate(task: str, n_samples: int, context_length: int, tokenizer, seed: in
     for index in range(n_samples):
         sample_seed = seed * 1_000_003 + index
 
-        def build(n):
+        def build(n, sample_seed=sample_seed):
             return spec.build(n, random.Random(sample_seed), context_length)
 
         def length(n):

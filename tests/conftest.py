@@ -91,6 +91,7 @@ def held_storage_bytes(obj) -> int:
             stack.extend(o.values())
         elif isinstance(o, (list, tuple, set)):
             stack.extend(o)
-        elif hasattr(o, "__dict__") and not isinstance(o, (type, torch.nn.Module)) and type(o).__module__.startswith(("kvsvd", "transformers.cache_utils")):
+        elif hasattr(o, "__dict__") and not isinstance(o, (type, torch.nn.Module)) \
+                and type(o).__module__.startswith(("kvsvd", "transformers.cache_utils")):
             stack.extend(vars(o).values())
     return total

@@ -19,7 +19,8 @@ FULL = {"svd": 1, "xkv": 2}
 
 def greedy(model, ids, cache, n=8, **kw):
     out = model.generate(ids, max_new_tokens=n, do_sample=False, **with_cache(cache), return_dict_in_generate=True,
-                         output_logits=True, pad_token_id=0, attention_mask=kw.pop("attention_mask", torch.ones_like(ids)), **kw)
+                         output_logits=True, pad_token_id=0,
+                         attention_mask=kw.pop("attention_mask", torch.ones_like(ids)), **kw)
     return out.sequences, torch.stack(out.logits)
 
 

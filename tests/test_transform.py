@@ -75,8 +75,8 @@ def test_block_quantiser_error_is_the_gaussian_rate_distortion_of_its_step(bits,
 
 def test_an_unclipped_block_scale_keeps_a_needle_token_that_a_sigma_scale_clips():
     """One token of a 256-token Gaussian block sits 20σ out (a needle unlike its haystack). A σ-scaled
-    8-bit code clips it at ±3.9 block σ (an error over 10σ); the unclipped scale reaches it (within two steps) and keeps the rest
-    of the block within 30× of the Gaussian 8-bit error, far below the clipped token's error."""
+    8-bit code clips it at ±3.9 block σ (an error over 10σ); the unclipped scale reaches it (within two
+    steps) and keeps the rest of the block within 30× of the Gaussian 8-bit error."""
     g = torch.Generator().manual_seed(0)
     c = torch.randn(1, 256, 4, generator=g)
     c[0, 100, 2] = 20.0

@@ -73,7 +73,8 @@ def start_lab(repo: Path, settings: Path, port: int, token: str, log: Path) -> s
            "JUPYTER_RUNTIME_DIR": str(home / "runtime"), "JUPYTER_DATA_DIR": str(home / "data"),
            "JUPYTER_CONFIG_DIR": str(home / "config"), "JUPYTERLAB_WORKSPACES_DIR": str(home / "workspaces")}
     cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
-           f"--IdentityProvider.token={token}", "--LabApp.expose_app_in_browser=True", f"--ServerApp.root_dir={repo / 'notebooks'}",
+           f"--IdentityProvider.token={token}", "--LabApp.expose_app_in_browser=True",
+           f"--ServerApp.root_dir={repo / 'notebooks'}",
            f"--config={repo / 'jupyter_server_config.json'}", *(["--allow-root"] if os.geteuid() == 0 else [])]
     proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     for _ in range(120):
@@ -82,7 +83,7 @@ def start_lab(repo: Path, settings: Path, port: int, token: str, log: Path) -> s
             return proc
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited ({proc.returncode}); see {log}")
+                raise RuntimeError(f"JupyterLab exited ({proc.returncode}); see {log}") from None
             time.sleep(1)
     proc.terminate()
     raise RuntimeError(f"JupyterLab did not answer on port {port} within 120 s; see {log}")

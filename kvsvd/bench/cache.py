@@ -2,9 +2,9 @@
 
 For each context length one run measures, side by side on the same prose context: a dense
 ``DynamicCache`` and each LowRankCache configuration (per-layer SVD and xKV groups at ≈4× and
-≈8× fewer bytes, an n_iter sweep, and the transform coder at the same ratios), and writes ``results/cache/<model>_<tokens>.json``
-with per-token decode latencies, the compression log (ms per group, rsvd stage breakdown)
-and memory_report(). A context length whose file exists is skipped, so a run resumes.
+≈8× fewer bytes, an n_iter sweep, and the transform coder at the same ratios), and writes
+``results/cache/<model>_<tokens>.json`` with per-token decode latencies, the compression log (ms per group,
+rsvd stage breakdown) and memory_report(). A context length whose file exists is skipped, so a run resumes.
 """
 
 from __future__ import annotations

@@ -124,10 +124,14 @@ def measure_roofline(device: torch.device, dtype: torch.dtype, size: int = 4096)
     a = torch.randn(size, size, device=device).to(dtype)
 
     def best(fn, reps: int = 5) -> float:
-        fn(); _sync(device)
+        fn()
+        _sync(device)
         times = []
         for _ in range(reps):
-            t0 = time.perf_counter(); fn(); _sync(device); times.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append(time.perf_counter() - t0)
         return min(times)
 
     copy_s = best(lambda: x.clone())
@@ -277,6 +281,7 @@ def ratio_table(results: list[dict]) -> str:
             s = r["summary"]
             lr = base.get("lowrank_svd", float("nan")) / s["median_time_ms"]
             fu = base.get("full_svd", float("nan")) / s["median_time_ms"]
-            lines.append(f"{c['matrix']:<28}{c['rank']:>5}{c['n_iter']:>3}  {spec:<28}{r['path']:<18}{s['median_time_ms']:>9.2f}"
-                         f"{lr:>10.2f}{fu:>8.1f}{s['rel_error']:>9.4f}{s['median_time_ms'] / res['roofline_ms']:>8.2f}")
+            lines.append(f"{c['matrix']:<28}{c['rank']:>5}{c['n_iter']:>3}  {spec:<28}{r['path']:<18}"
+                         f"{s['median_time_ms']:>9.2f}{lr:>10.2f}{fu:>8.1f}{s['rel_error']:>9.4f}"
+                         f"{s['median_time_ms'] / res['roofline_ms']:>8.2f}")
     return "\n".join(lines)
