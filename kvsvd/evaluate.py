@@ -22,17 +22,15 @@ import torch
 from transformers import DynamicCache
 
 from .cache import LowRankCache
+from . import ruler
 from .compat import cache_of, with_cache
 
 
 def split_prompt(tokenizer, sample: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (1, n) of the chat-templated context part and of the question part (question,
-    end of the user turn, assistant header and the answer prefix)."""
-    text = sample["context"] + sample["question"]
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    text += sample["answer_prefix"].strip()
+    """Token ids (1, n) of the prompt's context part and of its question part (``ruler.prompt_text``:
+    the question, then the end of the user turn and the assistant header where there is a chat
+    template, and the answer prefix)."""
+    text = ruler.prompt_text(tokenizer, sample["context"], sample["question"], sample["answer_prefix"])
     cut = text.index(sample["question"])
     enc = lambda s: tokenizer(s, add_special_tokens=False, return_tensors="pt").input_ids  # noqa: E731
     return enc(text[:cut]), enc(text[cut:])

@@ -6,7 +6,8 @@ returns samples with RULER's
 JSONL fields — ``index``, ``input``, ``outputs`` (gold strings), ``length`` (tokens) — plus
 ``context`` and ``question`` (the prompt split where kvpress splits it: the context is
 prefilled and compressed, the question is not) and ``answer_prefix``. ``length`` counts the
-chat-templated prompt with its answer prefix plus ``tokens_to_generate``, and never exceeds
+prompt (:func:`prompt_text`: chat-templated, or RULER's base format after ``<bos>`` for a base
+model) with its answer prefix plus ``tokens_to_generate``, and never exceeds
 ``context_length``: the amount of haystack is found by a bounded binary search, and a sample
 that cannot fit raises ``ValueError`` instead of looping.
 
@@ -242,13 +243,21 @@ TASKS: dict[str, Task] = {name: _niah(spec) for name, spec in NIAH.items()} | {
 }
 
 
-def prompt_tokens(tokenizer, context: str, question: str, answer_prefix: str) -> int:
-    """Tokens of the chat-templated prompt (user: context + question; assistant: answer prefix)."""
+def prompt_text(tokenizer, context: str, question: str, answer_prefix: str) -> str:
+    """The prompt as the model reads it. With a chat template: the user turn holds context + question and
+    the assistant turn starts with the answer prefix. A base model (no template) reads RULER's base
+    format, context + question + answer prefix, after ``<bos>`` where its tokenizer adds one."""
     text = context + question
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                             add_generation_prompt=True)
-    return len(tokenizer(text + answer_prefix.strip(), add_special_tokens=False).input_ids)
+        return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True) + answer_prefix.strip()
+    bos = tokenizer.bos_token if getattr(tokenizer, "add_bos_token", False) and tokenizer.bos_token else ""
+    return bos + text + answer_prefix
+
+
+def prompt_tokens(tokenizer, context: str, question: str, answer_prefix: str) -> int:
+    """Tokens of :func:`prompt_text`."""
+    return len(tokenizer(prompt_text(tokenizer, context, question, answer_prefix), add_special_tokens=False).input_ids)
 
 
 def generate(task: str, n_samples: int, context_length: int, tokenizer, seed: int = 0,

@@ -34,3 +34,14 @@ def test_gemma3_retrieves_a_needle_from_filler(gemma3):
         out = model.generate(ids, max_new_tokens=8, do_sample=False)  # one token per digit
     answer = tok.decode(out[0, ids.shape[1]:])
     assert "4417" in answer, answer
+
+
+def test_ruler_prompts_for_gemma3_use_the_base_format_after_one_bos(gemma3):
+    from kvsvd import ruler
+    from kvsvd.evaluate import split_prompt
+    _, tok = gemma3
+    (s,) = ruler.generate("niah_single_1", 1, 1024, tok, seed=0)
+    ctx, question = split_prompt(tok, s)
+    assert ctx[0, 0].item() == tok.bos_token_id and (ctx == tok.bos_token_id).sum() == 1
+    assert (question == tok.bos_token_id).sum() == 0 and s["length"] <= 1024
+    assert tok.decode(question[0]).endswith(s["answer_prefix"].strip())

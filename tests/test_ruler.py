@@ -82,3 +82,31 @@ def test_vt_cwe_fwe_answers_follow_their_rules(tok):
     words = fwe["context"].split("coded words. ", 1)[1].split()
     top = sorted(set(words) - {"..."}, key=words.count, reverse=True)[:3]
     assert top == fwe["outputs"] and words.count("...") > words.count(top[0])
+
+
+class BaseModelTokenizer:
+    """A base model's tokenizer (no chat template) that starts prompts with <bos>: one id per character,
+    the <bos> text one id."""
+    chat_template = None
+    bos_token, bos_token_id, add_bos_token = "<bos>", 1000, True
+
+    def __call__(self, text, add_special_tokens=True, return_tensors=None):
+        import torch
+        bos = text.startswith(self.bos_token)
+        ids = ([self.bos_token_id] if bos else []) + [ord(c) % 1000 for c in text[len(self.bos_token) * bos:]]
+        return type("Enc", (), {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids})()
+
+
+def test_a_base_model_reads_rulers_base_format_after_bos():
+    """Without a chat template the prompt is <bos>, context, question and the answer prefix (with its
+    leading space): the context part starts with <bos> and the question part ends with the prefix."""
+    tok = BaseModelTokenizer()
+    (s,) = ruler.generate("niah_single_1", 1, 512, tok, seed=0)
+    text = ruler.prompt_text(tok, s["context"], s["question"], s["answer_prefix"])
+    assert text == "<bos>" + s["context"] + s["question"] + s["answer_prefix"]
+    assert s["answer_prefix"].startswith(" ") and text.endswith("? " + s["answer_prefix"].strip())
+    ctx, question = split_prompt(tok, s)
+    assert ctx[0, 0].item() == tok.bos_token_id and (ctx == tok.bos_token_id).sum() == 1
+    assert ctx.shape[1] + question.shape[1] + ruler.TASKS["niah_single_1"].tokens_to_generate == s["length"] <= 512
+    tok.add_bos_token = False  # a tokenizer that adds no <bos>: none is written
+    assert not ruler.prompt_text(tok, s["context"], s["question"], s["answer_prefix"]).startswith("<bos>")
