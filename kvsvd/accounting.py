@@ -22,6 +22,8 @@ module is the one place where bytes are counted.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 Tensor = torch.Tensor
@@ -48,17 +50,36 @@ def factor_entry_bytes(factor_dtype: str) -> tuple[float, float, float]:
     return ENTRY_BYTES[factor_dtype], ENTRY_BYTES[factor_dtype], 0
 
 
-def model_dims(model_config) -> tuple[int, int, int]:
-    """(layers, kv_heads, head_dim) of a transformers model config."""
-    text = model_config.get_text_config(decoder=True)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    return text.num_hidden_layers, text.num_key_value_heads, head_dim
+@dataclass(frozen=True)
+class ModelShape:
+    """What a model's KV cache is made of: ``layers`` decoder layers, each holding K and V of ``kv_heads``
+    heads × ``head_dim`` per token; ``layer_types`` (transformers' names: ``full_attention``,
+    ``sliding_attention``, ...) and the ``sliding_window`` of sliding layers (None without any)."""
+    layers: int
+    kv_heads: int
+    head_dim: int
+    layer_types: tuple[str, ...]
+    sliding_window: int | None = None
+
+    @classmethod
+    def of(cls, model_config) -> "ModelShape":
+        """The shape of a transformers model config (its text config for a multimodal one)."""
+        text = model_config.get_text_config(decoder=True)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        types = tuple(getattr(text, "layer_types", None) or ("full_attention",) * text.num_hidden_layers)
+        window = getattr(text, "sliding_window", None) if "sliding_attention" in types else None
+        return cls(text.num_hidden_layers, text.num_key_value_heads, head_dim, types, window)
+
+    @property
+    def features(self) -> int:
+        """K (or V) entries per token and layer: kv_heads · head_dim."""
+        return self.kv_heads * self.head_dim
 
 
 def dense16_bytes(model_config, tokens: int, batch: int = 1) -> int:
     """K and V of ``tokens`` tokens per sequence in a 16-bit cache: 2 · B · T · L · H · d · 2 bytes."""
-    L, H, d = model_dims(model_config)
-    return 2 * batch * tokens * L * H * d * DENSE_ENTRY_BYTES
+    shape = ModelShape.of(model_config)
+    return 2 * batch * tokens * shape.layers * shape.features * DENSE_ENTRY_BYTES
 
 
 def storage_key(t: Tensor) -> tuple[int, int]:

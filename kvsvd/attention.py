@@ -125,7 +125,7 @@ def merge(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
 
 def _segment_operands(layer, seg) -> tuple[Tensor | Factors, Tensor | Factors]:
     cache = layer.group.cache
-    H, d = cache.kv_heads, cache.head_dim
+    H, d = cache.shape.kv_heads, cache.shape.head_dim
 
     def dense(store, values: bool) -> Tensor:
         x = store.layer(layer.j, torch.float32).unflatten(-1, (H, d)).transpose(1, 2)   # (B, H, T, d)

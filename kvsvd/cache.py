@@ -172,7 +172,7 @@ class LayerGroup:
         k, v = self.take_oldest(n)
         timer = StageTimer()
         t0 = time.perf_counter()
-        kw = dict(layers=self.layers, heads=cache.kv_heads, calibration=cache.calibration, timer=timer)
+        kw = dict(layers=self.layers, heads=cache.shape.kv_heads, calibration=cache.calibration, timer=timer)
         store_k = COMPRESSORS[cfg.method](k, cfg.rank_k, cfg, kind="k", **kw)
         store_v = COMPRESSORS[cfg.method](v, cfg.rank_v, cfg, kind="v", **kw)
         if k.device.type == "cuda":
@@ -202,7 +202,7 @@ class LayerGroup:
         """Layer j's K (post-RoPE) or V of one segment: (B, H, seg.length, d)."""
         cache = self.cache
         x = (seg.values if values else seg.keys).layer(j, dtype)            # (B, T, H·d)
-        x = x.unflatten(-1, (cache.kv_heads, cache.head_dim)).transpose(1, 2)
+        x = x.unflatten(-1, (cache.shape.kv_heads, cache.shape.head_dim)).transpose(1, 2)
         if not values and cache.config.key_space == "pre_rope":
             x = apply_rope(x, *cache.rope.span(seg.start, seg.start + seg.length))
         return x
@@ -358,16 +358,14 @@ class LowRankCache(Cache):
         self.model_config = model_config
         self.text_config = text
         self.memoize_reads = memoize_reads
-        self.num_layers = text.num_hidden_layers
-        self.kv_heads = text.num_key_value_heads
-        self.head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        other = sorted(set(getattr(text, "layer_types", None) or ["full_attention"]) - {"full_attention"})
+        self.shape = shape = accounting.ModelShape.of(model_config)
+        other = sorted(set(shape.layer_types) - {"full_attention"})
         if other:
             raise ValueError(f"the model has {', '.join(other)} layers (config.layer_types); LowRankCache holds "
                              "full-attention layers only; accepted: models whose layers are all full_attention")
-        end = self.num_layers - 1 if config.end_layer == -1 else config.end_layer
-        if end >= self.num_layers:
-            raise ValueError(f"end_layer={config.end_layer} is out of range; accepted: [0, {self.num_layers - 1}] or -1")
+        end = shape.layers - 1 if config.end_layer == -1 else config.end_layer
+        if end >= shape.layers:
+            raise ValueError(f"end_layer={config.end_layer} is out of range; accepted: [0, {shape.layers - 1}] or -1")
         if config.start_layer > end:
             raise ValueError(f"start_layer={config.start_layer} > end_layer={end}")
         G = config.layer_group_size
@@ -375,12 +373,13 @@ class LowRankCache(Cache):
         if n % G:
             raise ValueError(f"layer_group_size={G} does not divide the {n} compressed layers "
                              f"[{config.start_layer}, {end}]; accepted: a divisor of {n}, or change start/end_layer")
-        features = G * self.kv_heads * self.head_dim
+        features = G * shape.features
         if config.method in ("svd", "xkv", "pca", "transform"):
             for name in ("rank_k", "rank_v"):
                 if getattr(config, name) > features:
                     raise ValueError(f"{name}={getattr(config, name)} exceeds the {features} features of a group "
-                                     f"({G} layers × {self.kv_heads} heads × {self.head_dim}); accepted: [1, {features}]")
+                                     f"({G} layers × {shape.kv_heads} heads × {shape.head_dim}); accepted: "
+                                     f"[1, {features}]")
         self.calibration = (Calibration.load(config.calibration_path, model_config, config.rank_k, config.rank_v)
                             if config.method == "pca" else None)
         self.first_compressed_layer = config.start_layer
@@ -393,7 +392,7 @@ class LowRankCache(Cache):
             group.members = [LowRankLayer(group, j) for j in range(G)]
             self.groups.append(group)
             layers.extend(group.members)
-        layers.extend(StoredLayer(config.dense_dtype) for _ in range(end + 1, self.num_layers))
+        layers.extend(StoredLayer(config.dense_dtype) for _ in range(end + 1, shape.layers))
         super().__init__(layers=layers)
 
     def __deepcopy__(self, memo: dict) -> "LowRankCache":

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .accounting import ENTRY_BYTES, ROPE_TABLE_BYTES, STORAGE_DTYPES, dense16_bytes, factor_entry_bytes, model_dims
+from .accounting import (ENTRY_BYTES, ROPE_TABLE_BYTES, STORAGE_DTYPES, ModelShape, dense16_bytes,
+                         factor_entry_bytes)
 from .methods.transform import TransformConfig
 from .svd import QR_METHODS, SVD_METHODS
 
@@ -128,9 +129,10 @@ def dense_bytes(model_config, tokens: int, compressed_layers: int, kept_tokens: 
     """What a cache of ``tokens`` tokens holds besides its compressed segments: every token of the
     uncompressed layers and ``kept_tokens`` (window, sinks) of the compressed ones in ``dense_dtype``,
     and the RoPE tables of pre-RoPE keys."""
-    num_layers, heads, head_dim = model_dims(model_config)
-    entries = 2 * heads * head_dim * (tokens * (num_layers - compressed_layers) + kept_tokens * compressed_layers)
-    return ENTRY_BYTES[dense_dtype] * entries + (tokens * head_dim * ROPE_TABLE_BYTES if key_space == "pre_rope" else 0)
+    shape = ModelShape.of(model_config)
+    entries = 2 * shape.features * (tokens * (shape.layers - compressed_layers) + kept_tokens * compressed_layers)
+    return ENTRY_BYTES[dense_dtype] * entries + (tokens * shape.head_dim * ROPE_TABLE_BYTES if key_space == "pre_rope"
+                                                 else 0)
 
 
 def ranks_for_ratio(ratio: float, tokens: int, model_config, *, group_size: int, start_layer: int = 0,
@@ -150,8 +152,8 @@ def ranks_for_ratio(ratio: float, tokens: int, model_config, *, group_size: int,
     if ratio <= 1:
         raise ValueError(f"ratio={ratio} is out of range; accepted: > 1")
     _choice("dense_dtype", dense_dtype, tuple(STORAGE_DTYPES))
-    num_layers, heads, head_dim = model_dims(model_config)
-    features, G, R = heads * head_dim, group_size, residual_length
+    shape = ModelShape.of(model_config)
+    num_layers, features, G, R = shape.layers, shape.features, group_size, residual_length
     e_u, e_w, e_s = factor_entry_bytes(factor_dtype)
     groups = (num_layers - start_layer) // G
     n = tokens - R
@@ -182,7 +184,7 @@ def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "
     and ``dense_dtype`` are budgeted as in :func:`ranks_for_ratio`.
     """
     _choice("method", method, tuple(m for m in METHODS if m != "minicache"))  # minicache has no ranks to size
-    L = model_dims(model_config)[0]
+    L = ModelShape.of(model_config).layers
     G = layer_group_size
     if isinstance(G, bool) or not isinstance(G, int) or not 1 <= G <= L:
         raise ValueError(f"layer_group_size={G!r} is out of range; accepted: an int in [1, {L}] (the model's layers)")
@@ -205,7 +207,8 @@ def _transform_for_ratio(ratio: float, tokens: int, model_config, G: int, reserv
     """``method="transform"``: the ratio goes to the allocator; the basis may use every latent
     column (rank G·F) unless rank_k / rank_v cap it. Refuses a ratio whose budget the dense parts
     (sinks, window, RoPE tables, uncompressed layers) fill on their own."""
-    L, heads, head_dim = model_dims(model_config)
+    shape = ModelShape.of(model_config)
+    L = shape.layers
     names = TransformConfig.__dataclass_fields__
     tc = TransformConfig(ratio=ratio, reserve_tokens=reserve_tokens,
                          **{k: fields.pop(k) for k in list(fields) if k in names})
@@ -221,6 +224,6 @@ def _transform_for_ratio(ratio: float, tokens: int, model_config, G: int, reserv
                          f"tables, uncompressed layers and reserved tokens alone hold {fixed:.0f} of the "
                          f"{dense16 / ratio:.0f} bytes it allows; accepted: ratio < {dense16 / fixed:.2f}, or fewer "
                          "sink_tokens / residual_length")
-    fields.setdefault("rank_k", G * heads * head_dim)
-    fields.setdefault("rank_v", G * heads * head_dim)
+    fields.setdefault("rank_k", G * shape.features)
+    fields.setdefault("rank_v", G * shape.features)
     return CompressionConfig(method="transform", layer_group_size=G, transform=tc, **fields)

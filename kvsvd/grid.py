@@ -347,7 +347,7 @@ def build(method: dict, model, context_tokens: int, memoize_reads: bool = False,
         config = config_for_ratio(method["ratio"], context_tokens, model.config, reserve_tokens=reserve_tokens,
                                   k_share=method.get("k_share", 1 / 3), **fields)
     else:
-        config = CompressionConfig(**{"start_layer": model.config.num_hidden_layers % G, **fields})
+        config = CompressionConfig(**{"start_layer": accounting.ModelShape.of(model.config).layers % G, **fields})
     return LowRankCache(config, model.config, memoize_reads=memoize_reads), None
 
 
@@ -362,7 +362,7 @@ def paths(cache, method: dict, model_config) -> dict[str, int]:
              "press": f"{method.get('press')} eviction, dense bf16",
              "quantized": f"{method.get('backend', 'quanto')} int{method.get('nbits', 4)}",
              "turboquant": f"turboquant {method.get('nbits', 3)}-bit, uint8 indices"}[kind]
-    return {label: 2 * accounting.model_dims(model_config)[0]}
+    return {label: 2 * accounting.ModelShape.of(model_config).layers}
 
 
 def validate_row(row: dict) -> None:

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from . import analysis
-from .accounting import DENSE_ENTRY_BYTES
+from .accounting import DENSE_ENTRY_BYTES, ModelShape
 from .config import CompressionConfig
 from .svd import get_svd, optimal_error, truncation_error
 from .timing import StageTimer
@@ -237,7 +237,7 @@ def explore_answer(model, tokenizer, sample: dict, task: str, *, method: str, ra
     from . import ruler
     from .cache import LowRankCache
     from .evaluate import answer
-    L = model.config.num_hidden_layers
+    L = ModelShape.of(model.config).layers
     G = 1 if method == "svd" else layer_group_size
     cfg = CompressionConfig(method=method, layer_group_size=G, rank_k=max(1, rank // 3),
                             rank_v=max(1, rank - rank // 3), n_iter=n_iter, start_layer=L % G)

@@ -128,3 +128,16 @@ def test_a_grid_row_with_a_ratio_must_name_its_paths():
     validate_row({"key": "a", "kv_ratio": 2.0, "paths": {"gram bf16": 8}})
     with pytest.raises(ValueError, match="has kv_ratio but no paths"):
         validate_row({"key": json.dumps(["x"]), "kv_ratio": 2.0})
+
+
+def test_model_shape_reads_layers_heads_and_layer_types(tiny_llama):
+    """One shape for every byte budget: a dense model's layers are all full attention; a hybrid config's
+    layer types and sliding window are read as they are."""
+    from transformers import Gemma3TextConfig
+    shape = accounting.ModelShape.of(tiny_llama.config)
+    assert shape == accounting.ModelShape(4, 2, 16, ("full_attention",) * 4, None) and shape.features == 32
+    gemma = Gemma3TextConfig(num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                             hidden_size=64, intermediate_size=64, vocab_size=128, sliding_window=16)
+    hybrid = accounting.ModelShape.of(gemma)
+    assert hybrid.layer_types == ("sliding_attention",) * 5 + ("full_attention",)
+    assert (hybrid.layers, hybrid.kv_heads, hybrid.head_dim, hybrid.sliding_window) == (6, 1, 32, 16)
