@@ -2,7 +2,8 @@
 
 The reference is the cache that serving stacks hold and that the field's papers count against
 (KIVI, KVQuant, xKV, KVTC, kvpress): **2 bytes per K or V entry, whatever dtype the model
-computes in** (FP32 on a CPU, BF16 on a GPU). What a cache holds is counted tensor by tensor,
+computes in** (FP32 on a CPU, BF16 on a GPU), for the tokens each layer of a dense cache holds (a
+sliding-window layer at most its window, as transformers keeps it). What a cache holds is counted tensor by tensor,
 each distinct storage once, by kind:
 
 - ``factors``: token and right factors, merged directions and norms, per-prompt bases and means;
@@ -76,10 +77,18 @@ class ModelShape:
         return self.kv_heads * self.head_dim
 
 
+    def tokens_held(self, tokens: int) -> list[int]:
+        """Tokens each layer of a dense cache holds after ``tokens``: all of them, or on a sliding layer at
+        most ``sliding_window − 1`` (transformers' ``DynamicSlidingWindowLayer`` keeps no more)."""
+        return [min(tokens, self.sliding_window - 1) if kind == "sliding_attention" else tokens
+                for kind in self.layer_types]
+
+
 def dense16_bytes(model_config, tokens: int, batch: int = 1) -> int:
-    """K and V of ``tokens`` tokens per sequence in a 16-bit cache: 2 · B · T · L · H · d · 2 bytes."""
+    """K and V of ``tokens`` tokens per sequence in a 16-bit cache, 2 · B · H · d · 2 bytes per token each
+    layer holds (:meth:`ModelShape.tokens_held`): 2 · B · T · L · H · d · 2 without sliding layers."""
     shape = ModelShape.of(model_config)
-    return 2 * batch * tokens * shape.layers * shape.features * DENSE_ENTRY_BYTES
+    return 2 * batch * sum(shape.tokens_held(tokens)) * shape.features * DENSE_ENTRY_BYTES
 
 
 def storage_key(t: Tensor) -> tuple[int, int]:

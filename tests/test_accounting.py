@@ -141,3 +141,20 @@ def test_model_shape_reads_layers_heads_and_layer_types(tiny_llama):
     hybrid = accounting.ModelShape.of(gemma)
     assert hybrid.layer_types == ("sliding_attention",) * 5 + ("full_attention",)
     assert (hybrid.layers, hybrid.kv_heads, hybrid.head_dim, hybrid.sliding_window) == (6, 1, 32, 16)
+
+
+def test_the_16_bit_reference_of_a_hybrid_model_caps_sliding_layers_as_transformers_does():
+    """A tiny random Gemma 3 (5 sliding layers of window 16, 1 full layer): after 40 tokens transformers'
+    own DynamicCache holds 15 tokens on each sliding layer and 40 on the full one, and the 16-bit
+    reference counts exactly that (half of what the FP32 model's cache holds)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                           hidden_size=64, intermediate_size=64, vocab_size=128, sliding_window=16)
+    model = Gemma3ForCausalLM(cfg).eval()
+    cache = DynamicCache(config=cfg)
+    with torch.no_grad():
+        model(torch.randint(0, 128, (1, 40)), **with_cache(cache))
+    assert [layer.keys.shape[-2] for layer in cache.layers] == accounting.ModelShape.of(cfg).tokens_held(40)
+    held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert accounting.dense16_bytes(cfg, 40) == held // 2 == 2 * (5 * 15 + 40) * 32 * 2
