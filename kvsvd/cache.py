@@ -370,9 +370,10 @@ class LowRankCache(Cache):
             raise ValueError(f"start_layer={config.start_layer} > end_layer={end}")
         G = config.layer_group_size
         n = end - config.start_layer + 1
-        if n % G:
+        if n % G and config.method != "transform":  # rank budgets are per group of G layers
             raise ValueError(f"layer_group_size={G} does not divide the {n} compressed layers "
-                             f"[{config.start_layer}, {end}]; accepted: a divisor of {n}, or change start/end_layer")
+                             f"[{config.start_layer}, {end}]; accepted: a divisor of {n}, or change start/end_layer "
+                             "(method='transform' codes the remainder as a smaller group)")
         features = G * shape.features
         if config.method in ("svd", "xkv", "pca", "transform"):
             for name in ("rank_k", "rank_v"):
@@ -388,8 +389,8 @@ class LowRankCache(Cache):
         self.groups: list[LayerGroup] = []
         layers: list[CacheLayerMixin] = [StoredLayer(config.dense_dtype) for _ in range(config.start_layer)]
         for g0 in range(config.start_layer, end + 1, G):
-            group = LayerGroup(self, list(range(g0, g0 + G)))
-            group.members = [LowRankLayer(group, j) for j in range(G)]
+            group = LayerGroup(self, list(range(g0, min(g0 + G, end + 1))))  # the last may be smaller
+            group.members = [LowRankLayer(group, j) for j in range(len(group.layers))]
             self.groups.append(group)
             layers.extend(group.members)
         layers.extend(StoredLayer(config.dense_dtype) for _ in range(end + 1, shape.layers))

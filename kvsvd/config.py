@@ -179,16 +179,18 @@ def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "
     ``tokens + reserve_tokens`` tokens, the reserved ones (a question and its answer, appended
     after compression) held dense.
 
-    The first (layers mod G) layers stay dense so the rest splits into whole groups (unless
-    ``start_layer`` is given); residual, RoPE and scale bytes and the widths of ``factor_dtype``
-    and ``dense_dtype`` are budgeted as in :func:`ranks_for_ratio`.
+    Rank budgets are per group of G layers, so for ``svd``/``xkv``/``pca`` the first (layers mod G)
+    layers stay dense and the rest splits into whole groups (unless ``start_layer`` is given);
+    ``transform`` compresses every layer, the last group holding the remainder. Residual, RoPE and
+    scale bytes and the widths of ``factor_dtype`` and ``dense_dtype`` are budgeted as in
+    :func:`ranks_for_ratio`.
     """
     _choice("method", method, tuple(m for m in METHODS if m != "minicache"))  # minicache has no ranks to size
     L = ModelShape.of(model_config).layers
     G = layer_group_size
     if isinstance(G, bool) or not isinstance(G, int) or not 1 <= G <= L:
         raise ValueError(f"layer_group_size={G!r} is out of range; accepted: an int in [1, {L}] (the model's layers)")
-    fields.setdefault("start_layer", L % G)
+    fields.setdefault("start_layer", 0 if method == "transform" else L % G)  # transform: a smaller last group
     fields.setdefault("residual_length", CompressionConfig.residual_length)
     _int("reserve_tokens", reserve_tokens, 0)
     if method == "transform":
@@ -214,7 +216,7 @@ def _transform_for_ratio(ratio: float, tokens: int, model_config, G: int, reserv
                          **{k: fields.pop(k) for k in list(fields) if k in names})
     reserve = min(reserve_tokens, fields.get("block_size", CompressionConfig.block_size))  # as LowRankCache budgets it
     tokens += reserve
-    fixed = dense_bytes(model_config, tokens, (L - fields["start_layer"]) // G * G,
+    fixed = dense_bytes(model_config, tokens, L - fields["start_layer"],
                         fields["residual_length"] + tc.sink_tokens + reserve,
                         fields.get("key_space", CompressionConfig.key_space),
                         fields.get("dense_dtype", CompressionConfig.dense_dtype))

@@ -292,3 +292,24 @@ def test_crop_below_the_coded_length_drops_later_blocks_and_decodes_the_one_it_c
     assert rep["total_bytes"] + rep["rebuilt_bytes"] == held_storage_bytes(cache)
     with pytest.raises(ValueError, match=r"max_length=-101 is out of range; accepted: \[-100, ∞\)"):
         cache.crop(-101)
+
+
+def test_a_group_size_that_does_not_divide_the_layers_codes_the_remainder_as_a_smaller_group(tiny_llama):
+    """4 layers in groups of 3: layers 0–2 form one group and layer 3 a group of its own; no layer stays
+    dense, the cache holds what it reports at the ratio asked, and decoding goes on. Rank-budgeted
+    methods still need whole groups."""
+    cfg = config_for_ratio(3, 200, tiny_llama.config, method="transform", layer_group_size=3, residual_length=8,
+                           block_tokens=64)
+    assert cfg.start_layer == 0
+    cache, _ = prefilled(tiny_llama, cfg)
+    assert [g.layers for g in cache.groups] == [[0, 1, 2], [3]]
+    assert cache.path_counts() == {"dense bf16": 4, "gram transform int8": 4}  # sinks and transform, K and V
+    rep = cache.memory_report()
+    assert rep["total_bytes"] == held_storage_bytes(cache)
+    assert all(type(layer).__name__ == "LowRankLayer" for layer in cache.layers)  # no layer left dense
+    assert rep["ratio"] == pytest.approx(3, rel=0.03)
+    with torch.no_grad():
+        tiny_llama(torch.randint(0, 128, (1, 3)), **with_cache(cache))
+    assert cache.get_seq_length() == 203
+    with pytest.raises(ValueError, match="layer_group_size=3 does not divide the 4 compressed layers"):
+        LowRankCache(CompressionConfig(method="xkv", layer_group_size=3, rank_k=8, rank_v=8), tiny_llama.config)
