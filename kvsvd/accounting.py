@@ -76,7 +76,6 @@ class ModelShape:
         """K (or V) entries per token and layer: kv_heads · head_dim."""
         return self.kv_heads * self.head_dim
 
-
     def tokens_held(self, tokens: int) -> list[int]:
         """Tokens each layer of a dense cache holds after ``tokens``: all of them, or on a sliding layer at
         most ``sliding_window − 1`` (transformers' ``DynamicSlidingWindowLayer`` keeps no more)."""
