@@ -7,6 +7,8 @@
                                             (torchrun --nproc_per_node N -m kvsvd eval CONFIG.yaml)
     python -m kvsvd seal CONFIG.yaml LENGTH (move a finished context length into RESULTS.LENGTH.jsonl.gz)
     python -m kvsvd report RESULTS.jsonl    (score tables and the issue-4 goal checks, markdown)
+    python -m kvsvd calibrate MODEL [--layer-group-size G] [--tokens N] [--out FILE]
+                                            (the transform coder's calibrated basis, once per model)
 """
 
 from __future__ import annotations
@@ -66,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     seal.add_argument("context_length", type=int, help="one of the grid's context_lengths, every cell finished")
     rep = sub.add_parser("report", help="score tables and goal checks of a grid's results (markdown)")
     rep.add_argument("results_file", help="a grid's JSONL results")
+    cal = sub.add_parser("calibrate", help="fit a model's calibrated bases (transform basis=calibrated, pca) "
+                                           "on the shipped calibration text")
+    cal.add_argument("model", help="a model alias of kvsvd.load_model (smollm2-135m, gemma3-270m) or a local folder")
+    cal.add_argument("--layer-group-size", type=int, default=None,
+                     help="layers per group (default: the transform coder's default group size)")
+    cal.add_argument("--start-layer", type=int, default=0, help="first grouped layer")
+    cal.add_argument("--tokens", type=int, default=None, help="calibration tokens (default 8192, in texts of 2048)")
+    cal.add_argument("--out", default=None, help="output file (default: where grids look, kvsvd.calibrate.default_path)")
     return parser
 
 
@@ -90,6 +100,17 @@ def main(argv: list[str] | None = None) -> int:
         except PeersMissing as e:  # said in one line, before any model loads
             print(f"kvsvd eval: {e}", file=sys.stderr)
             return 2
+        return 0
+    if args.command == "calibrate":
+        from .calibrate import CALIBRATION_TOKENS, calibrate, calibration_text, default_path
+        from .config import DEFAULT_GROUP_SIZE
+        from .models import load_model
+        model, tok = load_model(args.model)
+        G = args.layer_group_size or DEFAULT_GROUP_SIZE["transform"]
+        out = args.out or default_path(model.config, G, args.start_layer)
+        texts = calibration_text(tok, args.tokens or CALIBRATION_TOKENS)
+        path = calibrate(model, tok, texts, None, None, out, layer_group_size=G, start_layer=args.start_layer)
+        print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB, {len(texts)} texts)")
         return 0
     if args.command == "seal":
         from .grid import seal

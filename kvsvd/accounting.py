@@ -11,11 +11,15 @@ each distinct storage once, by kind:
 - ``codes``: quantised K/V of a quantising peer (QuantizedCache), bit-packed transform coefficients;
 - ``residual``: the dense recent window of a compressed layer;
 - ``uncompressed``: layers and segments kept dense, MiniCache's retained tokens, a dense cache;
-- ``rope``: cos/sin tables kept to re-rotate pre-RoPE keys;
-- ``calibration``: calibrated bases and means (PCA), shared by every sequence;
+- ``rope``: positions (or cos/sin tables) kept to re-rotate pre-RoPE keys;
+- ``calibration``: calibrated bases and means (PCA, the transform coder's calibrated basis), held once
+  per model and shared by every sequence;
 - ``index``: masks (MiniCache's merged tokens).
 
-``ratio = dense16_bytes / total_bytes``. A dense copy of the cache rebuilt for reading and kept
+``ratio = dense16_bytes / total_bytes``, where ``total_bytes`` is what one sequence holds: a
+calibration is held once per model, whatever the number of sequences (KVTC's convention), so it is
+reported beside it as ``calibration_bytes``, and ``ratio_all_in = dense16_bytes / (total_bytes +
+calibration_bytes)`` charges it all to this one sequence. A dense copy of the cache rebuilt for reading and kept
 between steps (``memoize_reads``, TurboQuantCache's dequantised view) is listed as ``rebuilt`` and
 reported as ``rebuilt_bytes``, apart from the total: the compressed state does not need it. This
 module is the one place where bytes are counted.
@@ -34,7 +38,6 @@ REBUILT = "rebuilt"  # dense read copies kept between steps, reported apart from
 STORAGE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ENTRY_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1, "int4": 0.5}  # per stored entry, for budgets
 SCALE_BYTES = 2  # int8/int4 token factors: one bf16 scale per token and matrix; their right factor is bf16
-ROPE_TABLE_BYTES = 4  # per token and head_dim: FP32 cos and sin, each kept at half width (2 · 4 · d/2)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -98,8 +101,9 @@ def storage_key(t: Tensor) -> tuple[int, int]:
 
 def report(held: dict[str, list[Tensor]], dense16: int) -> dict[str, float]:
     """``{kind}_bytes`` for every kind of :data:`KINDS` (each distinct storage counted once, under the
-    first kind that names it), ``total_bytes``, ``dense16_bytes``, ``ratio`` = dense16 / total and
-    ``rebuilt_bytes`` (the ``rebuilt`` copies, not part of the total)."""
+    first kind that names it), ``total_bytes`` (every kind but ``calibration``: what one sequence holds),
+    ``dense16_bytes``, ``ratio`` = dense16 / total, ``ratio_all_in`` = dense16 / (total + calibration)
+    and ``rebuilt_bytes`` (the ``rebuilt`` copies, not part of the total)."""
     unknown = set(held) - set(KINDS) - {REBUILT}
     if unknown:
         raise ValueError(f"held tensor kinds {sorted(unknown)} are unknown; accepted: {', '.join(KINDS)}, {REBUILT}")
@@ -113,9 +117,11 @@ def report(held: dict[str, list[Tensor]], dense16: int) -> dict[str, float]:
                 seen.add(key)
                 total += key[1]
         out[f"{kind}_bytes"] = total
-    out["total_bytes"] = sum(out[f"{kind}_bytes"] for kind in KINDS)
+    out["total_bytes"] = sum(out[f"{kind}_bytes"] for kind in KINDS if kind != "calibration")
     out["dense16_bytes"] = dense16
+    all_in = out["total_bytes"] + out["calibration_bytes"]
     out["ratio"] = dense16 / out["total_bytes"] if out["total_bytes"] else float("nan")
+    out["ratio_all_in"] = dense16 / all_in if all_in else float("nan")
     return out
 
 

@@ -185,8 +185,10 @@ def attention_output(q: Tensor, k: Tensor, v: Tensor, heads: int, kv_heads: int,
 
 
 def held_bytes(store) -> int:
-    """Bytes of every tensor a compressor's store holds (factors, scales, basis, mean): ``kvsvd.accounting``."""
-    return int(accounting.report(store.held(), 0)["total_bytes"])
+    """Bytes of every tensor a compressor's store holds (factors, scales, basis, mean), a calibration
+    included: ``kvsvd.accounting``."""
+    rep = accounting.report(store.held(), 0)
+    return int(rep["total_bytes"] + rep["calibration_bytes"])
 
 
 def replaced_attention(sample: KVSample, kind: str, layer: int, x_hat: Tensor, n_queries: int = 64) -> Tensor:

@@ -22,9 +22,9 @@ Everything kept dense (the residual window, uncompressed layers) is stored in
 ``config.dense_dtype`` (bf16 by default, what a 16-bit serving cache holds) and read back in the
 model dtype. Reads rebuild the segments densely (the reconstruct-on-read path). For ``pre_rope``
 keys the cache inverts RoPE with the model's own cos/sin (passed to ``update``, or rebuilt from its
-``position_ids`` by ``kvsvd.compat``) on the way in and re-applies it on read;
-the cos/sin tables of the timeline are held once for all groups (FP32, at half width when their
-halves repeat, as in the rotate_half convention) and counted as ``rope`` bytes.
+``position_ids`` by ``kvsvd.compat``) on the way in and re-applies it on read, rebuilt from the
+tokens' positions (:class:`RopeTable`: no bytes for contiguous positions, int32 positions otherwise,
+the model's cos/sin tables only where its RoPE parameters do not give them back), counted as ``rope``.
 With ``memoize_reads`` a group keeps what it rebuilt until its segments change: the same
 tensors, computed once instead of at every step (an evaluation device for accuracy grids,
 where decode would otherwise rebuild an unchanging prefix per token); those dense copies are
@@ -66,43 +66,109 @@ class Segment:
 
 
 @dataclass
-class RopeTable:
-    """cos/sin of every token of the timeline, appended as the model hands them over (B, T, d):
-    held in FP32 (exact for FP32 and 16-bit models alike), as (B, T, d/2) when both halves repeat."""
-    chunks: list[tuple[Tensor, Tensor]] = field(default_factory=list)
-    length: int = 0
-    dim: int = 0
+class RopeRun:
+    """``n`` consecutive tokens of the timeline and what rebuilds the cos/sin the model rotated their keys
+    with (in ``dtype``): nothing held for positions ``first``, ``first`` + 1, … (the same in every sequence);
+    else their ``positions`` (B, n) int32; else, where the model's RoPE parameters do not give its cos/sin
+    back, its ``cos``/``sin`` themselves (B, n, d) float32, at half width when both halves repeat."""
+    n: int
+    dtype: torch.dtype
+    device: torch.device
+    first: int = 0
+    positions: Tensor | None = None
+    cos: Tensor | None = None
+    sin: Tensor | None = None
 
-    def append(self, cos: Tensor, sin: Tensor) -> None:
-        self.dim, h = cos.shape[-1], cos.shape[-1] // 2
-        if torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:]):
-            cos, sin = cos[..., :h], sin[..., :h]
-        self.chunks.append((cos.to(torch.float32, copy=True), sin.to(torch.float32, copy=True)))
-        self.length += cos.shape[-2]
+    @property
+    def contiguous(self) -> bool:
+        return self.positions is None and self.cos is None
 
-    def _full(self, t: Tensor) -> Tensor:
-        return t if t.shape[-1] == self.dim else torch.cat([t, t], dim=-1)
+    def angles(self, a: int, b: int, text_config) -> tuple[Tensor, Tensor]:
+        """cos, sin (B or 1, b − a, d) float32 of this run's tokens [a, b)."""
+        if self.cos is not None:
+            cos, sin = self.cos[:, a:b], self.sin[:, a:b]
+            return tuple(t if 2 * t.shape[-1] != self.dim(text_config) else torch.cat([t, t], -1) for t in (cos, sin))
+        positions = (self.positions[:, a:b] if self.positions is not None
+                     else torch.arange(self.first + a, self.first + b, device=self.device)[None])
+        return tuple(t.float() for t in compat.rope_at(positions, text_config, self.dtype))
 
-    def span(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
-        """cos, sin (B, stop − start, d) float32."""
-        if len(self.chunks) > 1:  # consolidate once; chunks are per-forward tables
-            same = len({c.shape[-1] for c, _ in self.chunks}) == 1
-            cos = torch.cat([c if same else self._full(c) for c, _ in self.chunks], dim=-2)
-            sin = torch.cat([s if same else self._full(s) for _, s in self.chunks], dim=-2)
-            self.chunks = [(cos, sin)]
-        cos, sin = self.chunks[0]
-        return self._full(cos[:, start:stop]), self._full(sin[:, start:stop])
+    @staticmethod
+    def dim(text_config) -> int:
+        return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+    def cut(self, n: int) -> "RopeRun":
+        """The first n tokens (copies: the longer tensors are freed)."""
+        keep = lambda t: None if t is None else t[:, :n].clone()  # noqa: E731
+        return RopeRun(n, self.dtype, self.device, self.first, keep(self.positions), keep(self.cos), keep(self.sin))
 
     def tensors(self) -> list[Tensor]:
-        return [t for pair in self.chunks for t in pair]
+        return [t for t in (self.positions, self.cos, self.sin) if t is not None]
+
+
+@dataclass
+class RopeTable:
+    """The RoPE rotation of every token of the timeline (pre-RoPE keys are re-rotated on read), held as
+    :class:`RopeRun` s: nothing for contiguous positions, at most 4 bytes per token otherwise, the
+    model's cos/sin tables only where its positions and RoPE parameters do not rebuild them bit for bit."""
+    text_config: Any
+    runs: list[RopeRun] = field(default_factory=list)
+    length: int = 0
+
+    def append(self, cos: Tensor, sin: Tensor, positions: Tensor | None) -> None:
+        """The cos/sin (B, n, d) the model applied to n new keys, and their positions ((B, n), (1, n) or None)."""
+        B, n, d = cos.shape
+        run = RopeRun(n, cos.dtype, cos.device)
+        try:
+            exact = positions is not None and all(
+                torch.equal(t.expand_as(ref), ref) for t, ref in zip(compat.rope_at(positions, self.text_config,
+                                                                                     cos.dtype), (cos, sin)))
+        except ValueError:  # position-dependent RoPE parameters (kvsvd.compat): keep the tables
+            exact = False
+        if exact:
+            positions = positions.expand(B, n)
+            steps = positions[:1, :1] + torch.arange(n, device=positions.device)
+            if torch.equal(positions, steps.expand(B, n)):
+                run.first = int(positions[0, 0])
+            else:
+                run.positions = positions.to(torch.int32, copy=True)
+        else:
+            h = d // 2
+            if torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:]):
+                cos, sin = cos[..., :h], sin[..., :h]
+            run.cos, run.sin = cos.to(torch.float32, copy=True), sin.to(torch.float32, copy=True)
+        last = self.runs[-1] if self.runs else None
+        if (last is not None and run.contiguous and last.contiguous and last.first + last.n == run.first
+                and (last.dtype, last.device) == (run.dtype, run.device)):
+            last.n += n  # a decode step continues the run: nothing grows
+        else:
+            self.runs.append(run)
+        self.length += n
+
+    def span(self, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """cos, sin (B or 1, stop − start, d) float32."""
+        parts, offset = [], 0
+        for run in self.runs:
+            a, b = max(start - offset, 0), min(stop - offset, run.n)
+            if a < b:
+                parts.append(run.angles(a, b, self.text_config))
+            offset += run.n
+        if not parts:
+            d = RopeRun.dim(self.text_config)
+            return torch.zeros(1, 0, d), torch.zeros(1, 0, d)
+        B = max(c.shape[0] for c, _ in parts)
+        return tuple(torch.cat([p[i].expand(B, -1, -1) for p in parts], dim=-2) for i in (0, 1))
+
+    def tensors(self) -> list[Tensor]:
+        return [t for run in self.runs for t in run.tensors()]
 
     def crop(self, length: int) -> None:
-        """Keep the rows of the first ``length`` tokens (copies: the longer table is freed)."""
-        if length < self.length:
-            self.span(0, 0)  # consolidates the chunks
-            cos, sin = self.chunks[0]
-            self.chunks = [(cos[:, :length].clone(), sin[:, :length].clone())]
-            self.length = length
+        """Keep the first ``length`` tokens."""
+        runs, offset = [], 0
+        for run in self.runs:
+            if offset < length:
+                runs.append(run if offset + run.n <= length else run.cut(length - offset))
+            offset += run.n
+        self.runs, self.length = runs, min(self.length, length)
 
 
 class LayerGroup:
@@ -254,11 +320,12 @@ class LowRankLayer(compat.GrowingLayer):
         elif self.j == 0:
             group.compress_pending()
         if self.j == 0 and group.layers[0] == cache.first_compressed_layer and cache.config.key_space == "pre_rope":
-            rope = compat.rope_of_update(compat.update_extras(args, kwargs), cache.text_config, key_states.dtype)
+            extras = compat.update_extras(args, kwargs)
+            rope = compat.rope_of_update(extras, cache.text_config, key_states.dtype)
             if rope is None:
                 raise ValueError("key_space='pre_rope' needs the model to pass cos/sin or position_ids to "
                                  "cache.update (RoPE models do); use key_space='post_rope'")
-            cache.rope.append(*rope)
+            cache.rope.append(*rope, compat.positions_of_update(extras))
         self._append(key_states, value_states)
         if self.j == len(group.members) - 1 and not group.prefill_pending:
             group.maybe_compress_block()
@@ -351,7 +418,7 @@ class LowRankCache(Cache):
     """
 
     def __init__(self, config: CompressionConfig, model_config, *, memoize_reads: bool = False) -> None:
-        from .calibrate import Calibration
+        from .calibrate import Calibration, layer_groups
 
         text = model_config.get_text_config(decoder=True)
         self.config = config
@@ -381,15 +448,25 @@ class LowRankCache(Cache):
                     raise ValueError(f"{name}={getattr(config, name)} exceeds the {features} features of a group "
                                      f"({G} layers × {shape.kv_heads} heads × {shape.head_dim}); accepted: "
                                      f"[1, {features}]")
+        groups = layer_groups(shape.layers, G, config.start_layer, end)
         self.calibration = (Calibration.load(config.calibration_path, model_config, config.rank_k, config.rank_v)
                             if config.method == "pca" else None)
+        # the calibrated transform basis of each group and kind, held once per model (batch 1)
+        self.calibrated: dict[tuple[int, str], transform.TransformStore] = {}
+        if config.method == "transform" and config.transform.basis == "calibrated":
+            calibration = Calibration.load(config.calibration_path, model_config, 1, 1, groups)
+            for group in groups:
+                for kind, rank in (("k", config.rank_k), ("v", config.rank_v)):
+                    mean, basis = calibration.basis(group[0], kind)
+                    self.calibrated[group[0], kind] = transform.calibration_store(
+                        mean, basis[:, :rank], shape.features, config.transform.basis_dtype)
         self.first_compressed_layer = config.start_layer
-        self.rope = RopeTable()
+        self.rope = RopeTable(text)
         self.compression_log: list[dict] = []
         self.groups: list[LayerGroup] = []
         layers: list[CacheLayerMixin] = [StoredLayer(config.dense_dtype) for _ in range(config.start_layer)]
-        for g0 in range(config.start_layer, end + 1, G):
-            group = LayerGroup(self, list(range(g0, min(g0 + G, end + 1))))  # the last may be smaller
+        for layer_ids in groups:  # the last may be smaller
+            group = LayerGroup(self, layer_ids)
             group.members = [LowRankLayer(group, j) for j in range(len(group.layers))]
             self.groups.append(group)
             layers.extend(group.members)
@@ -439,23 +516,20 @@ class LowRankCache(Cache):
                 group.add_segment(sinks, DenseStore.build(k, cfg.dense_dtype), DenseStore.build(v, cfg.dense_dtype))
             if n > sinks:
                 k, v = group.take_oldest(n - sinks)
-                # a later block is coded on the group's first coded segment's basis (held once)
-                first = None if whole_cache else next(
-                    (seg for seg in group.segments if isinstance(seg.keys, transform.TransformStore)), None)
-                matrices += [(k, cfg.rank_k, "k", group.layers, first and first.keys),
-                             (v, cfg.rank_v, "v", group.layers, first and first.values)]
+                matrices += [(k, cfg.rank_k, "k", group.layers, self._shared_basis(group, "k", whole_cache, k.device)),
+                             (v, cfg.rank_v, "v", group.layers, self._shared_basis(group, "v", whole_cache, k.device))]
                 owners.append((group, n - sinks))
         if not owners:
             return
-        if whole_cache:  # up to block_size reserved tokens will wait dense (RoPE rows included); later ones
+        if whole_cache:  # up to block_size reserved tokens will wait dense; later ones
             reserve = min(tc.reserve_tokens, cfg.block_size)  # are coded in blocks at 1/ratio of their own bytes
             tokens += reserve
             dense16 = accounting.dense16_bytes(self.model_config, tokens, live[0].batch)
             held = accounting.report(self.held_tensors(), dense16)["total_bytes"] + live[0].batch * dense_bytes(
-                self.model_config, reserve, 0, 0, cfg.key_space, cfg.dense_dtype)
+                self.model_config, reserve, 0, 0, cfg.dense_dtype)
             budget = dense16 / tc.ratio - held
             if budget <= 0:
-                raise ValueError(f"ratio={tc.ratio} is out of reach: the sinks, residual windows, RoPE tables, "
+                raise ValueError(f"ratio={tc.ratio} is out of reach: the sinks, residual windows, RoPE positions, "
                                  f"uncompressed layers and reserved tokens alone hold {held:.0f} of the "
                                  f"{dense16 / tc.ratio:.0f} bytes it allows at {tokens} tokens; accepted: ratio < "
                                  f"{dense16 / held:.2f}, or fewer sink_tokens / residual_length")
@@ -473,6 +547,18 @@ class LowRankCache(Cache):
                                      "allocation": [s.allocation for s in stores]})
         for i, (group, n) in enumerate(owners):
             group.add_segment(n, stores[2 * i], stores[2 * i + 1])
+
+    def _shared_basis(self, group: LayerGroup, kind: str, prefill: bool,
+                      device: torch.device) -> "transform.TransformStore | None":
+        """The store whose basis and mean a new segment of ``group`` is coded on: the calibrated one, else
+        (a later block) the group's first coded segment's; None: the segment fits a basis of its own."""
+        if self.calibrated:
+            store = self.calibrated[group.layers[0], kind] = self.calibrated[group.layers[0], kind].to(device)
+            return store
+        if prefill:
+            return None
+        first = next((seg for seg in group.segments if isinstance(seg.keys, transform.TransformStore)), None)
+        return None if first is None else (first.keys if kind == "k" else first.values)
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         raise NotImplementedError("LowRankCache does not support beam search (reorder_cache): use num_beams=1")
@@ -509,6 +595,8 @@ class LowRankCache(Cache):
                     for kind, ts in store.held().items():
                         out[kind] += ts
         out["rope"] += self.rope.tensors()
+        for store in self.calibrated.values():
+            out["calibration"] += store.held()["calibration"]
         out[accounting.REBUILT] = [t for g in self.groups for _, t in g.rebuilt.values()]
         return out
 
@@ -530,13 +618,16 @@ class LowRankCache(Cache):
         """Bytes actually held, by kind (``kvsvd.accounting``), each storage counted once, against
         a 16-bit dense cache of ``tokens`` tokens per sequence (default: the longest layer's
         timeline; pass the processed tokens when a press evicted some): ``ratio`` =
-        dense16_bytes / total_bytes, the same whatever dtype the model computes in.
+        dense16_bytes / total_bytes, the same whatever dtype the model computes in; a calibration
+        (held once per model) is ``calibration_bytes``, beside the total, and ``ratio_all_in``
+        charges it to this sequence.
 
         factors: token and right factors (or merged directions and norms); scales: int8/int4
         per-token scales; residual: dense recent tokens of compressed layers; uncompressed:
         layers outside the range, segments shorter than the rank, MiniCache retained tokens;
-        rope: cos/sin tables for pre-RoPE keys; calibration: PCA means and bases; index:
-        MiniCache merge masks. rebuilt_bytes: the dense reads ``memoize_reads`` keeps (not part
+        rope: positions (or cos/sin tables) to re-rotate pre-RoPE keys, none for contiguous
+        positions; calibration: calibrated bases and means; index: MiniCache merge masks, the
+        kept columns of a shared-basis transform store. rebuilt_bytes: the dense reads ``memoize_reads`` keeps (not part
         of total: the compressed state does not need them).
         """
         live = [layer for layer in self.layers if layer.is_initialized]

@@ -1,53 +1,95 @@
-"""Calibrated PCA bases for ``method="pca"``: written with safetensors, validated on load.
+"""Calibrated bases, made once per model: for ``method="pca"`` (one layer per group) and for the transform
+coder's ``basis="calibrated"`` (its layer groups), written with safetensors and validated on load.
 
-The file holds, per layer l, ``{l}.k_mean`` (F,), ``{l}.k_basis`` (F, r_k), ``{l}.v_mean``,
-``{l}.v_basis`` (F, r_v), float32, F = kv_heads · head_dim, bases ordered by explained
-variance; its metadata records the model's shape so that a file made for another model is
-refused. Keys are calibrated pre-RoPE (the k_proj output), as LowRankCache compresses them
-with key_space="pre_rope".
+The file holds, per group of layers whose first layer is g, ``{g}.k_mean`` (G·F,), ``{g}.k_basis``
+(G·F, r_k), ``{g}.v_mean``, ``{g}.v_basis`` (G·F, r_v), float32, F = kv_heads · head_dim, the
+principal directions of the group's K (or V) of every layer side by side, ordered by explained
+variance. Its metadata names the model (its folder's name), its shape, the layer grouping, the ranks,
+the calibration tokens and the kvsvd version; a file made for another model, shape or grouping is
+refused. Keys are calibrated pre-RoPE (the k_proj output), as LowRankCache compresses them with
+``key_space="pre_rope"``.
+
+``python -m kvsvd calibrate MODEL`` fits them on :func:`calibration_text` (prose from NumPy's
+docstrings, shipped in ``kvsvd/data/calibration.txt``; no RULER prompt contains any of it) and
+writes them where :func:`default_path` says, which is where evaluation grids look for them.
 """
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm.auto import tqdm
 
-from .models import capture_kv
+from .accounting import ModelShape
+from .models import capture_kv, model_cache
+
+CALIBRATION_TOKENS = 8192  # default calibration tokens: 4 texts of 2048
+CALIBRATION_CONTEXT = 2048
+
+
+def layer_groups(num_layers: int, group_size: int, start_layer: int = 0, end_layer: int = -1) -> list[list[int]]:
+    """Groups of ``group_size`` adjacent layers over [start_layer, end_layer], the last one smaller when
+    the count does not divide."""
+    end = num_layers - 1 if end_layer == -1 else end_layer
+    return [list(range(g, min(g + group_size, end + 1))) for g in range(start_layer, end + 1, group_size)]
 
 
 def _fingerprint(model_config) -> dict:
     text = model_config.get_text_config(decoder=True)
-    return {"model_type": text.model_type, "num_hidden_layers": text.num_hidden_layers,
-            "num_key_value_heads": text.num_key_value_heads,
-            "head_dim": getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads,
+    shape = ModelShape.of(model_config)
+    return {"model": Path(getattr(model_config, "name_or_path", "") or "").name, "model_type": text.model_type,
+            "num_hidden_layers": shape.layers, "num_key_value_heads": shape.kv_heads, "head_dim": shape.head_dim,
             "hidden_size": text.hidden_size}
 
 
+def calibration_text(tokenizer, tokens: int = CALIBRATION_TOKENS, context: int = CALIBRATION_CONTEXT) -> list[str]:
+    """Consecutive texts of ``context`` tokens (the last one shorter) from the shipped calibration prose,
+    ``tokens`` in all."""
+    if tokens < 1 or context < 1:
+        raise ValueError(f"tokens={tokens}, context={context} are out of range; accepted: ints >= 1")
+    text = (resources.files("kvsvd") / "data" / "calibration.txt").read_text().split("\n\n", 1)[1]
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    if len(ids) < tokens:
+        raise ValueError(f"tokens={tokens} is out of range; accepted: <= {len(ids)} (the shipped calibration text)")
+    return [tokenizer.decode(ids[i:min(i + context, tokens)]) for i in range(0, tokens, context)]
+
+
 @torch.no_grad()
-def calibrate(model, tokenizer, texts: list[str], rank_k: int, rank_v: int, path: str | Path,
-              max_tokens: int = 2048) -> Path:
-    """Per-layer means and top principal directions of pre-RoPE K and of V over ``texts``."""
+def calibrate(model, tokenizer, texts: list[str], rank_k: int | None, rank_v: int | None, path: str | Path,
+              max_tokens: int = CALIBRATION_CONTEXT, *, layer_group_size: int = 1, start_layer: int = 0) -> Path:
+    """Per group of ``layer_group_size`` layers from ``start_layer`` on (the last group smaller when the
+    count does not divide), the mean and the top ``rank_k`` / ``rank_v`` principal directions (None:
+    all G·F of the group) of pre-RoPE K and of V over ``texts`` (each cut at ``max_tokens`` tokens)."""
     fp = _fingerprint(model.config)
-    F = fp["num_key_value_heads"] * fp["head_dim"]
+    L, F = fp["num_hidden_layers"], fp["num_key_value_heads"] * fp["head_dim"]
+    if isinstance(layer_group_size, bool) or not isinstance(layer_group_size, int) or not 1 <= layer_group_size <= L:
+        raise ValueError(f"layer_group_size={layer_group_size!r} is out of range; accepted: an int in [1, {L}]")
+    if not 0 <= start_layer < L:
+        raise ValueError(f"start_layer={start_layer} is out of range; accepted: [0, {L - 1}]")
+    groups = layer_groups(L, layer_group_size, start_layer)
+    smallest = min(len(g) for g in groups) * F
+    ranks = {"k": rank_k, "v": rank_v}
     for name, r in (("rank_k", rank_k), ("rank_v", rank_v)):
-        if not 1 <= r <= F:
-            raise ValueError(f"{name}={r} is out of range; accepted: [1, {F}]")
+        if r is not None and not 1 <= r <= smallest:
+            raise ValueError(f"{name}={r} is out of range; accepted: [1, {smallest}] (the smallest group's "
+                             "features), or None for every direction")
     if not texts:
         raise ValueError("texts is empty; accepted: at least one calibration text")
     sums: dict[str, list[torch.Tensor]] = {}
     n = 0
-    for text in texts:
+    for text in tqdm(texts, desc="calibration texts", leave=False):
         ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens].to(model.device)
         keys, values = capture_kv(model, ids)
         for kind, xs in (("k", keys), ("v", values)):
-            for l, x in enumerate(xs):
-                x = x.reshape(-1, F).double()
-                s1, s2 = sums.setdefault(f"{l}.{kind}", [torch.zeros(F, dtype=torch.float64),
-                                                         torch.zeros(F, F, dtype=torch.float64)])
+            for group in groups:
+                x = torch.cat([xs[l].reshape(-1, F) for l in group], -1).double()  # (T, G·F)
+                s1, s2 = sums.setdefault(f"{group[0]}.{kind}", [torch.zeros(x.shape[1], dtype=torch.float64),
+                                                                torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)])
                 s1 += x.sum(0).cpu()
                 s2 += (x.mT @ x).cpu()
         n += ids.shape[1]
@@ -55,28 +97,52 @@ def calibrate(model, tokenizer, texts: list[str], rank_k: int, rank_v: int, path
     for key, (s1, s2) in sums.items():
         mean = s1 / n
         cov = s2 / n - torch.outer(mean, mean)
-        r = rank_k if key.endswith(".k") else rank_v
-        basis = torch.linalg.eigh(cov)[1].flip(-1)[:, :r]
+        basis = torch.linalg.eigh(cov)[1].flip(-1)[:, :ranks[key[-1]] or len(mean)]
         tensors[f"{key}_mean"] = mean.float().contiguous()
         tensors[f"{key}_basis"] = basis.float().contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"kvsvd": json.dumps({**fp, "rank_k": rank_k, "rank_v": rank_v,
-                                                                  "tokens": n, "key_space": "pre_rope"})})
+    from . import __version__
+    meta = {**fp, "groups": groups, "rank_k": ranks["k"], "rank_v": ranks["v"], "tokens": n, "key_space": "pre_rope",
+            "kvsvd_version": __version__}
+    save_file(tensors, str(path), metadata={"kvsvd": json.dumps(meta)})
+    return path
+
+
+def default_path(model_config, layer_group_size: int, start_layer: int = 0) -> Path:
+    """Where ``kvsvd calibrate`` writes (and grids read) a model's full-rank calibration for one grouping:
+    ``$KVSVD_MODEL_CACHE/calibration/{model}-L{layers}-G{G}-s{start}.safetensors``."""
+    fp = _fingerprint(model_config)
+    name = fp["model"] or fp["model_type"]
+    file = f"{name}-L{fp['num_hidden_layers']}-G{layer_group_size}-s{start_layer}.safetensors"
+    return model_cache() / "calibration" / file
+
+
+def ensure(model, tokenizer, layer_group_size: int, start_layer: int = 0, tokens: int = CALIBRATION_TOKENS) -> Path:
+    """:func:`default_path`, written by :func:`calibrate` on :func:`calibration_text` if it is not there yet."""
+    path = default_path(model.config, layer_group_size, start_layer)
+    if not path.is_file():
+        calibrate(model, tokenizer, calibration_text(tokenizer, tokens), None, None, path,
+                  layer_group_size=layer_group_size, start_layer=start_layer)
     return path
 
 
 class Calibration:
-    """Loaded bases; ``basis(layer, "k"|"v") -> (mean (F,), basis (F, r))``."""
+    """Loaded bases; ``basis(first_layer, "k"|"v") -> (mean (G·F,), basis (G·F, r))``; ``nbytes`` what the
+    file's tensors hold."""
 
     def __init__(self, tensors: dict[str, torch.Tensor], meta: dict):
         self.tensors, self.meta = tensors, meta
 
     @classmethod
-    def load(cls, path: str | Path, model_config, rank_k: int, rank_v: int) -> "Calibration":
+    def load(cls, path: str | Path, model_config, rank_k: int, rank_v: int,
+             groups: list[list[int]] | None = None) -> "Calibration":
+        """Refuses a missing file, one made for another model or shape, ranks above the calibrated ones,
+        and (given ``groups``, the cache's layer groups) a file whose grouping does not hold them."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"calibration_path={str(path)!r} does not exist; write it with kvsvd.calibrate")
+            raise FileNotFoundError(f"calibration_path={str(path)!r} does not exist; write it with "
+                                    "`python -m kvsvd calibrate MODEL` or kvsvd.calibrate")
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get("kvsvd", "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -84,12 +150,17 @@ class Calibration:
         wrong = {k: (meta.get(k), v) for k, v in fp.items() if meta.get(k) != v}
         if wrong:
             raise ValueError(f"calibration_path={str(path)!r} was made for another model: "
-                             + ", ".join(f"{k}={a} (model: {b})" for k, (a, b) in wrong.items()))
+                             + ", ".join(f"{k}={a!r} (model: {b!r})" for k, (a, b) in wrong.items()))
+        made = meta.get("groups") or [[l] for l in range(fp["num_hidden_layers"])]
+        missing = [g for g in groups or [] if g not in made]
+        if missing:
+            raise ValueError(f"calibration_path={str(path)!r} was made for layer groups {made}, not {missing}; "
+                             "accepted: a calibration made with this layer_group_size and start_layer")
         for name, r in (("rank_k", rank_k), ("rank_v", rank_v)):
-            if r > meta[name]:
+            if meta[name] is not None and r > meta[name]:
                 raise ValueError(f"{name}={r} exceeds the calibrated rank {meta[name]} in {path.name}; "
                                  f"accepted: [1, {meta[name]}]")
         return cls(tensors, meta)
 
-    def basis(self, layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.tensors[f"{layer}.{kind}_mean"], self.tensors[f"{layer}.{kind}_basis"]
+    def basis(self, first_layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tensors[f"{first_layer}.{kind}_mean"], self.tensors[f"{first_layer}.{kind}_basis"]

@@ -8,7 +8,8 @@ is recognised by what the installed transformers offers or passes.
 - What a cache layer's ``update`` receives: ``cache_kwargs={"cos", "sin", "cache_position"}``
   (5.2), or ``kwargs={..., "position_ids"}`` and no cos/sin (later). :func:`rope_of_update`
   returns the cos/sin the model applied to the keys either way: passed, or computed from the
-  positions with the model's own RoPE parameters, rounded to the key dtype as the model rounds them.
+  positions with the model's own RoPE parameters, rounded to the key dtype as the model rounds them
+  (:func:`rope_at`, which also rebuilds a pre-RoPE cache's rotation from positions on read).
 - ``crop(n)``: a positive n was the length to keep (5.2) and is refused later; a negative n removes
   that many tokens on both. :func:`crop_to` keeps the first tokens.
 - ``get_mask_sizes`` receives ``cache_position`` (a tensor, 5.2) or ``query_length`` (an int);
@@ -87,18 +88,31 @@ def _inverse_frequencies(text_config) -> tuple[Tensor, float]:
     return inv_freq.float(), scaling
 
 
+def positions_of_update(extras: dict[str, Any]) -> Tensor | None:
+    """The RoPE positions of this ``update``'s tokens, (B, T) or (1, T): ``position_ids`` where the call
+    carries them, else 5.2's ``cache_position`` (the positions a model uses when none are given)."""
+    if extras.get("position_ids") is not None:
+        return extras["position_ids"]
+    cache_position = extras.get("cache_position")
+    return None if cache_position is None else cache_position[None]
+
+
+def rope_at(positions: Tensor, text_config, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin (B, T, d) in ``dtype`` of the model's RoPE at ``positions`` (B, T), computed as its rotary
+    module computes them (bit for bit, tests/test_compat.py)."""
+    inv_freq, scaling = _inverse_frequencies(text_config)
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)      # (B, T, d/2)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
 def rope_of_update(extras: dict[str, Any], text_config, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
     """cos, sin (B, T, d) in ``dtype`` that the model applied to the keys of this ``update``, or None
     when the call carries neither cos/sin nor position_ids."""
     if "cos" in extras and "sin" in extras:
         return extras["cos"], extras["sin"]
     positions = extras.get("position_ids")
-    if positions is None:
-        return None
-    inv_freq, scaling = _inverse_frequencies(text_config)
-    freqs = positions[..., None].float() * inv_freq.to(positions.device)      # (B, T, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+    return None if positions is None else rope_at(positions, text_config, dtype)
 
 
 class GrowingLayer(CacheLayerMixin):

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .accounting import (ENTRY_BYTES, ROPE_TABLE_BYTES, STORAGE_DTYPES, ModelShape, dense16_bytes,
+from .accounting import (ENTRY_BYTES, STORAGE_DTYPES, ModelShape, dense16_bytes,
                          factor_entry_bytes)
 from .methods.transform import TransformConfig
 from .svd import QR_METHODS, SVD_METHODS
 
 METHODS = ("svd", "xkv", "minicache", "pca", "transform")
+# layers per group when none is named: fixed by the method for svd/pca/minicache; xKV's 4 from its paper;
+# the transform coder's 5 from the frontier grid (SmolLM2: 2.7-8x scored best with groups of 5)
+DEFAULT_GROUP_SIZE = {"svd": 1, "pca": 1, "minicache": 2, "xkv": 4, "transform": 5}
+SMALL_WINDOW_FROM = 8  # transform ratios from which config_for_ratio keeps an 8-token window, new blocks of 32
 KEY_SPACES = ("pre_rope", "post_rope")
 FACTOR_DTYPES = ("bf16", "fp16", "fp32", "int8", "int4")
 
@@ -58,7 +62,8 @@ class CompressionConfig:
         residual_length: most recent tokens kept dense and uncompressed.
         block_size: once more than residual_length + block_size tokens wait in the dense
             buffer, the oldest block_size are compressed as a new segment.
-        calibration_path: safetensors file written by ``kvsvd.calibrate`` (``pca`` only).
+        calibration_path: safetensors file written by ``kvsvd.calibrate`` (``pca``, and ``transform``
+            with ``basis="calibrated"``; its grouping must be this config's).
         minicache_t, minicache_gamma: SLERP weight t and retention threshold γ: tokens whose
             angle exceeds Ωmin + γ·(Ωmax − Ωmin) are kept unmerged.
         seed: seed of the randomized SVD sketch (compression is deterministic).
@@ -111,8 +116,13 @@ class CompressionConfig:
         if required_g is not None and self.layer_group_size != required_g:
             raise ValueError(f"layer_group_size={self.layer_group_size} does not fit method={self.method!r}; "
                              f"accepted: {required_g}")
-        if self.method == "pca" and not self.calibration_path:
-            raise ValueError("method='pca' needs calibration_path (a file written by kvsvd.calibrate)")
+        calibrated = self.method == "pca" or (self.method == "transform" and self.transform.basis == "calibrated")
+        if calibrated and not self.calibration_path:
+            raise ValueError(f"method={self.method!r}{' with basis=calibrated' if self.method == 'transform' else ''} "
+                             "needs calibration_path (a file written by `python -m kvsvd calibrate MODEL`)")
+        if self.calibration_path and not calibrated:
+            raise ValueError(f"calibration_path applies to method='pca' and to method='transform' with "
+                             f"basis='calibrated' only; got method={self.method!r}")
         if self.method == "minicache" and self.factor_dtype in ("int8", "int4"):
             raise ValueError(f"factor_dtype={self.factor_dtype!r} does not apply to minicache; accepted: bf16, fp16, fp32")
         if not 0.0 < self.minicache_t < 1.0:
@@ -124,26 +134,23 @@ class CompressionConfig:
         return asdict(self)
 
 
-def dense_bytes(model_config, tokens: int, compressed_layers: int, kept_tokens: int, key_space: str,
-                dense_dtype: str) -> float:
+def dense_bytes(model_config, tokens: int, compressed_layers: int, kept_tokens: int, dense_dtype: str) -> float:
     """What a cache of ``tokens`` tokens holds besides its compressed segments: every token of the
-    uncompressed layers and ``kept_tokens`` (window, sinks) of the compressed ones in ``dense_dtype``,
-    and the RoPE tables of pre-RoPE keys."""
+    uncompressed layers and ``kept_tokens`` (window, sinks) of the compressed ones in ``dense_dtype``.
+    (Pre-RoPE keys are re-rotated from their positions, which contiguous positions hold in no bytes.)"""
     shape = ModelShape.of(model_config)
     entries = 2 * shape.features * (tokens * (shape.layers - compressed_layers) + kept_tokens * compressed_layers)
-    return ENTRY_BYTES[dense_dtype] * entries + (tokens * shape.head_dim * ROPE_TABLE_BYTES if key_space == "pre_rope"
-                                                 else 0)
+    return ENTRY_BYTES[dense_dtype] * entries
 
 
 def ranks_for_ratio(ratio: float, tokens: int, model_config, *, group_size: int, start_layer: int = 0,
-                    residual_length: int = 0, key_space: str = "pre_rope", k_share: float = 1 / 3,
+                    residual_length: int = 0, k_share: float = 1 / 3,
                     factor_dtype: str = "bf16", dense_dtype: str = "bf16") -> tuple[int, int]:
     """(rank_k, rank_v) such that the whole cache holds ≈ 1/ratio of a 16-bit dense cache's bytes
     (``kvsvd.accounting.dense16_bytes``) at ``tokens`` tokens per sequence.
 
     Held, per sequence (entry sizes from ``kvsvd.accounting``): the uncompressed layers and the
-    residual window in ``dense_dtype``, the RoPE tables of pre-RoPE keys (FP32 cos and sin, half
-    width), and per group of G layers (T−R)·(r_k + r_v) token-factor entries, (r_k + r_v)·G·F
+    residual window in ``dense_dtype``, and per group of G layers (T−R)·(r_k + r_v) token-factor entries, (r_k + r_v)·G·F
     right-factor entries and, for int8/int4, 2·(T−R) per-token scales: narrower factors buy
     proportionally more rank. ``k_share`` of the total rank goes to keys: value-heavy splits
     (rank_k ≈ rank_v / 2) kept needle answers best in exact-SVD measurements. A budget that would
@@ -158,10 +165,10 @@ def ranks_for_ratio(ratio: float, tokens: int, model_config, *, group_size: int,
     groups = (num_layers - start_layer) // G
     n = tokens - R
     budget = dense16_bytes(model_config, tokens) / ratio
-    fixed = dense_bytes(model_config, tokens, groups * G, R, key_space, dense_dtype) + groups * 2 * n * e_s
+    fixed = dense_bytes(model_config, tokens, groups * G, R, dense_dtype) + groups * 2 * n * e_s
     total = (budget - fixed) / (groups * (n * e_u + G * features * e_w))
     if total < 2:
-        raise ValueError(f"ratio={ratio} leaves no room for factors after the residual window, RoPE tables and "
+        raise ValueError(f"ratio={ratio} leaves no room for factors after the residual window and "
                          "uncompressed layers; accepted: a smaller ratio, residual_length or start_layer")
     rank_k = max(1, round(k_share * total))
     rank_v = max(1, round(total) - rank_k)
@@ -172,7 +179,7 @@ def ranks_for_ratio(ratio: float, tokens: int, model_config, *, group_size: int,
     return rank_k, rank_v
 
 
-def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "xkv", layer_group_size: int = 4,
+def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "xkv", layer_group_size: int | None = None,
                      k_share: float = 1 / 3, reserve_tokens: int = 0, **fields) -> CompressionConfig:
     """A CompressionConfig whose ranks hold ≈ 1/``ratio`` of a 16-bit dense cache's bytes at
     ``tokens`` tokens, whatever dtype the model computes in; with ``reserve_tokens``, at
@@ -181,34 +188,52 @@ def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "
 
     Rank budgets are per group of G layers, so for ``svd``/``xkv``/``pca`` the first (layers mod G)
     layers stay dense and the rest splits into whole groups (unless ``start_layer`` is given);
-    ``transform`` compresses every layer, the last group holding the remainder. Residual, RoPE and
+    ``transform`` compresses every layer, the last group holding the remainder. Residual and
     scale bytes and the widths of ``factor_dtype`` and ``dense_dtype`` are budgeted as in
-    :func:`ranks_for_ratio`.
+    :func:`ranks_for_ratio`. ``layer_group_size`` defaults to :data:`DEFAULT_GROUP_SIZE`.
+
+    ``transform`` defaults, each from the frontier grid (SmolLM2, 2048 tokens, needle tasks), each
+    overridden by naming the field:
+
+    - groups of 5 layers, 4 sink tokens, blocks of 256 tokens per coefficient scale;
+    - below 8×, a 32-token dense window and new blocks of 512 tokens; from 8× on (where the dense
+      tokens are much of the budget), an 8-token window and new blocks of 32 tokens (the question
+      and the answer are then coded as they arrive);
+    - the basis calibrated once per model where ``calibration_path`` is given (``kvsvd calibrate``;
+      it holds no per-prompt basis rows and scored higher at 16×), else each prompt's own.
     """
     _choice("method", method, tuple(m for m in METHODS if m != "minicache"))  # minicache has no ranks to size
     L = ModelShape.of(model_config).layers
-    G = layer_group_size
+    G = min(DEFAULT_GROUP_SIZE[method], L) if layer_group_size is None else layer_group_size
     if isinstance(G, bool) or not isinstance(G, int) or not 1 <= G <= L:
         raise ValueError(f"layer_group_size={G!r} is out of range; accepted: an int in [1, {L}] (the model's layers)")
     fields.setdefault("start_layer", 0 if method == "transform" else L % G)  # transform: a smaller last group
-    fields.setdefault("residual_length", CompressionConfig.residual_length)
     _int("reserve_tokens", reserve_tokens, 0)
     if method == "transform":
+        fields = {**transform_window(ratio), **fields}
+        fields.setdefault("basis", "calibrated" if fields.get("calibration_path") else "prompt")
         return _transform_for_ratio(ratio, tokens, model_config, G, reserve_tokens, fields)
+    fields.setdefault("residual_length", CompressionConfig.residual_length)
     rank_k, rank_v = ranks_for_ratio(ratio, tokens + reserve_tokens, model_config, group_size=G,
                                      start_layer=fields["start_layer"],
                                      residual_length=fields["residual_length"] + reserve_tokens,
-                                     key_space=fields.get("key_space", CompressionConfig.key_space), k_share=k_share,
+                                     k_share=k_share,
                                      factor_dtype=fields.get("factor_dtype", CompressionConfig.factor_dtype),
                                      dense_dtype=fields.get("dense_dtype", CompressionConfig.dense_dtype))
     return CompressionConfig(method=method, layer_group_size=G, rank_k=rank_k, rank_v=rank_v, **fields)
+
+
+def transform_window(ratio: float) -> dict[str, int]:
+    """The transform coder's default dense window and new-block size at ``ratio`` (see :func:`config_for_ratio`)."""
+    small = isinstance(ratio, (int, float)) and ratio >= SMALL_WINDOW_FROM
+    return {"residual_length": 8 if small else 32, "block_size": 32 if small else 512}
 
 
 def _transform_for_ratio(ratio: float, tokens: int, model_config, G: int, reserve_tokens: int,
                          fields: dict) -> CompressionConfig:
     """``method="transform"``: the ratio goes to the allocator; the basis may use every latent
     column (rank G·F) unless rank_k / rank_v cap it. Refuses a ratio whose budget the dense parts
-    (sinks, window, RoPE tables, uncompressed layers) fill on their own."""
+    (sinks, window, uncompressed layers) fill on their own."""
     shape = ModelShape.of(model_config)
     L = shape.layers
     names = TransformConfig.__dataclass_fields__
@@ -218,12 +243,11 @@ def _transform_for_ratio(ratio: float, tokens: int, model_config, G: int, reserv
     tokens += reserve
     fixed = dense_bytes(model_config, tokens, L - fields["start_layer"],
                         fields["residual_length"] + tc.sink_tokens + reserve,
-                        fields.get("key_space", CompressionConfig.key_space),
                         fields.get("dense_dtype", CompressionConfig.dense_dtype))
     dense16 = dense16_bytes(model_config, tokens)
     if fixed >= dense16 / ratio:
-        raise ValueError(f"ratio={ratio} is out of reach at {tokens} tokens: the sinks, residual window, RoPE "
-                         f"tables, uncompressed layers and reserved tokens alone hold {fixed:.0f} of the "
+        raise ValueError(f"ratio={ratio} is out of reach at {tokens} tokens: the sinks, residual window, "
+                         f"uncompressed layers and reserved tokens alone hold {fixed:.0f} of the "
                          f"{dense16 / ratio:.0f} bytes it allows; accepted: ratio < {dense16 / fixed:.2f}, or fewer "
                          "sink_tokens / residual_length")
     fields.setdefault("rank_k", G * shape.features)

@@ -85,7 +85,8 @@ from transformers import DynamicCache
 
 from . import accounting, ruler
 from .cache import LowRankCache
-from .config import METHODS as KVSVD_METHODS, CompressionConfig, config_for_ratio
+from .calibrate import default_path as calibration_path, ensure as ensure_calibration
+from .config import DEFAULT_GROUP_SIZE, METHODS as KVSVD_METHODS, CompressionConfig, config_for_ratio, transform_window
 from .methods.transform import TransformConfig
 from .dense import Dense16Cache
 from .evaluate import Filled, Prefill, answer, fan_out_prefill, record_prefill, split_prompt
@@ -340,7 +341,9 @@ def build(method: dict, model, context_tokens: int, memoize_reads: bool = False,
         return TurboQuantCache(bits=method.get("nbits", 3)), None
     fields = {k: v for k, v in method.items()
               if k in CompressionConfig.__dataclass_fields__ or (kind == "transform" and k in TRANSFORM_FIELDS)}
-    G = fields.setdefault("layer_group_size", {"svd": 1, "pca": 1, "minicache": 2}.get(kind, 4))
+    G = fields.setdefault("layer_group_size", DEFAULT_GROUP_SIZE[kind])
+    if calibrated(method):
+        fields.setdefault("calibration_path", str(calibration_path(model.config, G, method.get("start_layer", 0))))
     if kind == "transform" and "ratio" not in method:
         raise ValueError(f"method {method} needs a ratio: the transform coder's budget against a 16-bit cache")
     if "ratio" in method and kind in ("svd", "xkv", "pca", "transform"):
@@ -349,6 +352,11 @@ def build(method: dict, model, context_tokens: int, memoize_reads: bool = False,
     else:
         config = CompressionConfig(**{"start_layer": accounting.ModelShape.of(model.config).layers % G, **fields})
     return LowRankCache(config, model.config, memoize_reads=memoize_reads), None
+
+
+def calibrated(method: dict) -> bool:
+    """Whether a method codes on a basis calibrated once per model (``kvsvd calibrate``'s default file)."""
+    return method["method"] == "transform" and method.get("basis") == "calibrated"
 
 
 def paths(cache, method: dict, model_config) -> dict[str, int]:
@@ -424,7 +432,8 @@ def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: 
         for stage, ms in entry["breakdown_ms"].items():
             stages[stage] = stages.get(stage, 0.0) + ms
     row = {**res, "compression_breakdown_ms": stages, "kv_bytes_dense16": held["dense16_bytes"],
-           "kv_bytes_held": held["total_bytes"], "kv_ratio": held["ratio"], "paths": paths(cache, method, model.config),
+           "kv_bytes_held": held["total_bytes"], "kv_ratio": held["ratio"], "kv_ratio_all_in": held["ratio_all_in"],
+           "paths": paths(cache, method, model.config),
            "kv_bytes_by_kind": {k.removesuffix("_bytes"): v for k, v in held.items()
                                 if k.removesuffix("_bytes") in accounting.KINDS and v},
            "score": ruler.score(task, [res["prediction"]], [sample["outputs"]]),
@@ -556,6 +565,9 @@ def run(source: str | Path | dict, model=None, tokenizer=None, minutes: float | 
     done = rows_by_key([*sealed_parts(grid.out), grid.out, *_shards(grid)], grid.config_hash)
     check_budgets(grid, done.values())
     todo = [(u, m) for u, m in cells(grid, units(grid)[rank::world]) if cell_key(m, *u) not in done]
+    for method in {method_json(m): m for _, m in todo if calibrated(m)}.values():  # once per model and grouping
+        ensure_calibration(model, tokenizer, method.get("layer_group_size", DEFAULT_GROUP_SIZE["transform"]),
+                         method.get("start_layer", 0))
     samples: dict[tuple[str, int], list[dict]] = {}
     sample_state = SampleState()
     finished = 0
@@ -679,17 +691,17 @@ def seal(source: str | Path | dict, context_length: int) -> Path:
     return part
 
 
-def pin_method_field(path: Path, method: str, name: str, value) -> int:
+def pin_method_field(path: Path, method: str, name: str, value, where=lambda method: True) -> int:
     """Name ``name: value`` in the method of every row of results file ``path`` (live, or a sealed ``.gz``
-    part) whose method is ``method`` and does not name ``name``, and key the row anew: when a method's
-    default changes, its earlier rows keep saying what ran and are labelled as that variant, apart from
-    the new default's cells. Returns how many rows changed; a row whose new key another row already has
-    is refused."""
+    part) whose method is ``method``, does not name ``name`` and passes ``where`` (a predicate on the
+    method dict), and key the row anew: when a method's default changes, its earlier rows keep saying what
+    ran and are labelled as that variant, apart from the new default's cells. Returns how many rows
+    changed; a row whose new key another row already has is refused."""
     rows = read_rows(path)
     keys = {r["key"] for r in rows}
     changed = 0
     for r in rows:
-        if r["method"]["method"] == method and name not in r["method"]:
+        if r["method"]["method"] == method and name not in r["method"] and where(r["method"]):
             r["method"] = {**r["method"], name: value}
             r["key"] = cell_key(r["method"], r["task"], r["context_length"], r["index"])
             if r["key"] in keys:
@@ -722,6 +734,8 @@ def load_results(path: str | Path):
             lambda s: "+".join(sorted({k for v in s.dropna() for k in v.split("+")})))
         df["svd_ran"] = [kinds[key] or None for key in zip(df["label"], df["context_length"])]
         asked_rsvd = df["m_method"].isin(SVD_FACTORISED) & (df["m_svd"].fillna("rsvd") == "rsvd" if "m_svd" in df else True)
+        if "m_basis" in df:  # a calibrated basis runs no SVD
+            asked_rsvd &= df["m_basis"] != "calibrated"
         df.loc[asked_rsvd, "label"] = df["label"] + " → " + df["svd_ran"].fillna("dense")
     return df
 
@@ -751,10 +765,18 @@ def _label(row) -> str:
         present = isinstance(value, str) or (isinstance(value, (int, float)) and value == value)
         return value if present else getattr(CompressionConfig, name, getattr(TransformConfig, name, None))
 
-    parts = [m + (f" G{int(field('layer_group_size'))}" if m in ("xkv", "transform") else "") + budget]
+    G = row.get("m_layer_group_size")
+    G = G if isinstance(G, (int, float)) and G == G else DEFAULT_GROUP_SIZE[m]
+    parts = [m + (f" G{int(G)}" if m in ("xkv", "transform") else "") + budget]
     if m == "transform":
-        parts += [field("key_space"), f"basis {field('basis_dtype')}", f"sinks {int(field('sink_tokens'))}",
-                  f"window {int(field('residual_length'))}"]
+        window = transform_window(row.get("m_ratio"))
+        window = {k: int(row[f"m_{k}"]) if f"m_{k}" in row and row[f"m_{k}"] == row[f"m_{k}"] else v
+                  for k, v in window.items()}
+        basis = "calibrated basis" if field("basis") == "calibrated" else "basis"
+        parts += [field("key_space"), f"{basis} {field('basis_dtype')}", f"sinks {int(field('sink_tokens'))}",
+                  f"window {window['residual_length']}"]
+        if window["block_size"] != CompressionConfig.block_size:
+            parts.append(f"new blocks {window['block_size']}")
         if field("block_tokens") != TransformConfig.block_tokens:
             parts.append(f"block {int(field('block_tokens'))}")
         if field("value_weight") != TransformConfig.value_weight:
@@ -765,9 +787,11 @@ def _label(row) -> str:
         parts += [field("key_space"), field("factor_dtype")]
     else:
         parts += [field("factor_dtype")]
+    if row.get("m_rope_tables") is True:  # rows measured when pre-RoPE keys held FP32 cos/sin tables
+        parts.append("cos/sin tables")
     if field("dense_dtype") != CompressionConfig.dense_dtype:
         parts.append(f"dense {field('dense_dtype')}")
-    if m in SVD_FACTORISED:
+    if m in SVD_FACTORISED and field("basis") != "calibrated":
         if field("svd") in ("rsvd", "lowrank_svd"):
             parts.append(f"q{int(field('n_iter'))}")
         if field("qr") != "auto":

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .config import DEFAULT_GROUP_SIZE
+
 FAMILY = {"none": "dense", "dense16": "dense 16-bit", "press": "kvpress", "quantized": "quantized cache",
           "turboquant": "quantized cache", "svd": "kvsvd", "xkv": "kvsvd", "minicache": "kvsvd", "pca": "kvsvd",
           "transform": "kvsvd transform"}
@@ -47,7 +49,7 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     if "m_fp32_ratio" in df:  # rows budgeted against an FP32 cache
         budget = budget.fillna(df["m_fp32_ratio"].map(lambda r: f"{r:g}x of fp32" if r == r else None))
     df["budget"] = budget
-    default_g = df["m_method"].map({"svd": 1, "pca": 1, "minicache": 2, "xkv": 4})
+    default_g = df["m_method"].map(DEFAULT_GROUP_SIZE)
     df["group_size"] = df["m_layer_group_size"].fillna(default_g) if "m_layer_group_size" in df else default_g
     return df.drop_duplicates(subset=["label", "task", "context_length", "index"])
 

@@ -146,6 +146,8 @@ def test_pinning_a_changed_default_keeps_earlier_rows_as_a_labelled_variant(tmp_
     (tmp_path / "c.jsonl").write_text(json.dumps(pinned[0]) + "\n" + json.dumps(pinned[1]) + "\n")
     with pytest.raises(ValueError, match="a row with block_scale='std' already has key"):
         grid.pin_method_field(tmp_path / "c.jsonl", "transform", "block_scale", "std")
+    post_rope = lambda m: m.get("key_space", "pre_rope") == "post_rope"  # noqa: E731
+    assert grid.pin_method_field(tmp_path / "r.jsonl", "transform", "rope_tables", True, where=post_rope) == 0
 
 
 def test_dry_run_prints_the_cells_left_and_their_estimated_time(tmp_path, capsys):

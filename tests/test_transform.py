@@ -12,7 +12,10 @@ from kvsvd.config import config_for_ratio
 from kvsvd.grid import _label
 from kvsvd.methods import transform
 from kvsvd.methods.transform import BITS, GAUSS_STEP, TransformConfig, pack_bits, unpack_bits
-from conftest import held_storage_bytes
+from conftest import ByteTokenizer, held_storage_bytes
+import kvsvd
+from kvsvd.calibrate import Calibration
+from transformers import LlamaConfig
 
 pytestmark = pytest.mark.core  # also run in the current environment
 
@@ -126,7 +129,8 @@ def test_transform_config_rejects_bad_settings():
                             ({"sink_tokens": -1}, "sink_tokens=-1 is out of range"),
                             ({"block_tokens": 0}, "block_tokens=0 is out of range"),
                             ({"value_weight": 0}, "value_weight=0 is out of range; accepted: a number > 0"),
-                            ({"block_scale": "max"}, "block_scale='max' is unknown; accepted: unclipped, std")):
+                            ({"block_scale": "max"}, "block_scale='max' is unknown; accepted: unclipped, std"),
+                            ({"basis": "pca"}, "basis='pca' is unknown; accepted: prompt, calibrated")):
         with pytest.raises(ValueError, match=pattern):
             TransformConfig(**kwargs)
     with pytest.raises(ValueError, match="applies to method='transform' only"):
@@ -248,10 +252,17 @@ def test_kvsvd_attention_decodes_transform_segments(tiny_llama):
 
 
 def test_grid_label_says_what_was_asked():
-    row = {"m_method": "transform", "m_layer_group_size": 5, "m_ratio": 8, "m_basis_dtype": "int8",
+    row = {"m_method": "transform", "m_layer_group_size": 5, "m_ratio": 4, "m_basis_dtype": "int8",
            "m_sink_tokens": 4, "m_residual_length": 32}
-    assert _label(row) == "transform G5 8x pre_rope basis int8 sinks 4 window 32 q2"
-    assert _label({**row, "m_value_weight": 4.0}) == "transform G5 8x pre_rope basis int8 sinks 4 window 32 V weight 4 q2"
+    assert _label(row) == "transform G5 4x pre_rope basis int8 sinks 4 window 32 q2"
+    assert _label({**row, "m_value_weight": 4.0}) == "transform G5 4x pre_rope basis int8 sinks 4 window 32 V weight 4 q2"
+    assert _label({**row, "m_basis": "calibrated"}) == "transform G5 4x pre_rope calibrated basis int8 sinks 4 window 32"
+    assert _label({**row, "m_rope_tables": True}) == "transform G5 4x pre_rope basis int8 sinks 4 window 32 cos/sin tables q2"
+    # config_for_ratio's window and block size at 8x, unless the row names its own
+    default8 = {"m_method": "transform", "m_ratio": 8}
+    assert _label(default8) == "transform G5 8x pre_rope basis int8 sinks 4 window 8 new blocks 32 q2"
+    assert _label({**default8, "m_residual_length": 32, "m_block_size": 512}) == \
+        "transform G5 8x pre_rope basis int8 sinks 4 window 32 q2"
 
 
 @pytest.mark.parametrize("memoize", [False, True])
@@ -313,3 +324,72 @@ def test_a_group_size_that_does_not_divide_the_layers_codes_the_remainder_as_a_s
     assert cache.get_seq_length() == 203
     with pytest.raises(ValueError, match="layer_group_size=3 does not divide the 4 compressed layers"):
         LowRankCache(CompressionConfig(method="xkv", layer_group_size=3, rank_k=8, rank_v=8), tiny_llama.config)
+
+
+CALIBRATION_TEXTS = ["some calibration text, " * 30, "and another one. " * 40]
+
+
+def calibrated(model, tmp_path, G, **fields):
+    """A calibration of the tiny model in groups of G, and a transform config on it."""
+    path = kvsvd.calibrate(model, ByteTokenizer(), CALIBRATION_TEXTS, None, None, tmp_path / f"G{G}.safetensors",
+                           layer_group_size=G)
+    fields = {"ratio": 3, "residual_length": 8, "block_tokens": 64, **fields}
+    return path, config_for_ratio(fields.pop("ratio"), 200, model.config, method="transform", layer_group_size=G,
+                                  basis="calibrated", calibration_path=str(path), **fields)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_calibrated_basis_is_held_once_per_model_and_reported_beside_the_ratio(tiny_llama, tmp_path, batch):
+    """Groups of 3 over 4 layers (a last group of 1): the prompt holds codes, block statistics and an int16
+    index of its kept columns, no basis and no mean; the calibration (int8 rows, bf16 row scales and mean per
+    group and kind) is counted once, beside the ratio, and ``ratio_all_in`` charges it to this sequence."""
+    path, cfg = calibrated(tiny_llama, tmp_path, 3)
+    cache, dyn = prefilled(tiny_llama, cfg, batch=batch)
+    rep = cache.memory_report()
+    assert rep["ratio"] == pytest.approx(3, rel=0.03) and rep["factors_bytes"] == 0
+    assert rep["total_bytes"] + rep["calibration_bytes"] == held_storage_bytes(cache)
+    assert rep["calibration_bytes"] == 2 * sum(n * n + 2 * n + 2 * n for n in (3 * 32, 1 * 32))
+    assert rep["ratio_all_in"] == pytest.approx(rep["dense16_bytes"] / (rep["total_bytes"] + rep["calibration_bytes"]))
+    (log,) = cache.compression_log
+    assert rep["index_bytes"] == 2 * sum(a["kept"] for a in log["allocation"])
+    assert cache.path_counts() == {"dense bf16": 4, "calibrated basis transform int8": 4}
+    assert "small_svd_fp32" not in log["breakdown_ms"]  # no SVD runs
+    meta = Calibration.load(path, tiny_llama.config, 1, 1).meta
+    assert meta["groups"] == [[0, 1, 2], [3]] and meta["kvsvd_version"] == kvsvd.__version__
+    for layer, ref in zip(cache.layers, dyn.layers):
+        assert float((layer.values - ref.values).square().sum() / ref.values.square().sum()) < 0.5
+
+
+def test_a_calibrated_basis_at_a_generous_budget_is_close_to_lossless_and_codes_later_blocks_on_it(tiny_llama,
+                                                                                                   tmp_path):
+    _, cfg = calibrated(tiny_llama, tmp_path, 2, ratio=1.2)
+    cache, dyn = prefilled(tiny_llama, cfg, seed=1)
+    assert max(float((layer.values - ref.values).square().sum() / ref.values.square().sum())
+               for layer, ref in zip(cache.layers, dyn.layers)) < 1e-3
+    _, cfg = calibrated(tiny_llama, tmp_path, 2, residual_length=4, block_size=16, block_tokens=32)
+    cache = LowRankCache(cfg, tiny_llama.config)
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(2))
+    tiny_llama.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, **with_cache(cache), pad_token_id=0,
+                        attention_mask=torch.ones_like(ids))
+    last = cache.groups[0].segments[-1]
+    assert last.length == 16 and last.keys.basis is cache.calibrated[0, "k"].basis
+    assert cache.path_counts()["calibrated basis transform int8"] == 2 * 2 * (len(cache.groups[0].segments) - 1)
+
+
+def test_a_calibration_is_refused_for_another_model_grouping_or_a_missing_file(tiny_llama, tmp_path):
+    path, cfg = calibrated(tiny_llama, tmp_path, 3)
+    other = LlamaConfig(**{**tiny_llama.config.to_dict(), "num_hidden_layers": 2})
+    with pytest.raises(ValueError, match="was made for another model: .*num_hidden_layers=4 \\(model: 2\\)"):
+        LowRankCache(config_for_ratio(2, 200, other, method="transform", layer_group_size=2, basis="calibrated",
+                                      calibration_path=str(path)), other)
+    with pytest.raises(ValueError, match=r"was made for layer groups \[\[0, 1, 2\], \[3\]\], not \[\[0, 1\], \[2, 3\]\]"):
+        LowRankCache(config_for_ratio(2, 200, tiny_llama.config, method="transform", layer_group_size=2,
+                                      basis="calibrated", calibration_path=str(path)), tiny_llama.config)
+    with pytest.raises(FileNotFoundError, match="calibration_path='/nowhere.safetensors' does not exist; write it with "
+                                                "`python -m kvsvd calibrate MODEL`"):
+        LowRankCache(config_for_ratio(2, 200, tiny_llama.config, method="transform", basis="calibrated",
+                                      calibration_path="/nowhere.safetensors"), tiny_llama.config)
+    with pytest.raises(ValueError, match="basis=calibrated needs calibration_path"):
+        config_for_ratio(2, 200, tiny_llama.config, method="transform", basis="calibrated")
+    with pytest.raises(ValueError, match="calibration_path applies to method='pca' and to method='transform' with"):
+        CompressionConfig(method="xkv", calibration_path=str(path))

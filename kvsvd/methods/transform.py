@@ -40,6 +40,8 @@ GAUSS_STEP = {1: 1.59577, 2: 0.99568, 3: 0.58602, 4: 0.33520, 8: 0.03076}
 GAUSS_MSE = {1: 0.36338, 2: 0.11885, 3: 0.03744, 4: 0.01154, 8: GAUSS_STEP[8] ** 2 / 12}
 BASIS_DTYPES = ("bf16", "int8", "int4")
 BLOCK_SCALES = ("unclipped", "std")
+BASES = ("prompt", "calibrated")
+INDEX_BYTES = 2  # a shared-basis store names each kept column's basis row in int16
 OVERLOAD_8 = (1 << 7) * GAUSS_STEP[8]  # an 8-bit code's reach, in steps of the Gaussian 8-bit quantiser: ±3.94 scales
 BASIS_BITS = {"int8": 8, "int4": 4}  # quantised basis rows: int8, or two 4-bit values per uint8
 STAT_BYTES = 2 * ENTRY_BYTES["bf16"]  # per block and kept column: std and mean in bf16
@@ -52,7 +54,7 @@ class TransformConfig:
 
     Attributes:
         ratio: the whole cache holds ≈ 1/ratio of a 16-bit dense cache's bytes right after the
-            prefill is compressed (the sinks, windows, RoPE tables and uncompressed layers
+            prefill is compressed (the sinks, windows, RoPE positions and uncompressed layers
             included); later blocks are coded at 1/ratio of their own 16-bit bytes, on the
             prefill's basis and mean (held once).
         basis_dtype: storage of the per-prompt basis rows: ``int8`` or ``int4`` (one bf16 scale
@@ -64,6 +66,12 @@ class TransformConfig:
             8-bit column's to max(σ, max|c − mean| / 3.94), so that its code reaches the block's
             largest deviation; ``std`` keeps σ (the Gaussian-optimal step, which clips a block's
             outlying tokens) at every width.
+        basis: ``prompt`` (each prompt's own principal directions, fitted when its prefill is coded
+            and held in its bytes, ``basis_dtype`` rows of the kept columns and a bf16 mean) or
+            ``calibrated`` (the principal directions and mean of each layer group fitted once per model
+            by ``kvsvd calibrate``, read from ``CompressionConfig.calibration_path`` and held once per
+            model in ``basis_dtype``: a prompt holds its codes, block statistics and an int16 index of its
+            kept columns; no SVD runs).
         reserve_tokens: tokens still to come after the prefill (a question and its answer): up to
             ``block_size`` of them are budgeted as held dense, the rest as coded in blocks, so that
             the ratio is met at the end of the timeline rather than right after the prefill.
@@ -75,12 +83,15 @@ class TransformConfig:
     value_weight: float = 1.0
     reserve_tokens: int = 0
     block_scale: str = "unclipped"
+    basis: str = "prompt"
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
             raise ValueError(f"ratio={self.ratio!r} is out of range; accepted: a number > 1")
         if self.basis_dtype not in BASIS_DTYPES:
             raise ValueError(f"basis_dtype={self.basis_dtype!r} is unknown; accepted: {', '.join(BASIS_DTYPES)}")
+        if self.basis not in BASES:
+            raise ValueError(f"basis={self.basis!r} is unknown; accepted: {', '.join(BASES)}")
         if self.block_scale not in BLOCK_SCALES:
             raise ValueError(f"block_scale={self.block_scale!r} is unknown; accepted: {', '.join(BLOCK_SCALES)}")
         if isinstance(self.value_weight, bool) or not isinstance(self.value_weight, (int, float)) \
@@ -213,7 +224,8 @@ def analyse(x: Tensor, rank: int, config, *, kind: str, layers: list[int], timer
         path = f"{path} transform {tc.basis_dtype}"
         row = B * G * F * ENTRY_BYTES[tc.basis_dtype] + (B * SCALE_BYTES if tc.basis_dtype in BASIS_BITS else 0)
     else:
-        mean, vh, path, row = shared.mean, shared.basis_rows(slice(None)), f"shared basis transform {tc.basis_dtype}", 0
+        mean, vh, row = shared.mean, shared.basis_rows(slice(None)), INDEX_BYTES
+        path = f"{'calibrated' if shared.calibration else 'shared'} basis transform {tc.basis_dtype}"
         xc = xf - mean.float()
     with maybe_stage(timer, "allocation", x.device):
         c = xc @ vh.mT
@@ -267,7 +279,8 @@ class TransformStore:
     per width; ``stats`` (B, blocks, kept, 2) bf16 std and mean; ``basis`` (B, rows, G·F) bf16,
     or int8 / packed int4 (uint8) with ``basis_scale`` (B, rows, 1) bf16; ``mean`` (B, 1, G·F) bf16. A store coded on an
     earlier store's basis shares its ``basis``, ``basis_scale`` and ``mean`` tensors and names its
-    kept columns' rows in ``rows`` (kept,) int16."""
+    kept columns' rows in ``rows`` (kept,) int16. A ``calibration`` store (:func:`calibration_store`) holds
+    no codes: the basis and mean of a calibrated group, batch 1, held once per model."""
     widths: tuple[tuple[int, int], ...]
     codes: list[Tensor]
     stats: Tensor
@@ -280,6 +293,7 @@ class TransformStore:
     path: str
     allocation: dict
     rows: Tensor | None = None
+    calibration: bool = False
     decoded: Tensor | None = field(default=None, repr=False)  # Ĉ while a forward reads the group's layers
 
     def coefficients(self) -> Tensor:
@@ -315,9 +329,37 @@ class TransformStore:
         return (c @ self.basis_rows(cols) + self.mean[..., cols].float()).to(dtype)
 
     def held(self) -> dict[str, list[Tensor]]:
-        scales = [self.stats] + ([self.basis_scale] if self.basis_scale is not None else [])
-        out = {"codes": list(self.codes), "scales": scales, "factors": [self.basis, self.mean]}
-        return out if self.rows is None else {**out, "index": [self.rows]}
+        """The tensors this store holds by kind of ``kvsvd.accounting``; a store on another's basis
+        holds its codes, statistics and row index (the basis and mean are its owner's to list)."""
+        basis = [self.basis, self.mean] + ([self.basis_scale] if self.basis_scale is not None else [])
+        if self.calibration:
+            return {"calibration": basis}
+        out = {"codes": list(self.codes), "scales": [self.stats]}
+        if self.rows is not None:
+            return {**out, "index": [self.rows]}
+        return {**out, "scales": [self.stats, *basis[2:]], "factors": basis[:2]}
+
+    def to(self, device: torch.device) -> "TransformStore":
+        """This store on ``device`` (itself when it is there)."""
+        if self.mean.device == device:
+            return self
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TransformStore(self.widths, [move(c) for c in self.codes], move(self.stats), move(self.basis),
+                              move(self.basis_scale), move(self.mean), self.tokens, self.features, self.block,
+                              self.path, self.allocation, move(self.rows), self.calibration)
+
+
+def calibration_store(mean: Tensor, basis: Tensor, features: int, basis_dtype: str) -> TransformStore:
+    """A calibrated group's basis as a store that coded segments share: mean (G·F,) and basis (G·F, r)
+    float32 (``kvsvd.calibrate``) held as mean (1, 1, G·F) bf16 and rows (1, r, G·F) in ``basis_dtype``."""
+    vh = basis.mT.float().unsqueeze(0)
+    if basis_dtype in BASIS_BITS:
+        rows, scale = quantize_rows(vh, BASIS_BITS[basis_dtype])
+    else:
+        rows, scale = vh.to(torch.bfloat16), None
+    return TransformStore((), [], vh.new_zeros(1, 0, 0, 2, dtype=torch.bfloat16), rows, scale,
+                          mean.reshape(1, 1, -1).to(torch.bfloat16), 0, features, 0,
+                          f"calibrated basis {basis_dtype}", {}, calibration=True)
 
 
 def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
