@@ -61,11 +61,13 @@ class KVSample:
 
 
 @torch.no_grad()
-def sample_kv(model, tokenizer, tokens: int, *, offset_chars: int = 0) -> KVSample:
-    """Prefill ``tokens`` tokens of the shipped prose (starting ``offset_chars`` in) and capture q, k, v."""
+def sample_kv(model, tokenizer, tokens: int, *, offset_chars: int = 0, calibration: bool = False) -> KVSample:
+    """Prefill ``tokens`` tokens of the shipped prose (starting ``offset_chars`` in), or of the calibration
+    text (``kvsvd calibrate``'s, which no prompt contains), and capture q, k, v."""
     from .bench.kernels import natural_text
+    from .calibrate import calibration_prose
     from .models import capture_projections
-    text = natural_text(offset_chars + tokens * 8)[offset_chars:]
+    text = calibration_prose()[offset_chars:] if calibration else natural_text(offset_chars + tokens * 8)[offset_chars:]
     ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens].to(model.device)
     if ids.shape[1] < tokens:
         raise ValueError(f"tokens={tokens} is out of range for the shipped prose; accepted: <= {ids.shape[1]}")
@@ -259,13 +261,23 @@ def compressibility(sample: KVSample, *, kinds=KINDS, groups=(1, 2, 4, 8), ratio
 # ------------------------------------------------------------------ rate-distortion (notebook 03)
 
 RD_METHODS = ("truncation", "per-token int", "per-channel int", "transform, σ-scaled blocks", "transform",
-              "Gaussian bound")
+              "transform, calibrated basis", "Gaussian bound")
 RD_BLOCK_SCALES = {"unclipped": "transform", "std": "transform, σ-scaled blocks"}  # the coder's block scale → method
+
+
+def calibrated_store(calibration: KVSample, kind: str, group: range):
+    """The transform coder's calibrated basis of one group (int8 rows, bf16 mean, as a cache holds it), fitted
+    on a calibration sample as ``kvsvd calibrate`` fits it."""
+    from .methods import transform
+    X = torch.cat([calibration.matrix(kind, l) for l in group], -1).double()   # (T, G·F)
+    mean = X.mean(0)
+    basis = torch.linalg.eigh((X - mean).mT @ (X - mean) / len(X))[1].flip(-1)
+    return transform.calibration_store(mean.float(), basis.float(), calibration.kv_heads * calibration.head_dim, "int8")
 
 
 @torch.no_grad()
 def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | None = None,
-                    bits=(0.5, 1, 2, 3, 4)) -> pd.DataFrame:
+                    bits=(0.5, 1, 2, 3, 4), calibration: KVSample | None = None) -> pd.DataFrame:
     """Relative error ‖X̂−X‖/‖X‖ against bits per entry for one group of layers (default the 5 from
     the middle), K pre-RoPE and V as one (T × G·F) matrix, by five ways of spending bytes:
 
@@ -274,7 +286,9 @@ def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | No
       scale per token row / per feature column (``kvsvd.store.quantize_rows``);
     - ``transform``: the transform coder (``kvsvd.methods.transform``) at each budget, and
       ``transform, σ-scaled blocks`` the same with ``block_scale="std"`` (8-bit codes clip a block's
-      outlying tokens);
+      outlying tokens); with a ``calibration`` sample (other text), ``transform, calibrated basis``: the
+      coder on that text's basis and mean (held once per model, so not in the bits per entry; the int16
+      index of the kept columns is);
     - ``Gaussian bound``: reverse water-filling over the centred covariance's eigenvalues λᵢ,
       D(θ) = Σ min(θ, λᵢ), R(θ) = Σ max(0, ½·log₂(λᵢ/θ)) bits per token: the least error any code
       can reach on Gaussian data with this spectrum (the mean taken as known).
@@ -292,6 +306,7 @@ def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | No
         rows.append({"kind": kind, "method": method, "bits_per_entry": 8 * held_bytes / x.numel(),
                      "rel_error": _rel(x_hat, x), "tokens": T, "layers": f"{group.start}-{group.stop - 1}"})
 
+    calibrated = {kind: calibrated_store(calibration, kind, group) for kind in kinds} if calibration is not None else {}
     for kind in kinds:
         x = torch.stack([sample.matrix(kind, l) for l in group], 1)  # (T, G, F)
         X = x.reshape(T, -1)
@@ -303,10 +318,13 @@ def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | No
                 u, w = U[:, :rank].to(torch.bfloat16), (S[:rank, None] * Vh[:rank]).to(torch.bfloat16)
                 add(kind, "truncation", accounting.report({"factors": [u, w]}, 0)["total_bytes"],
                     u.float() @ w.float(), X)
-            for scale, method in RD_BLOCK_SCALES.items():
+            coders = [(method, scale, None) for scale, method in RD_BLOCK_SCALES.items()]
+            if calibration is not None:
+                coders.append(("transform, calibrated basis", "unclipped", calibrated[kind]))
+            for method, scale, shared in coders:
                 cfg = CompressionConfig(method="transform", layer_group_size=len(group), transform=transform.TransformConfig(
                     ratio=16 / b, sink_tokens=0, block_scale=scale))
-                (store,), _ = transform.compress([(x[None], n, kind[0], list(group), None)], cfg, b / 8 * T * n)
+                (store,), _ = transform.compress([(x[None], n, kind[0], list(group), shared)], cfg, b / 8 * T * n)
                 rebuilt = torch.cat([store.layer(j, torch.float32)[0] for j in range(len(group))], -1)
                 add(kind, method, accounting.report(store.held(), 0)["total_bytes"], rebuilt, X)
         for qbits in (4, 8):
@@ -330,9 +348,6 @@ def _present(*tensors: Tensor | None) -> list[Tensor]:
     return [t for t in tensors if t is not None]
 
 
-CALIBRATION_OFFSET = 60_000  # characters into the shipped prose: calibration text, apart from the analysed prompts
-
-
 def basis_by_context(model, tokenizer, lengths: tuple[int, ...], *, bits=(1, 2, 3), calib_tokens: int = 2048,
                      kinds=("k_pre", "v"), group: range | None = None) -> pd.DataFrame:
     """The transform coder's basis fitted per prompt or calibrated once, as a function of context
@@ -343,12 +358,12 @@ def basis_by_context(model, tokenizer, lengths: tuple[int, ...], *, bits=(1, 2, 
     - ``per prompt``: mean and basis (int8 rows of the kept columns) fitted on the prompt and held
       in its bytes (``basis_bytes``);
     - ``calibrated``: mean and basis (int8, every direction the calibration text has) fitted once
-      on ``calib_tokens`` tokens of other prose (from :data:`CALIBRATION_OFFSET` characters on):
+      on ``calib_tokens`` tokens of the calibration text (``kvsvd calibrate``'s):
       held once per model (``calibration_bytes``), not in a prompt's bytes; a prompt holds its
       codes, their block statistics and the int16 index of its kept rows.
     """
     from .methods import transform
-    calib = sample_kv(model, tokenizer, calib_tokens, offset_chars=CALIBRATION_OFFSET)
+    calib = sample_kv(model, tokenizer, calib_tokens, calibration=True)
     L, F = calib.num_layers, calib.kv_heads * calib.head_dim
     group = group if group is not None else range(L // 2 - 2, L // 2 + 3)
     layers, n = list(group), len(group) * F
@@ -360,11 +375,8 @@ def basis_by_context(model, tokenizer, lengths: tuple[int, ...], *, bits=(1, 2, 
     def matrix(sample: KVSample, kind: str) -> Tensor:
         return torch.stack([sample.matrix(kind, l) for l in group], 1)[None]      # (1, T, G, F)
 
-    # every column at up to 8 bits: the calibration store keeps the whole basis
-    calibrated = {kind: transform.compress([(matrix(calib, kind), n, kind[0], layers, None)], cfg,
-                                           2 * calib_tokens * n)[0][0] for kind in kinds}
-    calibration_bytes = {kind: accounting.report({"factors": [s.basis, s.mean], "scales": _present(s.basis_scale)},
-                                                 0)["total_bytes"] for kind, s in calibrated.items()}
+    calibrated = {kind: calibrated_store(calib, kind, group) for kind in kinds}
+    calibration_bytes = {kind: accounting.report(s.held(), 0)["calibration_bytes"] for kind, s in calibrated.items()}
     rows = []
     for T in tqdm(lengths, desc="basis by context"):
         sample = sample_kv(model, tokenizer, T)
@@ -374,8 +386,7 @@ def basis_by_context(model, tokenizer, lengths: tuple[int, ...], *, bits=(1, 2, 
             for b in bits:
                 for basis, shared in (("per prompt", None), ("calibrated", cal)):
                     (store,), _ = transform.compress([(x, n, kind[0], layers, shared)], cfg, b / 8 * T * n)
-                    held = store.held() if shared is None else {"codes": store.codes, "scales": [store.stats],
-                                                                "index": [store.rows]}
+                    held = store.held()  # a calibrated store's: codes, block statistics, the index of its kept rows
                     rebuilt = torch.cat([store.layer(j, torch.float32) for j in range(len(group))], -1)
                     rows.append({"kind": kind, "basis": basis, "tokens": T, "target_bits": b,
                                  "bits_per_entry": 8 * accounting.report(held, 0)["total_bytes"] / (T * n),

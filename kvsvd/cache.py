@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache
 
 from . import accounting, compat
 from .accounting import STORAGE_DTYPES
 from .config import CompressionConfig, dense_bytes
-from .dense import StoredLayer, with_fresh
+from .dense import StoredLayer, StoredSlidingLayer, with_fresh
 from .methods import COMPRESSORS, transform
 from .rope import apply_rope, invert_rope
 from .store import DenseStore
@@ -83,14 +83,14 @@ class RopeRun:
     def contiguous(self) -> bool:
         return self.positions is None and self.cos is None
 
-    def angles(self, a: int, b: int, text_config) -> tuple[Tensor, Tensor]:
+    def angles(self, a: int, b: int, text_config, layer_type: str) -> tuple[Tensor, Tensor]:
         """cos, sin (B or 1, b − a, d) float32 of this run's tokens [a, b)."""
         if self.cos is not None:
             cos, sin = self.cos[:, a:b], self.sin[:, a:b]
             return tuple(t if 2 * t.shape[-1] != self.dim(text_config) else torch.cat([t, t], -1) for t in (cos, sin))
         positions = (self.positions[:, a:b] if self.positions is not None
                      else torch.arange(self.first + a, self.first + b, device=self.device)[None])
-        return tuple(t.float() for t in compat.rope_at(positions, text_config, self.dtype))
+        return tuple(t.float() for t in compat.rope_at(positions, text_config, self.dtype, layer_type))
 
     @staticmethod
     def dim(text_config) -> int:
@@ -111,6 +111,7 @@ class RopeTable:
     :class:`RopeRun` s: nothing for contiguous positions, at most 4 bytes per token otherwise, the
     model's cos/sin tables only where its positions and RoPE parameters do not rebuild them bit for bit."""
     text_config: Any
+    layer_type: str = "full_attention"  # whose RoPE parameters rotated the keys (a hybrid model has two)
     runs: list[RopeRun] = field(default_factory=list)
     length: int = 0
 
@@ -120,8 +121,8 @@ class RopeTable:
         run = RopeRun(n, cos.dtype, cos.device)
         try:
             exact = positions is not None and all(
-                torch.equal(t.expand_as(ref), ref) for t, ref in zip(compat.rope_at(positions, self.text_config,
-                                                                                     cos.dtype), (cos, sin)))
+                torch.equal(t.expand_as(ref), ref) for t, ref in zip(compat.rope_at(
+                    positions, self.text_config, cos.dtype, self.layer_type), (cos, sin)))
         except ValueError:  # position-dependent RoPE parameters (kvsvd.compat): keep the tables
             exact = False
         if exact:
@@ -150,7 +151,7 @@ class RopeTable:
         for run in self.runs:
             a, b = max(start - offset, 0), min(stop - offset, run.n)
             if a < b:
-                parts.append(run.angles(a, b, self.text_config))
+                parts.append(run.angles(a, b, self.text_config, self.layer_type))
             offset += run.n
         if not parts:
             d = RopeRun.dim(self.text_config)
@@ -321,7 +322,7 @@ class LowRankLayer(compat.GrowingLayer):
             group.compress_pending()
         if self.j == 0 and group.layers[0] == cache.first_compressed_layer and cache.config.key_space == "pre_rope":
             extras = compat.update_extras(args, kwargs)
-            rope = compat.rope_of_update(extras, cache.text_config, key_states.dtype)
+            rope = compat.rope_of_update(extras, cache.text_config, key_states.dtype, cache.rope.layer_type)
             if rope is None:
                 raise ValueError("key_space='pre_rope' needs the model to pass cos/sin or position_ids to "
                                  "cache.update (RoPE models do); use key_space='post_rope'")
@@ -418,7 +419,7 @@ class LowRankCache(Cache):
     """
 
     def __init__(self, config: CompressionConfig, model_config, *, memoize_reads: bool = False) -> None:
-        from .calibrate import Calibration, layer_groups
+        from .calibrate import Calibration
 
         text = model_config.get_text_config(decoder=True)
         self.config = config
@@ -426,19 +427,24 @@ class LowRankCache(Cache):
         self.text_config = text
         self.memoize_reads = memoize_reads
         self.shape = shape = accounting.ModelShape.of(model_config)
-        other = sorted(set(shape.layer_types) - {"full_attention"})
+        other = sorted(set(shape.layer_types) - {"full_attention", "sliding_attention"})
         if other:
             raise ValueError(f"the model has {', '.join(other)} layers (config.layer_types); LowRankCache holds "
-                             "full-attention layers only; accepted: models whose layers are all full_attention")
+                             "full-attention layers (compressed) and sliding-window layers (dense, capped at the "
+                             "window); accepted: models whose layers are full_attention or sliding_attention")
         end = shape.layers - 1 if config.end_layer == -1 else config.end_layer
         if end >= shape.layers:
             raise ValueError(f"end_layer={config.end_layer} is out of range; accepted: [0, {shape.layers - 1}] or -1")
         if config.start_layer > end:
             raise ValueError(f"start_layer={config.start_layer} > end_layer={end}")
         G = config.layer_group_size
-        n = end - config.start_layer + 1
+        groups = shape.layer_groups(G, config.start_layer, end)  # over the full-attention layers of the range
+        n = sum(map(len, groups))
+        if not n:
+            raise ValueError(f"start_layer={config.start_layer}, end_layer={config.end_layer} hold no full-attention "
+                             "layer to compress; accepted: a range with at least one")
         if n % G and config.method != "transform":  # rank budgets are per group of G layers
-            raise ValueError(f"layer_group_size={G} does not divide the {n} compressed layers "
+            raise ValueError(f"layer_group_size={G} does not divide the {n} full-attention layers of "
                              f"[{config.start_layer}, {end}]; accepted: a divisor of {n}, or change start/end_layer "
                              "(method='transform' codes the remainder as a smaller group)")
         features = G * shape.features
@@ -448,7 +454,6 @@ class LowRankCache(Cache):
                     raise ValueError(f"{name}={getattr(config, name)} exceeds the {features} features of a group "
                                      f"({G} layers × {shape.kv_heads} heads × {shape.head_dim}); accepted: "
                                      f"[1, {features}]")
-        groups = layer_groups(shape.layers, G, config.start_layer, end)
         self.calibration = (Calibration.load(config.calibration_path, model_config, config.rank_k, config.rank_v)
                             if config.method == "pca" else None)
         # the calibrated transform basis of each group and kind, held once per model (batch 1)
@@ -460,18 +465,20 @@ class LowRankCache(Cache):
                     mean, basis = calibration.basis(group[0], kind)
                     self.calibrated[group[0], kind] = transform.calibration_store(
                         mean, basis[:, :rank], shape.features, config.transform.basis_dtype)
-        self.first_compressed_layer = config.start_layer
-        self.rope = RopeTable(text)
+        self.first_compressed_layer = groups[0][0]
+        self.rope = RopeTable(text, shape.layer_types[self.first_compressed_layer])
         self.compression_log: list[dict] = []
         self.groups: list[LayerGroup] = []
-        layers: list[CacheLayerMixin] = [StoredLayer(config.dense_dtype) for _ in range(config.start_layer)]
+        members: dict[int, LowRankLayer] = {}
         for layer_ids in groups:  # the last may be smaller
             group = LayerGroup(self, layer_ids)
             group.members = [LowRankLayer(group, j) for j in range(len(group.layers))]
             self.groups.append(group)
-            layers.extend(group.members)
-        layers.extend(StoredLayer(config.dense_dtype) for _ in range(end + 1, shape.layers))
-        super().__init__(layers=layers)
+            members.update(zip(layer_ids, group.members))
+        # the rest dense in dense_dtype: a sliding layer as transformers keeps it (its window), a full one whole
+        super().__init__(layers=[members.get(l) or (
+            StoredSlidingLayer(shape.sliding_window, config.dense_dtype) if kind == "sliding_attention"
+            else StoredLayer(config.dense_dtype)) for l, kind in enumerate(shape.layer_types)])
 
     def __deepcopy__(self, memo: dict) -> "LowRankCache":
         """An independent copy of the cached K/V state; the model config is shared, not copied."""
@@ -521,12 +528,13 @@ class LowRankCache(Cache):
                 owners.append((group, n - sinks))
         if not owners:
             return
-        if whole_cache:  # up to block_size reserved tokens will wait dense; later ones
-            reserve = min(tc.reserve_tokens, cfg.block_size)  # are coded in blocks at 1/ratio of their own bytes
+        if whole_cache:  # up to block_size reserved tokens will wait dense (a sliding layer up to its window);
+            reserve = min(tc.reserve_tokens, cfg.block_size)  # later ones are coded in blocks at 1/ratio of theirs
+            grown = (dense_bytes(self.model_config, tokens + reserve, [], 0, cfg.dense_dtype)
+                     - dense_bytes(self.model_config, tokens, [], 0, cfg.dense_dtype))
             tokens += reserve
             dense16 = accounting.dense16_bytes(self.model_config, tokens, live[0].batch)
-            held = accounting.report(self.held_tensors(), dense16)["total_bytes"] + live[0].batch * dense_bytes(
-                self.model_config, reserve, 0, 0, cfg.dense_dtype)
+            held = accounting.report(self.held_tensors(), dense16)["total_bytes"] + live[0].batch * grown
             budget = dense16 / tc.ratio - held
             if budget <= 0:
                 raise ValueError(f"ratio={tc.ratio} is out of reach: the sinks, residual windows, RoPE positions, "

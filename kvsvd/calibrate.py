@@ -32,13 +32,6 @@ CALIBRATION_TOKENS = 8192  # default calibration tokens: 4 texts of 2048
 CALIBRATION_CONTEXT = 2048
 
 
-def layer_groups(num_layers: int, group_size: int, start_layer: int = 0, end_layer: int = -1) -> list[list[int]]:
-    """Groups of ``group_size`` adjacent layers over [start_layer, end_layer], the last one smaller when
-    the count does not divide."""
-    end = num_layers - 1 if end_layer == -1 else end_layer
-    return [list(range(g, min(g + group_size, end + 1))) for g in range(start_layer, end + 1, group_size)]
-
-
 def _fingerprint(model_config) -> dict:
     text = model_config.get_text_config(decoder=True)
     shape = ModelShape.of(model_config)
@@ -47,13 +40,17 @@ def _fingerprint(model_config) -> dict:
             "hidden_size": text.hidden_size}
 
 
+def calibration_prose() -> str:
+    """The shipped calibration text (``kvsvd/data/calibration.txt``, its source line left out)."""
+    return (resources.files("kvsvd") / "data" / "calibration.txt").read_text().split("\n\n", 1)[1]
+
+
 def calibration_text(tokenizer, tokens: int = CALIBRATION_TOKENS, context: int = CALIBRATION_CONTEXT) -> list[str]:
     """Consecutive texts of ``context`` tokens (the last one shorter) from the shipped calibration prose,
     ``tokens`` in all."""
     if tokens < 1 or context < 1:
         raise ValueError(f"tokens={tokens}, context={context} are out of range; accepted: ints >= 1")
-    text = (resources.files("kvsvd") / "data" / "calibration.txt").read_text().split("\n\n", 1)[1]
-    ids = tokenizer(text, add_special_tokens=False).input_ids
+    ids = tokenizer(calibration_prose(), add_special_tokens=False).input_ids
     if len(ids) < tokens:
         raise ValueError(f"tokens={tokens} is out of range; accepted: <= {len(ids)} (the shipped calibration text)")
     return [tokenizer.decode(ids[i:min(i + context, tokens)]) for i in range(0, tokens, context)]
@@ -71,7 +68,7 @@ def calibrate(model, tokenizer, texts: list[str], rank_k: int | None, rank_v: in
         raise ValueError(f"layer_group_size={layer_group_size!r} is out of range; accepted: an int in [1, {L}]")
     if not 0 <= start_layer < L:
         raise ValueError(f"start_layer={start_layer} is out of range; accepted: [0, {L - 1}]")
-    groups = layer_groups(L, layer_group_size, start_layer)
+    groups = ModelShape.of(model.config).layer_groups(layer_group_size, start_layer)
     smallest = min(len(g) for g in groups) * F
     ranks = {"k": rank_k, "v": rank_v}
     for name, r in (("rank_k", rank_k), ("rank_v", rank_v)):

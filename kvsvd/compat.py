@@ -72,9 +72,12 @@ def query_length(cache_position_or_length: Tensor | int) -> int:
     return cache_position_or_length.shape[0]
 
 
-def _inverse_frequencies(text_config) -> tuple[Tensor, float]:
-    """(inv_freq (d/2,) float32, attention_scaling) of the model's RoPE, as its rotary module computes them."""
+def _inverse_frequencies(text_config, layer_type: str = "full_attention") -> tuple[Tensor, float]:
+    """(inv_freq (d/2,) float32, attention_scaling) of the model's RoPE on ``layer_type`` layers, as its rotary
+    module computes them (a hybrid model such as Gemma 3 keeps RoPE parameters per layer type)."""
     params = getattr(text_config, "rope_parameters", None) or {}
+    per_type = isinstance(params.get(layer_type), dict)
+    params = params[layer_type] if per_type else params
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         d = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
@@ -84,7 +87,7 @@ def _inverse_frequencies(text_config) -> tuple[Tensor, float]:
                          "kvsvd rebuilds them only for position-independent RoPE parameters; accepted: "
                          f"default, {', '.join(k for k in ROPE_INIT_FUNCTIONS if k != 'dynamic')}, or "
                          "key_space='post_rope'")
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](text_config)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](text_config, **({"layer_type": layer_type} if per_type else {}))
     return inv_freq.float(), scaling
 
 
@@ -97,22 +100,24 @@ def positions_of_update(extras: dict[str, Any]) -> Tensor | None:
     return None if cache_position is None else cache_position[None]
 
 
-def rope_at(positions: Tensor, text_config, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos, sin (B, T, d) in ``dtype`` of the model's RoPE at ``positions`` (B, T), computed as its rotary
-    module computes them (bit for bit, tests/test_compat.py)."""
-    inv_freq, scaling = _inverse_frequencies(text_config)
+def rope_at(positions: Tensor, text_config, dtype: torch.dtype,
+            layer_type: str = "full_attention") -> tuple[Tensor, Tensor]:
+    """cos, sin (B, T, d) in ``dtype`` of the model's RoPE on ``layer_type`` layers at ``positions`` (B, T),
+    computed as its rotary module computes them (bit for bit, tests/test_compat.py)."""
+    inv_freq, scaling = _inverse_frequencies(text_config, layer_type)
     freqs = positions[..., None].float() * inv_freq.to(positions.device)      # (B, T, d/2)
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
 
 
-def rope_of_update(extras: dict[str, Any], text_config, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
-    """cos, sin (B, T, d) in ``dtype`` that the model applied to the keys of this ``update``, or None
-    when the call carries neither cos/sin nor position_ids."""
+def rope_of_update(extras: dict[str, Any], text_config, dtype: torch.dtype,
+                   layer_type: str = "full_attention") -> tuple[Tensor, Tensor] | None:
+    """cos, sin (B, T, d) in ``dtype`` that the model applied to the keys of this ``update`` (a
+    ``layer_type`` layer's), or None when the call carries neither cos/sin nor position_ids."""
     if "cos" in extras and "sin" in extras:
         return extras["cos"], extras["sin"]
     positions = extras.get("position_ids")
-    return None if positions is None else rope_at(positions, text_config, dtype)
+    return None if positions is None else rope_at(positions, text_config, dtype, layer_type)
 
 
 class GrowingLayer(CacheLayerMixin):

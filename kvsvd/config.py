@@ -134,13 +134,21 @@ class CompressionConfig:
         return asdict(self)
 
 
-def dense_bytes(model_config, tokens: int, compressed_layers: int, kept_tokens: int, dense_dtype: str) -> float:
-    """What a cache of ``tokens`` tokens holds besides its compressed segments: every token of the
-    uncompressed layers and ``kept_tokens`` (window, sinks) of the compressed ones in ``dense_dtype``.
-    (Pre-RoPE keys are re-rotated from their positions, which contiguous positions hold in no bytes.)"""
+def dense_bytes(model_config, tokens: int, compressed: list[int], kept_tokens: int, dense_dtype: str) -> float:
+    """What a cache of ``tokens`` tokens holds besides the compressed segments of layers ``compressed``: every
+    token an uncompressed layer holds (a sliding layer its window) and ``kept_tokens`` (window, sinks) of the
+    compressed ones, in ``dense_dtype``. (Pre-RoPE keys are re-rotated from their positions, which contiguous
+    positions hold in no bytes.)"""
     shape = ModelShape.of(model_config)
-    entries = 2 * shape.features * (tokens * (shape.layers - compressed_layers) + kept_tokens * compressed_layers)
-    return ENTRY_BYTES[dense_dtype] * entries
+    held = sum(n for l, n in enumerate(shape.tokens_held(tokens)) if l not in compressed)
+    return ENTRY_BYTES[dense_dtype] * 2 * shape.features * (held + kept_tokens * len(compressed))
+
+
+def whole_groups_start(model_config, group_size: int) -> int:
+    """The first layer from which the full-attention layers split into whole groups of ``group_size`` (the
+    first ones left dense): layers mod G on a model without sliding layers."""
+    full = ModelShape.of(model_config).layer_groups(1)
+    return full[len(full) % group_size][0] if len(full) % group_size else 0
 
 
 def ranks_for_ratio(ratio: float, tokens: int, model_config, *, group_size: int, start_layer: int = 0,
@@ -149,23 +157,25 @@ def ranks_for_ratio(ratio: float, tokens: int, model_config, *, group_size: int,
     """(rank_k, rank_v) such that the whole cache holds ≈ 1/ratio of a 16-bit dense cache's bytes
     (``kvsvd.accounting.dense16_bytes``) at ``tokens`` tokens per sequence.
 
-    Held, per sequence (entry sizes from ``kvsvd.accounting``): the uncompressed layers and the
-    residual window in ``dense_dtype``, and per group of G layers (T−R)·(r_k + r_v) token-factor entries, (r_k + r_v)·G·F
-    right-factor entries and, for int8/int4, 2·(T−R) per-token scales: narrower factors buy
-    proportionally more rank. ``k_share`` of the total rank goes to keys: value-heavy splits
-    (rank_k ≈ rank_v / 2) kept needle answers best in exact-SVD measurements. A budget that would
-    need more than the full rank min(T−R, G·F) raises (compression would hold more than the matrix).
+    Held, per sequence (entry sizes from ``kvsvd.accounting``): the uncompressed layers (a sliding
+    layer its window) and the residual window in ``dense_dtype``, and per group of G full-attention
+    layers (T−R)·(r_k + r_v) token-factor entries, (r_k + r_v)·G·F right-factor entries and, for
+    int8/int4, 2·(T−R) per-token scales: narrower factors buy proportionally more rank. ``k_share`` of
+    the total rank goes to keys: value-heavy splits (rank_k ≈ rank_v / 2) kept needle answers best in
+    exact-SVD measurements. A budget that would need more than the full rank min(T−R, G·F) raises
+    (compression would hold more than the matrix).
     """
     if ratio <= 1:
         raise ValueError(f"ratio={ratio} is out of range; accepted: > 1")
     _choice("dense_dtype", dense_dtype, tuple(STORAGE_DTYPES))
     shape = ModelShape.of(model_config)
-    num_layers, features, G, R = shape.layers, shape.features, group_size, residual_length
+    features, G, R = shape.features, group_size, residual_length
     e_u, e_w, e_s = factor_entry_bytes(factor_dtype)
-    groups = (num_layers - start_layer) // G
+    compressed = [l for g in shape.layer_groups(G, start_layer) if len(g) == G for l in g]
+    groups = len(compressed) // G
     n = tokens - R
     budget = dense16_bytes(model_config, tokens) / ratio
-    fixed = dense_bytes(model_config, tokens, groups * G, R, dense_dtype) + groups * 2 * n * e_s
+    fixed = dense_bytes(model_config, tokens, compressed, R, dense_dtype) + groups * 2 * n * e_s
     total = (budget - fixed) / (groups * (n * e_u + G * features * e_w))
     if total < 2:
         raise ValueError(f"ratio={ratio} leaves no room for factors after the residual window and "
@@ -207,7 +217,7 @@ def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "
     G = min(DEFAULT_GROUP_SIZE[method], L) if layer_group_size is None else layer_group_size
     if isinstance(G, bool) or not isinstance(G, int) or not 1 <= G <= L:
         raise ValueError(f"layer_group_size={G!r} is out of range; accepted: an int in [1, {L}] (the model's layers)")
-    fields.setdefault("start_layer", 0 if method == "transform" else L % G)  # transform: a smaller last group
+    fields.setdefault("start_layer", 0 if method == "transform" else whole_groups_start(model_config, G))
     _int("reserve_tokens", reserve_tokens, 0)
     if method == "transform":
         fields = {**transform_window(ratio), **fields}
@@ -235,13 +245,12 @@ def _transform_for_ratio(ratio: float, tokens: int, model_config, G: int, reserv
     column (rank G·F) unless rank_k / rank_v cap it. Refuses a ratio whose budget the dense parts
     (sinks, window, uncompressed layers) fill on their own."""
     shape = ModelShape.of(model_config)
-    L = shape.layers
     names = TransformConfig.__dataclass_fields__
     tc = TransformConfig(ratio=ratio, reserve_tokens=reserve_tokens,
                          **{k: fields.pop(k) for k in list(fields) if k in names})
     reserve = min(reserve_tokens, fields.get("block_size", CompressionConfig.block_size))  # as LowRankCache budgets it
     tokens += reserve
-    fixed = dense_bytes(model_config, tokens, L - fields["start_layer"],
+    fixed = dense_bytes(model_config, tokens, [l for g in shape.layer_groups(G, fields["start_layer"]) for l in g],
                         fields["residual_length"] + tc.sink_tokens + reserve,
                         fields.get("dense_dtype", CompressionConfig.dense_dtype))
     dense16 = dense16_bytes(model_config, tokens)

@@ -9,7 +9,7 @@ upcast on read, whatever dtype the model computes in. On an FP32 model its accur
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
 from .accounting import STORAGE_DTYPES
 
@@ -28,30 +28,20 @@ def with_fresh(read: Tensor, fresh: Tensor, storage: torch.dtype) -> Tensor:
     return read
 
 
-class StoredLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose K/V (B, H, T, d) live in ``storage`` dtype; ``keys`` / ``values``
-    read them back in the model dtype and can be assigned (kvpress prunes through them). ``update``
-    returns the stored history with the step's own new tokens as the model computed them."""
+class _Stored:
+    """K/V (B, H, T, d) held in ``storage`` dtype: ``keys`` / ``values`` read them back in the model dtype and
+    can be assigned (kvpress prunes through them; a sliding layer cuts its window through them)."""
 
-    def __init__(self, storage: str = "bf16"):
+    def _init_storage(self, storage: str) -> None:
         if storage not in STORAGE_DTYPES:
             raise ValueError(f"storage={storage!r} is unknown; accepted: {', '.join(STORAGE_DTYPES)}")
         self.storage = STORAGE_DTYPES[storage]
         self._keys: Tensor | None = None
         self._values: Tensor | None = None
-        super().__init__()
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device, self.batch = key_states.dtype, key_states.device, key_states.shape[0]
         self.is_initialized = True
-
-    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        k, v = key_states.to(self.storage), value_states.to(self.storage)
-        self._keys = k if self._keys is None else torch.cat([self._keys, k], dim=-2)
-        self._values = v if self._values is None else torch.cat([self._values, v], dim=-2)
-        return with_fresh(self.keys, key_states, self.storage), with_fresh(self.values, value_states, self.storage)
 
     def _read(self, t: Tensor | None) -> Tensor | None:
         return t if t is None or not self.is_initialized else t.to(self.dtype)
@@ -62,6 +52,27 @@ class StoredLayer(DynamicLayer):
     keys = property(lambda self: self._read(self._keys), lambda self, t: setattr(self, "_keys", self._store(t)))
     values = property(lambda self: self._read(self._values), lambda self, t: setattr(self, "_values", self._store(t)))
 
+    def stored_tensors(self) -> list[Tensor]:
+        """The tensors this layer holds (for ``kvsvd.accounting``)."""
+        return [t for t in (self._keys, self._values) if t is not None]
+
+
+class StoredLayer(_Stored, DynamicLayer):
+    """A ``DynamicLayer`` whose K/V live in ``storage`` dtype. ``update`` returns the stored history with the
+    step's own new tokens as the model computed them."""
+
+    def __init__(self, storage: str = "bf16"):
+        self._init_storage(storage)
+        super().__init__()
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        k, v = key_states.to(self.storage), value_states.to(self.storage)
+        self._keys = k if self._keys is None else torch.cat([self._keys, k], dim=-2)
+        self._values = v if self._values is None else torch.cat([self._values, v], dim=-2)
+        return with_fresh(self.keys, key_states, self.storage), with_fresh(self.values, value_states, self.storage)
+
     def reset(self) -> None:
         """Drop the stored tensors (the layer starts over at the next update)."""
         self._keys = self._values = None
@@ -70,9 +81,22 @@ class StoredLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return 0 if self._keys is None or not self._keys.numel() else self._keys.shape[-2]
 
-    def stored_tensors(self) -> list[Tensor]:
-        """The tensors this layer holds (for ``kvsvd.accounting``)."""
-        return [t for t in (self._keys, self._values) if t is not None]
+
+class StoredSlidingLayer(_Stored, DynamicSlidingWindowLayer):
+    """transformers' ``DynamicSlidingWindowLayer`` (the last ``sliding_window − 1`` tokens kept, attention
+    over them and the step's own) with its K/V in ``storage`` dtype: a hybrid model's sliding layers in
+    ``LowRankCache``."""
+
+    def __init__(self, sliding_window: int, storage: str = "bf16"):
+        self._init_storage(storage)
+        super().__init__(sliding_window)
+
+    def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+        _Stored.lazy_initialization(self, key_states, value_states)
+        if hasattr(self, "_sliding_window_tensor"):  # what transformers' own lazy_initialization moves
+            self._sliding_window_tensor = self._sliding_window_tensor.to(self.device)
+        self.keys = key_states[..., :0, :]
+        self.values = value_states[..., :0, :]
 
 
 class Dense16Cache(Cache):

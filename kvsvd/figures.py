@@ -428,6 +428,8 @@ def rate_distortion(R: Path):
         d = df[df["kind"] == kind]
         for method in RD_METHODS:
             g = d[d["method"] == method].sort_values("bits_per_entry")
+            if g.empty:  # e.g. no calibrated basis was measured
+                continue
             ax.plot(g["bits_per_entry"], g["rel_error"], "-" if method == "Gaussian bound" else "-o", label=method,
                     markersize=4)
         ax.set(xscale="log", yscale="log", xlabel="bits per entry (a 16-bit cache holds 16)",
@@ -437,10 +439,13 @@ def rate_distortion(R: Path):
         ax.legend(fontsize=8, loc="lower left")
     two = at_budget(df, 2)
     cap = (f"One group of layers {df['layers'].iloc[0]} ({int(df['tokens'].iloc[0])} tokens of prose), K pre-RoPE and "
-           "V each as one matrix; bits per entry from the bytes each code holds. Within 2 bits per entry (8× fewer "
-           "bytes than 16-bit) the error is " + "; ".join(
-               f"{KIND_LABELS[k]}: transform {two.at['transform', k]:.3f}, truncation {two.at['truncation', k]:.3f}, "
-               f"Gaussian bound {two.at['Gaussian bound', k]:.3f}" for k in kinds)
+           "V each as one matrix; bits per entry from the bytes each code holds (a calibrated basis is held once per "
+           "model, outside them). Within 2 bits per entry (8× fewer bytes than 16-bit) the error is " + "; ".join(
+               f"{KIND_LABELS[k]}: transform {two.at['transform', k]:.3f}"
+               + (f" (calibrated basis {two.at['transform, calibrated basis', k]:.3f})"
+                  if two.at['transform, calibrated basis', k] == two.at['transform, calibrated basis', k] else "")
+               + f", truncation {two.at['truncation', k]:.3f}, Gaussian bound {two.at['Gaussian bound', k]:.3f}"
+               for k in kinds)
            + ". Per-token and per-channel int quantisation have points at 4 and 8 bits only.")
     return fig, cap
 
@@ -763,7 +768,11 @@ def frontier_grid(R: Path):
             f"≈{r['target']:g}× {r['method'].split(' → ')[0]} {r['average']:.1f} "
             f"(Δ {r['delta']:+.1f} [{r['delta_lo']:+.1f}, {r['delta_hi']:+.1f}])" for _, r in h.iterrows()))
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    calibrated = ("A calibrated basis (held once per model, shared by every sequence) is not in a sequence's "
+                  "ratio; the report gives its size and each row's all-in ratio. ") if (
+        df["m_basis"].eq("calibrated").any() if "m_basis" in df else False) else ""
     return fig, ("Each line is one method over its budgets, at the ratio it measured (context, question and answer "
                  "tokens all counted); the paired difference to the FP32 dense cache on the same samples, averaged "
-                 "over the needle tasks. Best per family within 15% of each target ratio — " + " ".join(caps))
+                 "over the needle tasks. " + calibrated + "Best per family within 15% of each target ratio — "
+                 + " ".join(caps))
 

