@@ -96,13 +96,6 @@ def test_a_reset_dense16_cache_starts_over(tiny_llama):
     assert torch.equal(tiny_llama(ids, **compat.with_cache(cache)).logits, fresh)
 
 
-def test_models_with_other_than_full_attention_layers_are_refused_by_name():
-    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=4, hidden_size=64,
-                      layer_types=["full_attention", "sliding_attention"])
-    with pytest.raises(ValueError, match="sliding_attention layers.*full-attention layers only"):
-        LowRankCache(CompressionConfig(method="svd", layer_group_size=1, rank_k=8, rank_v=8), cfg)
-
-
 def method_config(method: str, model, tokenizer, tokens: int, ratio: float, path) -> CompressionConfig:
     """Each LowRankCache method at ``ratio`` (minicache: its merge; pca: rank 8) for ``tokens`` tokens of context."""
     if method == "minicache":

@@ -45,3 +45,34 @@ def test_ruler_prompts_for_gemma3_use_the_base_format_after_one_bos(gemma3):
     assert ctx[0, 0].item() == tok.bos_token_id and (ctx == tok.bos_token_id).sum() == 1
     assert (question == tok.bos_token_id).sum() == 0 and s["length"] <= 1024
     assert tok.decode(question[0]).endswith(s["answer_prefix"].strip())
+
+
+NEEDLE = ("The grass is green. The sky is blue. " * 30 + "The secret access code is 4417. "
+          + "The grass is green. The sky is blue. " * 30 + "The secret access code is")
+
+
+def test_gemma3_full_layers_at_full_rank_give_the_dense_tokens_and_the_transform_coder_keeps_the_needle(gemma3):
+    """Per-layer SVD at full rank on Gemma 3's three full-attention layers (pre-RoPE keys after its k_norm,
+    its global RoPE rebuilt from positions) gives DynamicCache's greedy tokens; the transform coder on them,
+    its sliding layers dense at their 512-token window, keeps the needle at the bytes asked for."""
+    from transformers import DynamicCache
+    from kvsvd import CompressionConfig, LowRankCache
+    from kvsvd.compat import with_cache
+    from kvsvd.config import config_for_ratio
+    model, tok = gemma3
+    ids = tok(NEEDLE, return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        ref = model.generate(ids, **with_cache(DynamicCache(config=model.config)), **kw)
+        full = CompressionConfig(method="svd", layer_group_size=1, rank_k=256, rank_v=256, factor_dtype="fp32",
+                                 dense_dtype="fp32", residual_length=3)
+        cache = LowRankCache(full, model.config)
+        assert torch.equal(model.generate(ids, **with_cache(cache), **kw), ref)
+        assert [g.layers for g in cache.groups] == [[5], [11], [17]] and cache.memory_report()["rope_bytes"] == 0
+        # the sliding windows alone hold 15·511 of the 15·511 + 3·n tokens a 16-bit cache holds: ~1.2x is in reach
+        cfg = config_for_ratio(1.15, ids.shape[1] + 8, model.config, method="transform")
+        cache = LowRankCache(cfg, model.config)
+        out = model.generate(ids, **with_cache(cache), **kw)
+    assert "4417" in tok.decode(out[0, ids.shape[1]:])
+    assert [g.layers for g in cache.groups] == [[5, 11, 17]]
+    assert cache.memory_report()["ratio"] == pytest.approx(1.15, rel=0.05)

@@ -323,7 +323,7 @@ def test_a_group_size_that_does_not_divide_the_layers_codes_the_remainder_as_a_s
     with torch.no_grad():
         tiny_llama(torch.randint(0, 128, (1, 3)), **with_cache(cache))
     assert cache.get_seq_length() == 203
-    with pytest.raises(ValueError, match="layer_group_size=3 does not divide the 4 compressed layers"):
+    with pytest.raises(ValueError, match="layer_group_size=3 does not divide the 4 full-attention layers"):
         LowRankCache(CompressionConfig(method="xkv", layer_group_size=3, rank_k=8, rank_v=8), tiny_llama.config)
 
 
