@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from .accounting import STORAGE_DTYPES
+from .accounting import STORAGE_DTYPES, ModelShape
 
 Tensor = torch.Tensor
 
@@ -100,7 +100,13 @@ class StoredSlidingLayer(_Stored, DynamicSlidingWindowLayer):
 
 
 class Dense16Cache(Cache):
-    """Every layer a :class:`StoredLayer` in bf16: the 16-bit dense reference cache."""
+    """Every layer a :class:`StoredLayer` in bf16: the 16-bit dense reference cache. Given a hybrid model's
+    config, its sliding layers are :class:`StoredSlidingLayer` s (their window, as transformers keeps it)."""
 
-    def __init__(self) -> None:
-        super().__init__(layer_class_to_replicate=StoredLayer)
+    def __init__(self, model_config=None) -> None:
+        shape = None if model_config is None else ModelShape.of(model_config)
+        if shape is None or shape.sliding_window is None:
+            super().__init__(layer_class_to_replicate=StoredLayer)
+        else:
+            super().__init__(layers=[StoredSlidingLayer(shape.sliding_window) if kind == "sliding_attention"
+                                     else StoredLayer() for kind in shape.layer_types])

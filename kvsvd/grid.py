@@ -321,7 +321,7 @@ def build(method: dict, model, context_tokens: int, memoize_reads: bool = False,
     if kind == "none":
         return DynamicCache(), None
     if kind == "dense16":
-        return Dense16Cache(), None
+        return Dense16Cache(model.config), None
     if kind == "press":
         import kvpress
         ratio, T = method.get("ratio", 2.0), context_tokens
@@ -331,7 +331,7 @@ def build(method: dict, model, context_tokens: int, memoize_reads: bool = False,
                           f"alone hold more than 1/{ratio} of {T + reserve_tokens} tokens; it keeps 1 context token "
                           f"(the fewest kvpress keeps) and the row's kv_ratio says what it held", stacklevel=2)
             kept = 1
-        return Dense16Cache(), getattr(kvpress, PRESSES[method["press"]])(compression_ratio=1 - kept / T)
+        return Dense16Cache(model.config), getattr(kvpress, PRESSES[method["press"]])(compression_ratio=1 - kept / T)
     if kind == "quantized":  # transformers' QuantizedCache (KIVI-style, optimum-quanto or HQQ backend)
         from transformers import QuantizedCache
         return QuantizedCache(backend=method.get("backend", "quanto"), config=model.config,

@@ -64,3 +64,20 @@ def test_groups_form_over_full_attention_layers_and_other_layer_types_are_refuse
     with pytest.raises(ValueError, match="chunked_attention layers .* accepted: models whose layers are full_attention "
                                          "or sliding_attention"):
         LowRankCache(CompressionConfig(method="svd", layer_group_size=1, rank_k=8, rank_v=8), cfg)
+
+
+@torch.no_grad()
+def test_the_16_bit_dense_cache_of_a_hybrid_model_is_the_reference_itself(tiny_gemma3):
+    """Dense16Cache given the model's config keeps its sliding layers at their window: exactly 1×, and the
+    same logits as transformers' own sliding-aware DynamicCache up to bf16 storage."""
+    from kvsvd.accounting import cache_report
+    from kvsvd.dense import Dense16Cache
+    ids = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(2))
+    cache = Dense16Cache(tiny_gemma3.config)
+    tiny_gemma3(ids, **with_cache(cache))
+    assert cache_report(cache, tiny_gemma3.config, 40)["ratio"] == 1.0
+    step = dict(position_ids=torch.tensor([[40]]), cache_position=torch.tensor([40]))
+    ref_cache = DynamicCache(config=tiny_gemma3.config)
+    tiny_gemma3(ids, **with_cache(ref_cache))
+    ref = tiny_gemma3(ids[:, :1], **with_cache(ref_cache), **step).logits
+    assert torch.allclose(tiny_gemma3(ids[:, :1], **with_cache(cache), **step).logits, ref, atol=1e-2)
