@@ -101,8 +101,16 @@ TRANSFORM_FIELDS = tuple(f for f in TransformConfig.__dataclass_fields__ if f no
 GRID_KEYS = {"name", "model", "tasks", "context_lengths", "n_samples", "seed", "max_new_tokens", "methods", "out",
              "memoize_reads", "budget"}
 BUDGETS = ("context", "timeline")
-METHOD_KEYS = ({"method", "ratio", "press", "k_share", "nbits", "backend"}
-               | set(CompressionConfig.__dataclass_fields__) - {"method", "transform"} | set(TRANSFORM_FIELDS))
+# the keys each method takes: a peer its own, a kvsvd method CompressionConfig's fields (transform its own too)
+PEER_KEYS = {"none": {"method"}, "dense16": {"method"}, "press": {"method", "press", "ratio"},
+             "quantized": {"method", "backend", "nbits", "residual_length"}, "turboquant": {"method", "nbits"}}
+KVSVD_KEYS = {"method", "ratio", "k_share"} | set(CompressionConfig.__dataclass_fields__) - {"method", "transform"}
+METHOD_KEYS = set().union(*PEER_KEYS.values(), KVSVD_KEYS, TRANSFORM_FIELDS)
+
+
+def method_keys(method: str) -> set[str]:
+    """The keys a grid method entry of kind ``method`` takes."""
+    return PEER_KEYS.get(method) or KVSVD_KEYS | (set(TRANSFORM_FIELDS) if method == "transform" else set())
 TIMING_KEYS = {"prefill_ms", "replay_ms", "compress_ms", "decode_ms_per_token", "decode_ms_per_token_memoized",
                "compression_breakdown_ms", "peak_rss_mb", "peak_cuda_mb", "cell_s"}
 
@@ -172,6 +180,10 @@ def expand_methods(entries: list[dict], context_lengths: list[int]) -> tuple[lis
             spec = dict(zip(keys, combo))
             if spec["method"] not in METHODS:
                 raise ValueError(f"methods[{i}].method={spec['method']!r} is unknown; accepted: {', '.join(METHODS)}")
+            foreign = set(spec) - method_keys(spec["method"])
+            if foreign:
+                raise ValueError(f"methods[{i}] has key(s) {sorted(foreign)} that method {spec['method']!r} does not "
+                                 f"take; accepted: {sorted(method_keys(spec['method']))}")
             if spec["method"] == "press" and spec.get("press") not in PRESSES:
                 raise ValueError(f"methods[{i}].press={spec.get('press')!r} is unknown; accepted: {', '.join(PRESSES)}")
             if spec["method"] not in ("none",) and "ratio" in spec and not spec["ratio"] > 1:
