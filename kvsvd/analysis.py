@@ -268,11 +268,11 @@ RD_BLOCK_SCALES = {"unclipped": "transform", "std": "transform, σ-scaled blocks
 def calibrated_store(calibration: KVSample, kind: str, group: range):
     """The transform coder's calibrated basis of one group (int8 rows, bf16 mean, as a cache holds it), fitted
     on a calibration sample as ``kvsvd calibrate`` fits it."""
+    from .calibrate import principal_directions
     from .methods import transform
     X = torch.cat([calibration.matrix(kind, l) for l in group], -1).double()   # (T, G·F)
-    mean = X.mean(0)
-    basis = torch.linalg.eigh((X - mean).mT @ (X - mean) / len(X))[1].flip(-1)
-    return transform.calibration_store(mean.float(), basis.float(), calibration.kv_heads * calibration.head_dim, "int8")
+    mean, basis = principal_directions(X.sum(0), X.mT @ X, len(X))
+    return transform.calibration_store(mean, basis, calibration.kv_heads * calibration.head_dim, "int8")
 
 
 @torch.no_grad()

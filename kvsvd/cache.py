@@ -70,7 +70,7 @@ class RopeRun:
     """``n`` consecutive tokens of the timeline and what rebuilds the cos/sin the model rotated their keys
     with (in ``dtype``): nothing held for positions ``first``, ``first`` + 1, … (the same in every sequence);
     else their ``positions`` (B, n) int32; else, where the model's RoPE parameters do not give its cos/sin
-    back, its ``cos``/``sin`` themselves (B, n, d) float32, at half width when both halves repeat."""
+    back, its ``cos``/``sin`` themselves (B, n, d) float32, at half width (``half``) when both halves repeat."""
     n: int
     dtype: torch.dtype
     device: torch.device
@@ -78,6 +78,7 @@ class RopeRun:
     positions: Tensor | None = None
     cos: Tensor | None = None
     sin: Tensor | None = None
+    half: bool = False
 
     @property
     def contiguous(self) -> bool:
@@ -86,20 +87,16 @@ class RopeRun:
     def angles(self, a: int, b: int, text_config, layer_type: str) -> tuple[Tensor, Tensor]:
         """cos, sin (B or 1, b − a, d) float32 of this run's tokens [a, b)."""
         if self.cos is not None:
-            cos, sin = self.cos[:, a:b], self.sin[:, a:b]
-            return tuple(t if 2 * t.shape[-1] != self.dim(text_config) else torch.cat([t, t], -1) for t in (cos, sin))
+            return tuple(torch.cat([t, t], -1) if self.half else t for t in (self.cos[:, a:b], self.sin[:, a:b]))
         positions = (self.positions[:, a:b] if self.positions is not None
                      else torch.arange(self.first + a, self.first + b, device=self.device)[None])
         return tuple(t.float() for t in compat.rope_at(positions, text_config, self.dtype, layer_type))
 
-    @staticmethod
-    def dim(text_config) -> int:
-        return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
-
     def cut(self, n: int) -> "RopeRun":
         """The first n tokens (copies: the longer tensors are freed)."""
         keep = lambda t: None if t is None else t[:, :n].clone()  # noqa: E731
-        return RopeRun(n, self.dtype, self.device, self.first, keep(self.positions), keep(self.cos), keep(self.sin))
+        return RopeRun(n, self.dtype, self.device, self.first, keep(self.positions), keep(self.cos), keep(self.sin),
+                       self.half)
 
     def tensors(self) -> list[Tensor]:
         return [t for t in (self.positions, self.cos, self.sin) if t is not None]
@@ -134,7 +131,8 @@ class RopeTable:
                 run.positions = positions.to(torch.int32, copy=True)
         else:
             h = d // 2
-            if torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:]):
+            run.half = torch.equal(cos[..., :h], cos[..., h:]) and torch.equal(sin[..., :h], sin[..., h:])
+            if run.half:
                 cos, sin = cos[..., :h], sin[..., :h]
             run.cos, run.sin = cos.to(torch.float32, copy=True), sin.to(torch.float32, copy=True)
         last = self.runs[-1] if self.runs else None
@@ -154,7 +152,7 @@ class RopeTable:
                 parts.append(run.angles(a, b, self.text_config, self.layer_type))
             offset += run.n
         if not parts:
-            d = RopeRun.dim(self.text_config)
+            d = accounting.ModelShape.of(self.text_config).head_dim
             return torch.zeros(1, 0, d), torch.zeros(1, 0, d)
         B = max(c.shape[0] for c, _ in parts)
         return tuple(torch.cat([p[i].expand(B, -1, -1) for p in parts], dim=-2) for i in (0, 1))
@@ -459,7 +457,7 @@ class LowRankCache(Cache):
         # the calibrated transform basis of each group and kind, held once per model (batch 1)
         self.calibrated: dict[tuple[int, str], transform.TransformStore] = {}
         if config.method == "transform" and config.transform.basis == "calibrated":
-            calibration = Calibration.load(config.calibration_path, model_config, 1, 1, groups)
+            calibration = Calibration.load(config.calibration_path, model_config, config.rank_k, config.rank_v, groups)
             for group in groups:
                 for kind, rank in (("k", config.rank_k), ("v", config.rank_v)):
                     mean, basis = calibration.basis(group[0], kind)

@@ -56,6 +56,14 @@ def calibration_text(tokenizer, tokens: int = CALIBRATION_TOKENS, context: int =
     return [tokenizer.decode(ids[i:min(i + context, tokens)]) for i in range(0, tokens, context)]
 
 
+def principal_directions(sum_x: torch.Tensor, sum_xx: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean (F,) and principal directions (F, F), by decreasing variance, float32, of n rows whose sum
+    (F,) and sum of outer products (F, F), float64, are given."""
+    mean = sum_x / n
+    basis = torch.linalg.eigh(sum_xx / n - torch.outer(mean, mean))[1].flip(-1)
+    return mean.float(), basis.float()
+
+
 @torch.no_grad()
 def calibrate(model, tokenizer, texts: list[str], rank_k: int | None, rank_v: int | None, path: str | Path,
               max_tokens: int = CALIBRATION_CONTEXT, *, layer_group_size: int = 1, start_layer: int = 0) -> Path:
@@ -92,11 +100,9 @@ def calibrate(model, tokenizer, texts: list[str], rank_k: int | None, rank_v: in
         n += ids.shape[1]
     tensors = {}
     for key, (s1, s2) in sums.items():
-        mean = s1 / n
-        cov = s2 / n - torch.outer(mean, mean)
-        basis = torch.linalg.eigh(cov)[1].flip(-1)[:, :ranks[key[-1]] or len(mean)]
-        tensors[f"{key}_mean"] = mean.float().contiguous()
-        tensors[f"{key}_basis"] = basis.float().contiguous()
+        mean, basis = principal_directions(s1, s2, n)
+        tensors[f"{key}_mean"] = mean.contiguous()
+        tensors[f"{key}_basis"] = basis[:, :ranks[key[-1]] or len(mean)].contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     from . import __version__

@@ -331,13 +331,13 @@ class TransformStore:
     def held(self) -> dict[str, list[Tensor]]:
         """The tensors this store holds by kind of ``kvsvd.accounting``; a store on another's basis
         holds its codes, statistics and row index (the basis and mean are its owner's to list)."""
-        basis = [self.basis, self.mean] + ([self.basis_scale] if self.basis_scale is not None else [])
+        scale = [self.basis_scale] if self.basis_scale is not None else []
         if self.calibration:
-            return {"calibration": basis}
+            return {"calibration": [self.basis, self.mean, *scale]}
         out = {"codes": list(self.codes), "scales": [self.stats]}
         if self.rows is not None:
             return {**out, "index": [self.rows]}
-        return {**out, "scales": [self.stats, *basis[2:]], "factors": basis[:2]}
+        return {**out, "scales": [self.stats, *scale], "factors": [self.basis, self.mean]}
 
     def to(self, device: torch.device) -> "TransformStore":
         """This store on ``device`` (itself when it is there)."""
