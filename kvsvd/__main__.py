@@ -1,7 +1,8 @@
 """Command line.
 
     python -m kvsvd bench kernels [--profile cpu|gpu|smoke] [--device ...] [--out ...]
-    python -m kvsvd bench cache [--contexts 1024 2048 4096] | attention [--context 8160 ...] [--model M --device D] | niah
+    python -m kvsvd bench cache [--contexts 1024 2048 4096] | attention [--context 8160 ...] [--model M --device D]
+                                [--method lowrank|transform] | operator [--contexts 8192 32768 65536] | niah
     python -m kvsvd figures [--results results]
     python -m kvsvd eval CONFIG.yaml [--minutes N] [--dry-run]
                                             (torchrun --nproc_per_node N -m kvsvd eval CONFIG.yaml)
@@ -47,8 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--ratio", type=float, default=4.0, help="× fewer KV bytes")
     att.add_argument("--group", type=int, default=2, help="layer_group_size (1: per-layer svd)")
     att.add_argument("--key-space", default="post_rope", choices=["post_rope", "pre_rope"])
+    att.add_argument("--method", default="lowrank", choices=["lowrank", "transform"],
+                     help="lowrank: svd (--group 1) or xkv; transform: config_for_ratio's transform defaults")
     att.add_argument("--out", default="results/attention")
     att.add_argument("--force", action="store_true", help="remeasure even if the result file exists")
+    op = bench_sub.add_parser("operator", help="one decode step of Llama-3.1-8B-shaped attention: dense 16-bit "
+                                               "against attention from transform codes, with the roofline")
+    op.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536])
+    op.add_argument("--ratios", type=float, nargs="+", default=[4.0, 8.0, 16.0])
+    op.add_argument("--repeats", type=int, default=10, help="timed steps per path (the median is reported)")
+    op.add_argument("--out", default="results/operator")
+    op.add_argument("--force", action="store_true", help="remeasure even if the result file exists")
     niah = bench_sub.add_parser("niah", help="needle retrieval on SmolLM2 under compression levers")
     niah.add_argument("--task", default="niah_single_2")
     niah.add_argument("--samples", type=int, default=20)
@@ -131,7 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         for context in args.context:
             print(attention_bench.table(attention_bench.run(
                 context, args.decode, args.ratio, args.group, args.key_space, args.rounds, args.out,
-                model_name=args.model, force=args.force, device=device, dtype=dtype)))
+                model_name=args.model, force=args.force, device=device, dtype=dtype, method=args.method)))
+        return 0
+    if args.which == "operator":
+        from .bench import operator as operator_bench
+        print(operator_bench.table(operator_bench.run(tuple(args.contexts), tuple(args.ratios), args.repeats,
+                                                      out=args.out, force=args.force)))
         return 0
     if args.which == "cache":
         from .bench import cache as cache_bench

@@ -149,15 +149,20 @@ def spectrum_tables(sample: KVSample) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def layer_similarity(sample: KVSample, kind: str, rank: int = 32) -> pd.DataFrame:
-    """Long form (layer_a, layer_b, rank, cka, overlap) over all layer pairs for one kind."""
-    xs = [sample.matrix(kind, l) for l in range(sample.num_layers)]
-    us = [torch.linalg.svd(x.double(), full_matrices=False)[0][:, :rank] for x in xs]
-    rows = []
+    """Long form (layer_a, layer_b, rank, cka, overlap) over all layer pairs for one kind: :func:`linear_cka`
+    and :func:`token_subspace_overlap`, each layer's centring, Gram norm and token subspace computed once and
+    each unordered pair once (both measures are symmetric)."""
+    raw = [sample.matrix(kind, l).double() for l in range(sample.num_layers)]
+    xs = [x - x.mean(0) for x in raw]
+    norms = [(x.mT @ x).norm() for x in xs]
+    us = [torch.linalg.svd(x, full_matrices=False)[0][:, :rank] for x in raw]
+    pair = {}
     for a in range(len(xs)):
-        for b in range(len(xs)):
-            rows.append({"kind": kind, "layer_a": a, "layer_b": b, "rank": rank, "cka": linear_cka(xs[a], xs[b]),
-                         "overlap": float(torch.linalg.svdvals(us[a].mT @ us[b]).pow(2).mean())})
-    return pd.DataFrame(rows)
+        for b in range(a, len(xs)):
+            pair[a, b] = pair[b, a] = (float((xs[b].mT @ xs[a]).pow(2).sum() / (norms[a] * norms[b])),
+                                       float(torch.linalg.svdvals(us[a].mT @ us[b]).pow(2).mean()))
+    return pd.DataFrame([{"kind": kind, "layer_a": a, "layer_b": b, "rank": rank, "cka": pair[a, b][0],
+                          "overlap": pair[a, b][1]} for a in range(len(xs)) for b in range(len(xs))])
 
 
 # ----------------------------------------------------------------------- compressibility (notebook 03)

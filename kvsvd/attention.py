@@ -1,21 +1,24 @@
-"""Low-rank attention: decode straight from the factors (``attn_implementation="kvsvd"``).
+"""Attention from the compressed stores (``attn_implementation="kvsvd"``): no K or V is rebuilt where a
+store has a latent form.
 
-For a compressed segment a layer's keys are K ≈ U·W (+ mean): U (T × r) is the token factor
-shared by the G layers of its group, W (r × H·d) this layer's slice of the right factor. For
-a query q of head h (KV head h' = h // (Hq/H)):
+A store's latent read (``store.latent``, :class:`kvsvd.store.Factors`) gives a layer's keys or values as
+x ≈ U·W (+ mean): for low-rank stores U (T × r) is the token factor shared by the G layers of its group
+and W (r × H·d) this layer's slice of the right factor; for the transform coder U is the dequantised
+coefficients Ĉ (T × kept) and W the layer's basis rows. For a query q of head h (KV head h' = h // (Hq/H)):
 
     scores = (q · W[:, h']ᵀ) · Uᵀ        O(r·d) then O(T·r): U is read once for all heads
     output = (softmax · U_v) · W_v[:, h']  O(T·r_v) then O(r_v·d)
 
-so a decode step reads T·r factor entries instead of T·H·d dense ones and never rebuilds K or
-V. The segments, the dense residual window and the new tokens are attended part by part, each
-giving (output, log-sum-exp), and merged exactly: o = Σᵢ exp(lseᵢ − lse)·oᵢ.
+so a decode step reads T·r entries instead of T·H·d dense ones and never rebuilds K or V; the
+transform coder dequantises Ĉ once per step for the G layers of its group. The segments, the dense
+residual window and the new tokens are attended part by part, each giving (output, log-sum-exp), and
+merged exactly: o = Σᵢ exp(lseᵢ − lse)·oᵢ.
 
-RoPE: scores from factors need keys stored *post*-RoPE (``key_space="post_rope"``). With
+RoPE: scores from a latent form need keys stored *post*-RoPE (``key_space="post_rope"``). With
 pre-RoPE keys the rotation depends on each key's position and cannot be folded into W, so
 such segments rebuild their keys (and re-rotate them) while values still come from the
-factors. Segments that are not low-rank (MiniCache merges, segments shorter than the rank)
-are rebuilt densely. Layers outside the compressed range and prefill steps use SDPA.
+latent form. Segments without one (MiniCache merges, dense sinks) are rebuilt densely. Layers
+outside the compressed range and prefill steps use SDPA.
 
 The attention function is registered with transformers' ``AttentionInterface`` (and SDPA's
 mask function) under ``"kvsvd"`` when ``kvsvd`` is imported; ``LowRankCache.update`` then
@@ -26,7 +29,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
 
 import torch
 from transformers import AttentionInterface
@@ -34,51 +36,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .rope import apply_rope
-from .store import LowRankStore
+from .store import Factors
 
 Tensor = torch.Tensor
 NAME = "kvsvd"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-
-
-@dataclass
-class Factors:
-    """One layer's x ≈ u @ w (+ mean): u (B, T, r) as stored (float32/bfloat16/float16: the Triton
-    kernel reads it as is, the PyTorch path upcasts), w (B|1, r, H, d) and mean (H, d) or None float32."""
-    u: Tensor
-    w: Tensor
-    mean: Tensor | None = None
-
-    def scores(self, q: Tensor) -> Tensor:
-        """q (B, H, g, n, d) → q·xᵀ (B, H, g, n, T); u is read once for every head."""
-        B, H, g, n, _ = q.shape
-        qe = torch.einsum("bhgnd,brhd->bhgnr", q, self.w.expand(B, -1, -1, -1))       # (B, H, g, n, r)
-        s = (qe.reshape(B, H * g * n, -1) @ self.u.float().mT).reshape(B, H, g, n, -1)
-        if self.mean is not None:
-            s = s + torch.einsum("bhgnd,hd->bhgn", q, self.mean)[..., None]
-        return s
-
-    def combine(self, p: Tensor) -> Tensor:
-        """p (B, H, g, n, T) → p·x (B, H, g, n, d)."""
-        B, H, g, n, _ = p.shape
-        pu = (p.reshape(B, H * g * n, -1) @ self.u.float()).reshape(B, H, g * n, -1)   # (B, H, g·n, r)
-        o = torch.einsum("bhmr,brhd->bhmd", pu, self.w.expand(B, -1, -1, -1)).reshape(B, H, g, n, -1)
-        if self.mean is not None:
-            o = o + p.sum(-1, keepdim=True) * self.mean[None, :, None, None]
-        return o
-
-
-def store_factors(store: LowRankStore, j: int, heads: int) -> Factors:
-    """Layer j's factors of a LowRankStore: float token factors as stored (no per-step copy), int8/int4
-    ones dequantised to float32 (a copy each step: a fused dequantising kernel would avoid it)."""
-    from .store import dequantize_rows
-    F = store.features
-    cols = slice(j * F, (j + 1) * F)
-    u = store.u if store.bits == 0 else dequantize_rows(store.u, store.scale, store.bits, store.rank,
-                                                                torch.float32)
-    w = store.w[..., cols].float().unflatten(-1, (heads, F // heads))
-    mean = None if store.mean is None else store.mean[0, 0, cols].float().reshape(heads, -1)
-    return Factors(u, w, mean)
 
 
 def kernel_applies(q: Tensor, k, v, mask: Tensor | None) -> bool:
@@ -95,10 +57,10 @@ def attend_with_kernel(q: Tensor, k: Factors, v: Factors) -> tuple[Tensor, Tenso
     qe = torch.einsum("bhgnd,brhd->bhgnr", q, k.w.expand(B, -1, -1, -1)).reshape(B, H * g, -1)
     ou, lse = lowrank_decode(qe, k.u, v.u)                                               # (B, H·g, r_v), (B, H·g)
     if k.mean is not None:  # a per-head constant score shift moves the lse, not the softmax
-        lse = lse + torch.einsum("bhgnd,hd->bhgn", q, k.mean).reshape(B, H * g)
+        lse = lse + torch.einsum("bhgnd,bhd->bhgn", q, k.mean.expand(B, -1, -1)).reshape(B, H * g)
     o = torch.einsum("bhmr,brhd->bhmd", ou.reshape(B, H, g, -1), v.w.expand(B, -1, -1, -1))
     if v.mean is not None:
-        o = o + v.mean[None, :, None]
+        o = o + v.mean[:, :, None]
     return o.unsqueeze(3), lse.reshape(B, H, g, 1)
 
 
@@ -124,6 +86,8 @@ def merge(parts: list[tuple[Tensor, Tensor]]) -> Tensor:
 
 
 def _segment_operands(layer, seg) -> tuple[Tensor | Factors, Tensor | Factors]:
+    """A segment's K and V for layer ``layer.j``: each store's latent read (``store.latent``) where it
+    has one (keys only when held post-RoPE), else the layer rebuilt densely (B, H, T, d) float32."""
     cache = layer.group.cache
     H, d = cache.shape.kv_heads, cache.shape.head_dim
 
@@ -133,10 +97,9 @@ def _segment_operands(layer, seg) -> tuple[Tensor | Factors, Tensor | Factors]:
             x = apply_rope(x, *cache.rope.span(seg.start, seg.start + seg.length))
         return x
 
-    k = store_factors(seg.keys, layer.j, H) if isinstance(seg.keys, LowRankStore) and \
-        cache.config.key_space == "post_rope" else dense(seg.keys, False)
-    v = store_factors(seg.values, layer.j, H) if isinstance(seg.values, LowRankStore) else dense(seg.values, True)
-    return k, v
+    k = seg.keys.latent(layer.j, H) if cache.config.key_space == "post_rope" else None
+    v = seg.values.latent(layer.j, H)
+    return (k if k is not None else dense(seg.keys, False)), (v if v is not None else dense(seg.values, True))
 
 
 def low_rank_attention(layer, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,

@@ -212,14 +212,16 @@ class LayerGroup:
         (B, n, G, H·d) in the model dtype; the caller adds them back as the next segment."""
         cfg, cache = self.cache.config, self.cache
         start = self.compressed_length
+        if cfg.key_space == "pre_rope":
+            if cache.rope.length < start + n or any(m.evicted for m in self.members):
+                raise ValueError("key_space='pre_rope' needs the cos/sin of every stored token, but tokens "
+                                 "were evicted (a kvpress press?): use key_space='post_rope'")
+            rotation = cache.rope.span(start, start + n)  # the same for every member
         ks, vs = [], []
         for m in self.members:
             k, v = (t.to(m.dtype) for t in m.pop_oldest(n))   # (B, H, n, d) post-RoPE, (B, H, n, d)
             if cfg.key_space == "pre_rope":
-                if cache.rope.length < start + n or m.evicted:
-                    raise ValueError("key_space='pre_rope' needs the cos/sin of every stored token, but tokens "
-                                     "were evicted (a kvpress press?): use key_space='post_rope'")
-                k = invert_rope(k, *cache.rope.span(start, start + n))
+                k = invert_rope(k, *rotation)
             ks.append(k.transpose(1, 2).flatten(2))      # (B, n, H·d)
             vs.append(v.transpose(1, 2).flatten(2))
         return torch.stack(ks, 2), torch.stack(vs, 2)

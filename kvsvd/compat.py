@@ -106,8 +106,8 @@ def rope_at(positions: Tensor, text_config, dtype: torch.dtype,
     computed as its rotary module computes them (bit for bit, tests/test_compat.py)."""
     inv_freq, scaling = _inverse_frequencies(text_config, layer_type)
     freqs = positions[..., None].float() * inv_freq.to(positions.device)      # (B, T, d/2)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+    # the rotary module takes cos/sin of cat(freqs, freqs): the same values as cat of the halves', at half the work
+    return tuple(torch.cat((t, t), dim=-1).to(dtype) for t in (freqs.cos() * scaling, freqs.sin() * scaling))
 
 
 def rope_of_update(extras: dict[str, Any], text_config, dtype: torch.dtype,

@@ -120,6 +120,9 @@ class CompressionConfig:
         if calibrated and not self.calibration_path:
             raise ValueError(f"method={self.method!r}{' with basis=calibrated' if self.method == 'transform' else ''} "
                              "needs calibration_path (a file written by `python -m kvsvd calibrate MODEL`)")
+        if self.method == "transform" and self.transform.basis == "calibrated" and self.key_space != "pre_rope":
+            raise ValueError(f"key_space={self.key_space!r} does not fit basis='calibrated' (`kvsvd calibrate` fits "
+                             "pre-RoPE keys); accepted: key_space='pre_rope', or basis='prompt'")
         if self.calibration_path and not calibrated:
             raise ValueError(f"calibration_path applies to method='pca' and to method='transform' with "
                              f"basis='calibrated' only; got method={self.method!r}")

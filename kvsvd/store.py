@@ -1,10 +1,13 @@
 """What a compressed segment holds, per group and per K or V.
 
-A *store* covers one token segment of one layer group for keys or values. It rebuilds one
-layer's slice as ``(B, T, F)`` (F = kv_heads · head_dim), lists every tensor it holds by kind
-(``kvsvd.accounting`` counts them) and names in ``path`` what produced it and how it is held:
-``randomized q2 p8 bf16``, ``gram int8``, ``full fp32``, ``pca bf16``, ``minicache bf16``,
-``dense bf16`` (a segment kept as it is).
+A *store* covers one token segment of one layer group for keys or values. Every store has:
+
+- ``layer(j, dtype)``: layer j's slice rebuilt as ``(B, T, F)`` (F = kv_heads · head_dim);
+- ``latent(j, heads)``: layer j as :class:`Factors` x ≈ u·w (+ mean), which ``kvsvd.attention``
+  attends without rebuilding x, or None where the store has no such form;
+- ``held()``: every tensor it holds, by kind (``kvsvd.accounting`` counts them);
+- ``path``: what produced it and how it is held: ``randomized q2 p8 bf16``, ``gram int8``,
+  ``full fp32``, ``pca bf16``, ``minicache bf16``, ``dense bf16`` (a segment kept as it is).
 """
 
 from __future__ import annotations
@@ -45,6 +48,33 @@ def dequantize_rows(q: Tensor, scale: Tensor, bits: int, r: int, dtype: torch.dt
 
 
 @dataclass
+class Factors:
+    """One layer's x ≈ u @ w (+ mean): u (B, T, r) as stored (float32/bfloat16/float16: the Triton
+    kernel reads it as is, the PyTorch path upcasts), w (B|1, r, H, d) and mean (B|1, H, d) or None float32."""
+    u: Tensor
+    w: Tensor
+    mean: Tensor | None = None
+
+    def scores(self, q: Tensor) -> Tensor:
+        """q (B, H, g, n, d) → q·xᵀ (B, H, g, n, T); u is read once for every head."""
+        B, H, g, n, _ = q.shape
+        qe = torch.einsum("bhgnd,brhd->bhgnr", q, self.w.expand(B, -1, -1, -1))       # (B, H, g, n, r)
+        s = (qe.reshape(B, H * g * n, -1) @ self.u.float().mT).reshape(B, H, g, n, -1)
+        if self.mean is not None:
+            s = s + torch.einsum("bhgnd,bhd->bhgn", q, self.mean.expand(B, -1, -1))[..., None]
+        return s
+
+    def combine(self, p: Tensor) -> Tensor:
+        """p (B, H, g, n, T) → p·x (B, H, g, n, d)."""
+        B, H, g, n, _ = p.shape
+        pu = (p.reshape(B, H * g * n, -1) @ self.u.float()).reshape(B, H, g * n, -1)   # (B, H, g·n, r)
+        o = torch.einsum("bhmr,brhd->bhmd", pu, self.w.expand(B, -1, -1, -1)).reshape(B, H, g, n, -1)
+        if self.mean is not None:
+            o = o + p.sum(-1, keepdim=True) * self.mean[:, :, None, None]
+        return o
+
+
+@dataclass
 class DenseStore:
     """Uncompressed K or V of a group segment: x (B, T, G, F) in a storage dtype."""
     x: Tensor
@@ -59,6 +89,9 @@ class DenseStore:
 
     def layer(self, j: int, dtype: torch.dtype) -> Tensor:
         return self.x[:, :, j].to(dtype)
+
+    def latent(self, j: int, heads: int) -> None:
+        return None
 
     def held(self) -> dict[str, list[Tensor]]:
         return {"uncompressed": [self.x]}
@@ -99,6 +132,15 @@ class LowRankStore:
             out = out + self.mean[..., cols].to(torch.float32)
         return out.to(dtype)
 
+    def latent(self, j: int, heads: int) -> Factors:
+        """Float token factors as stored (no per-step copy); int8/int4 ones dequantised to float32 (a copy
+        each step: a fused dequantising kernel would avoid it)."""
+        cols = slice(j * self.features, (j + 1) * self.features)
+        u = self.u if self.bits == 0 else dequantize_rows(self.u, self.scale, self.bits, self.rank, torch.float32)
+        w = self.w[..., cols].float().unflatten(-1, (heads, self.features // heads))
+        mean = None if self.mean is None else self.mean[:, 0, cols].float().unflatten(-1, (heads, -1))
+        return Factors(u, w, mean)
+
     def held(self) -> dict[str, list[Tensor]]:
         out: dict[str, list[Tensor]] = {"factors": [self.u]}
         if self.mean is None:
@@ -134,6 +176,9 @@ class MergedStore:
         out[self.merged] = (self.directions.float() * self.norms[..., j:j + 1].float()).flatten(-2).to(dtype)
         out[~self.merged] = self.retained[:, j].to(dtype)
         return out
+
+    def latent(self, j: int, heads: int) -> None:
+        return None
 
     def held(self) -> dict[str, list[Tensor]]:
         return {"factors": [self.directions, self.norms], "index": [self.merged], "uncompressed": [self.retained]}

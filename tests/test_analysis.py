@@ -34,6 +34,20 @@ def test_similarity_measures_are_invariant_and_bounded():
     assert analysis.token_subspace_overlap(x, y, 5) < 0.2
 
 
+def test_layer_similarity_is_the_pairwise_measures_over_every_layer_pair():
+    g = torch.Generator().manual_seed(2)
+    k = [torch.randn(60, 8, generator=g) for _ in range(3)]
+    k[2] = k[0] @ torch.linalg.qr(torch.randn(8, 8, generator=g))[0]  # layer 2 is layer 0 rotated
+    sample = analysis.KVSample(k, k, k, torch.ones(60, 4), torch.zeros(60, 4), heads=2, kv_heads=2, head_dim=4)
+    df = analysis.layer_similarity(sample, "v", rank=3).set_index(["layer_a", "layer_b"])
+    assert len(df) == 9
+    for a in range(3):
+        for b in range(3):
+            assert df.loc[(a, b), "cka"] == pytest.approx(analysis.linear_cka(k[a], k[b]), rel=1e-9)
+            assert df.loc[(a, b), "overlap"] == pytest.approx(analysis.token_subspace_overlap(k[a], k[b], 3), rel=1e-9)
+    assert df.loc[(0, 2), "cka"] == pytest.approx(1.0) and df.loc[(0, 1), "cka"] < 0.5
+
+
 def test_attention_output_matches_sdpa_with_gqa():
     g = torch.Generator().manual_seed(1)
     T, Hq, H, d, n = 40, 4, 2, 8, 6

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 from kvsvd import CompressionConfig, LowRankCache
 from kvsvd.attention import Factors, attend, merge
 from kvsvd.compat import with_cache
+from kvsvd.methods.transform import TransformConfig
 from test_cache import full_rank_config, greedy
 
 pytestmark = pytest.mark.core  # also run in the current environment
@@ -41,9 +42,9 @@ def test_merge_of_parts_is_the_softmax_over_their_union():
 def test_factor_scores_and_values_equal_the_reconstruction():
     g = torch.Generator().manual_seed(1)
     u, w = torch.randn(2, 40, 6, generator=g), torch.randn(1, 6, 3, 8, generator=g)
-    mean = torch.randn(3, 8, generator=g)
+    mean = torch.randn(2, 3, 8, generator=g)  # one per sequence (a per-prompt transform basis)
     f = Factors(u, w, mean)
-    x = (u @ w.flatten(2)).unflatten(-1, (3, 8)).transpose(1, 2) + mean[None, :, None]  # (B, H, T, d)
+    x = (u @ w.flatten(2)).unflatten(-1, (3, 8)).transpose(1, 2) + mean[:, :, None]  # (B, H, T, d)
     q = torch.randn(2, 3, 2, 1, 8, generator=g)
     torch.testing.assert_close(f.scores(q), q @ x.unsqueeze(2).mT, atol=1e-4, rtol=1e-4)
     p = torch.rand(2, 3, 2, 1, 40, generator=g)
@@ -68,10 +69,15 @@ def test_full_rank_factor_path_matches_dense_attention(tiny_llama, method, G, ke
                                 dict(method="xkv", layer_group_size=2, key_space="post_rope", factor_dtype="bf16"),
                                 dict(method="xkv", layer_group_size=2, key_space="pre_rope", factor_dtype="int8"),
                                 dict(method="svd", layer_group_size=1, key_space="post_rope", factor_dtype="int4"),
-                                dict(method="minicache", layer_group_size=2, start_layer=0)])
+                                dict(method="minicache", layer_group_size=2, start_layer=0),
+                                dict(method="transform", layer_group_size=2, key_space="pre_rope",
+                                     transform=TransformConfig(ratio=3.0, block_tokens=16)),
+                                dict(method="transform", layer_group_size=3, key_space="post_rope",
+                                     transform=TransformConfig(ratio=4.0, block_tokens=16))])
 def test_low_rank_factor_path_matches_reconstruct_on_read_with_padding(tiny_llama, kw):
     """Same compressed cache, two attention paths: identical up to float rounding, batch of two
-    with left padding (the mask path) and block compression during decode."""
+    with left padding (the mask path) and block compression during decode. The transform coder's
+    values (and its post-RoPE keys) are attended from their coefficients: p·Ĉ, then the basis."""
     ids = torch.randint(3, 128, (2, 70), generator=torch.Generator().manual_seed(3))
     ids[1, :9] = 0
     mask = torch.ones_like(ids)
@@ -82,6 +88,26 @@ def test_low_rank_factor_path_matches_reconstruct_on_read_with_padding(tiny_llam
         seq2, logits2 = greedy(tiny_llama, ids, LowRankCache(cfg, tiny_llama.config), n=10, attention_mask=mask)
     assert torch.equal(seq, seq2)
     assert (logits - logits2).abs().max() < 1e-4
+
+
+def test_calibrated_transform_latent_path_matches_reconstruct_and_reads_no_dense_values(tiny_llama, tmp_path,
+                                                                                      monkeypatch):
+    """A calibrated basis (batch 1, shared by the sequences): the same tokens on both paths, and the kvsvd
+    attention never rebuilds a value matrix (only the keys, pre-RoPE, are rebuilt and rotated)."""
+    from test_transform import calibrated
+    from kvsvd.methods.transform import TransformStore
+    _, cfg = calibrated(tiny_llama, tmp_path, 2, residual_length=4, block_size=8, block_tokens=16)
+    ids = torch.randint(3, 128, (2, 60), generator=torch.Generator().manual_seed(6))
+    seq, logits = greedy(tiny_llama, ids, LowRankCache(cfg, tiny_llama.config), n=10)
+    rebuilt = []
+    layer = TransformStore.layer
+    monkeypatch.setattr(TransformStore, "layer", lambda self, j, dtype: rebuilt.append(self) or layer(self, j, dtype))
+    with attn(tiny_llama, "kvsvd"):
+        cache = LowRankCache(cfg, tiny_llama.config)
+        seq2, logits2 = greedy(tiny_llama, ids, cache, n=10)
+    assert torch.equal(seq, seq2) and (logits - logits2).abs().max() < 1e-4
+    keys = {id(s.keys) for g in cache.groups for s in g.segments}
+    assert rebuilt and all(id(s) in keys for s in rebuilt)
 
 
 def test_multi_token_step_after_compression_is_causal(tiny_llama):

@@ -108,6 +108,13 @@ def test_attention_bench_on_a_random_weight_shape_uses_random_tokens(tmp_path):
     assert all(len(r["step_ms"]) == 6 for r in p["results"].values())
     assert p["results"]["factors"]["kv_ratio"] > 4
     assert (tmp_path / "tiny-llama-shaped_1024_post_rope_8x.json").exists()
+    t = attention.run(1024, decode_tokens=2, rounds=3, ratio=8, out=tmp_path, model_name="tiny-llama-shaped",
+                      method="transform")
+    assert t["config"]["method"] == "transform" and t["config"]["transform"]["ratio"] == 8
+    assert t["results"]["factors"]["kv_ratio"] == t["results"]["reconstruct"]["kv_ratio"] > 7
+    assert (tmp_path / "tiny-llama-shaped_1024_post_rope_8x_transform.json").exists()
+    with pytest.raises(ValueError, match="method='pca' is unknown; accepted: lowrank, transform"):
+        attention.run(1024, out=tmp_path, model_name="tiny-llama-shaped", method="pca")
     model = random_model("tiny-llama-shaped")
     assert model.config.rope_parameters["rope_type"] == "llama3" and model.config.num_key_value_heads == 2
     with pytest.raises(ValueError, match="random model 'llama-9b' is unknown; accepted: llama-3.1-8b-shaped"):
@@ -171,3 +178,31 @@ def test_gpu_script_commands_parse_and_fit_one_device_call():
     limits = [int(t) for t in re.findall(r"timeout (\d+)", script)]
     loops = len(re.findall(r"for T in (\d+) (\d+);", script)[0])
     assert sum(limits) + limits[-1] * (loops - 1) <= 570
+
+
+def test_operator_bench_attends_from_the_codes_exactly_as_over_the_rebuilt_cache(tmp_path, capsys):
+    """One decode step, Llama-3.1-8B-shaped, at a short context: every path on the same q, K, V; attention
+    from the codes gives what attention over the rebuilt K and V gives (the same stores), at the bytes asked."""
+    from kvsvd.bench import operator
+    p = operator.run((512,), (4.0, 16.0), repeats=1, out=tmp_path)
+    rows = {(r["path"], r.get("target_ratio")): r for r in p["rows"]}
+    assert set(rows) == {("dense SDPA", None), ("dense grouped matmul", None), ("dense FP32 grouped matmul", None),
+                         ("codes", 4.0), ("codes, keys rebuilt", 4.0), ("codes", 16.0), ("codes, keys rebuilt", 16.0)}
+    assert rows["dense SDPA", None]["bytes_per_step"] == 2 * 512 * 8 * 128 * 2
+    assert rows["dense FP32 grouped matmul", None]["ratio"] == 0.5
+    for ratio in (4.0, 16.0):
+        latent, rebuilt = rows["codes", ratio], rows["codes, keys rebuilt", ratio]
+        assert latent["ratio"] == pytest.approx(ratio, rel=0.02) and latent["bytes_per_step"] == rebuilt["bytes_per_step"]
+        assert latent["rel_error"] == pytest.approx(rebuilt["rel_error"], rel=1e-4)
+        assert latent["roofline_ms"] == pytest.approx(latent["bytes_per_step"] / p["bandwidth_gb_s"] / 1e6)
+    assert rows["codes", 4.0]["rel_error"] < rows["codes", 16.0]["rel_error"] < 1
+    assert rows["dense grouped matmul", None]["rel_error"] < 0.01  # bf16 K and V against FP32
+    assert p["shape"]["kv_heads"] == 8 and p["threads"] == torch.get_num_threads()
+    assert "codes, keys rebuilt" in operator.table(p) and (tmp_path / "cpu.json").exists()
+    assert operator.run((512,), out=tmp_path) == p  # on disk: not remeasured
+    with pytest.raises(ValueError, match=r"context_lengths \[100\] are out of range; accepted: integers >= 256"):
+        operator.run((100,), out=tmp_path)
+    with pytest.raises(FileNotFoundError, match="spectra_csv='/nowhere.csv' does not exist"):
+        operator.measured_spectrum("/nowhere.csv", "v")
+    spectrum = operator.measured_spectrum(kvsvd.__path__[0] + "/../results/analysis/spectra.csv", "v")
+    assert spectrum.shape == (128,) and spectrum[0] == 1 and bool((spectrum.diff() <= 1e-6).all())

@@ -142,16 +142,25 @@ def test_kvpress_pipeline_with_the_transform_defaults_at_8x_and_16x(smollm2, smo
     assert cache.memory_report()["ratio"] == pytest.approx(ratio, rel=0.05)
 
 
+@pytest.fixture(scope="module")
+def prefill_2048(smollm2):
+    """One recorded dense prefill of 2048 tokens of prose, replayed into each cache (``kvsvd.evaluate``)."""
+    from kvsvd.bench.kernels import natural_text
+    from kvsvd.evaluate import record_prefill
+    model, tok = smollm2
+    return record_prefill(model, tok(natural_text(16_000), return_tensors="pt").input_ids[:, :2048])
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("basis", ["prompt", "calibrated"])
-def test_the_transform_defaults_hold_their_bytes_at_every_headline_ratio(smollm2, smollm2_calibration, basis):
+def test_the_transform_defaults_hold_their_bytes_at_every_headline_ratio(smollm2, smollm2_calibration, prefill_2048,
+                                                                          basis):
     """config_for_ratio(r, 2048, model.config, method="transform") with nothing else (and the calibration,
     for the calibrated basis): groups of 5, the window of its ratio, the bytes asked for, every byte counted,
     no RoPE bytes (contiguous positions), the calibration beside the ratio."""
-    from kvsvd.bench.kernels import natural_text
     from kvsvd.config import config_for_ratio
-    model, tok = smollm2
-    ids = tok(natural_text(16_000), return_tensors="pt").input_ids[:, :2048]
+    from kvsvd.evaluate import replay_prefill
+    model, _ = smollm2
     extra = {"calibration_path": str(smollm2_calibration)} if basis == "calibrated" else {}
     for ratio in (2, 2.7, 4, 8, 16):
         cfg = config_for_ratio(ratio, 2048, model.config, method="transform", **extra)
@@ -159,7 +168,7 @@ def test_the_transform_defaults_hold_their_bytes_at_every_headline_ratio(smollm2
         assert (cfg.residual_length, cfg.block_size) == ((8, 32) if ratio >= 8 else (32, 512))
         cache = LowRankCache(cfg, model.config)
         with torch.no_grad():
-            model(ids, **with_cache(cache))
+            replay_prefill(model, prefill_2048, cache)
         cache.compress_pending()
         rep = cache.memory_report()
         assert rep["ratio"] == pytest.approx(ratio, rel=0.02), ratio

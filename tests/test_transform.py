@@ -394,3 +394,6 @@ def test_a_calibration_is_refused_for_another_model_grouping_or_a_missing_file(t
         config_for_ratio(2, 200, tiny_llama.config, method="transform", basis="calibrated")
     with pytest.raises(ValueError, match="calibration_path applies to method='pca' and to method='transform' with"):
         CompressionConfig(method="xkv", calibration_path=str(path))
+    with pytest.raises(ValueError, match="key_space='post_rope' does not fit basis='calibrated'"):
+        CompressionConfig(method="transform", key_space="post_rope", calibration_path=str(path),
+                          transform=TransformConfig(basis="calibrated"))

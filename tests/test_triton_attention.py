@@ -36,7 +36,7 @@ def test_kernel_reads_bf16_factors_as_stored_and_picks_its_own_tiling(kernel_dev
 def test_attend_dispatches_decode_steps_to_the_kernel_and_agrees_with_pytorch(kernel_device):
     g = torch.Generator().manual_seed(7)
     r = lambda *shape: torch.randn(*shape, generator=g).to(kernel_device)  # noqa: E731
-    k, v = Factors(r(1, 90, 12), r(1, 12, 3, 8), r(3, 8)), Factors(r(1, 90, 20), r(1, 20, 3, 8), r(3, 8))
+    k, v = Factors(r(1, 90, 12), r(1, 12, 3, 8), r(1, 3, 8)), Factors(r(1, 90, 20), r(1, 20, 3, 8), r(1, 3, 8))
     q = r(1, 3, 2, 1, 8)
     mask = torch.ones(1, 1, 1, 1, 90, dtype=torch.bool, device=kernel_device)
     assert kernel_applies(q, k, v, None) and not kernel_applies(q, k, v, mask)

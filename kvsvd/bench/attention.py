@@ -2,7 +2,8 @@
 
 - ``dense``: ``DynamicCache`` with SDPA;
 - ``reconstruct``: a LowRankCache read through SDPA (K/V rebuilt from the factors each step);
-- ``factors``: the same compressed cache with ``attn_implementation="kvsvd"`` (kvsvd.attention).
+- ``factors``: the same compressed cache with ``attn_implementation="kvsvd"`` (kvsvd.attention): low-rank
+  factors, or the transform coder's coefficients and basis rows (values always, keys when post-RoPE).
 
 ``model_name`` is ``smollm2-135m`` (its prose as context) or a ``models.RANDOM_SHAPES`` name such as
 ``llama-3.1-8b-shaped`` (random weights and random context tokens: the step time does not
@@ -12,7 +13,7 @@ The compressed cache is built once (prefill + compression) and deep-copied for t
 paths. Every path decodes the same teacher-forced tokens (the dense path's greedy output), so
 they do identical work; paths run in blocks, ``rounds`` times in rotated order, and the
 medians of all steps are compared. Writes ``results/attention/<model>_<tokens>_<key_space>.json``
-(an existing file is not remeasured unless ``force``).
+(``..._transform.json`` for the transform coder; an existing file is not remeasured unless ``force``).
 """
 
 from __future__ import annotations
@@ -52,9 +53,14 @@ def _decode(model, cache, tokens: list[int], start: int) -> list[float]:
 def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0, layer_group_size: int = 2,
         key_space: str = "post_rope", rounds: int = 2, out: str | Path = "results/attention",
         model_name: str = "smollm2-135m", model=None, tokenizer=None, force: bool = False,
-        device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
-    """One measurement (returned, and written as JSON); an existing file is returned unless ``force``."""
-    path = Path(out) / f"{model_name}_{context_tokens}_{key_space}_{ratio:g}x.json"
+        device: str = "cpu", dtype: torch.dtype = torch.float32, method: str = "lowrank") -> dict:
+    """One measurement (returned, and written as JSON); an existing file is returned unless ``force``.
+    ``method``: ``lowrank`` (per-layer SVD for ``layer_group_size`` 1, else xKV, factors in the model's
+    dtype) or ``transform`` (``config_for_ratio``'s transform defaults, ``layer_group_size`` ignored)."""
+    if method not in ("lowrank", "transform"):
+        raise ValueError(f"method={method!r} is unknown; accepted: lowrank, transform")
+    tag = "" if method == "lowrank" else f"_{method}"
+    path = Path(out) / f"{model_name}_{context_tokens}_{key_space}_{ratio:g}x{tag}.json"
     if path.exists() and not force:
         return json.loads(path.read_text())
     if model is None:
@@ -84,10 +90,13 @@ def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0,
                     position_ids=pos).logits
         tokens.append(int(nxt[0, -1].argmax()))
     crop_to(dense, context_tokens)  # back to the bare context
-    factor_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model.dtype]
-    cfg = config_for_ratio(ratio, context_tokens, model.config, method="svd" if layer_group_size == 1 else "xkv",
-                           layer_group_size=layer_group_size, key_space=key_space,
-                           factor_dtype=factor_dtype)  # factors at the model's dtype
+    if method == "transform":
+        cfg = config_for_ratio(ratio, context_tokens, model.config, method="transform", key_space=key_space)
+    else:
+        factor_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model.dtype]
+        cfg = config_for_ratio(ratio, context_tokens, model.config, method="svd" if layer_group_size == 1 else "xkv",
+                               layer_group_size=layer_group_size, key_space=key_space,
+                               factor_dtype=factor_dtype)  # factors at the model's dtype
     low = LowRankCache(cfg, model.config)
     model(ids, **with_cache(low), logits_to_keep=1)
     low.compress_pending()

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..accounting import ENTRY_BYTES, SCALE_BYTES
-from ..store import dequantize_rows, quantize_rows
+from ..store import Factors, dequantize_rows, quantize_rows
 from ..svd import get_svd, gram_matrix, svd_path
 from ..timing import StageTimer, maybe_stage
 
@@ -162,11 +162,20 @@ def quantize(c: Tensor, stats: Tensor, bits: int, block: int) -> Tensor:
     return q.flatten(1, 2)[:, :c.shape[1]]
 
 
-def dequantize(q: Tensor, stats: Tensor, bits: int, block: int) -> Tensor:
-    """Inverse of :func:`quantize` → float32 (B, T, r)."""
-    std, mean = stats.float().unsqueeze(2).unbind(-1)
-    x = (_blocks(q, block).float() - ((1 << (bits - 1)) - 0.5)) * (GAUSS_STEP[bits] * std) + mean
-    return x.flatten(1, 2)[:, :q.shape[1]]
+def dequantize(q: Tensor, stats: Tensor, bits: int, block: int, out: Tensor | None = None) -> Tensor:
+    """Inverse of :func:`quantize` → float32 (B, T, r): (q − 2^(bits−1) + ½)·step + mean, in place on one
+    float32 copy of the codes (``out``, a (B, T, r) float32 view, or a new tensor; whole blocks as a view,
+    a partial last block apart)."""
+    std, mean = stats.float().unbind(-1)                                       # (B, blocks, r)
+    step = GAUSS_STEP[bits] * std
+    B, T, r = q.shape
+    x = q.float() if out is None else out.copy_(q)
+    whole = T // block * block
+    for part, sl in ((x[:, :whole].view(B, -1, block, r), slice(None, T // block)),
+                     (x[:, whole:].unsqueeze(1), slice(T // block, None))):
+        if part.numel():
+            part.sub_((1 << (bits - 1)) - 0.5).mul_(step[:, sl, None]).add_(mean[:, sl, None])
+    return x
 
 
 # -- analysis, allocation, encoding -----------------------------------------------------------
@@ -298,14 +307,13 @@ class TransformStore:
 
     def coefficients(self) -> Tensor:
         """Ĉ float32 (B, T, kept) dequantised from the codes."""
-        parts, col = [], 0
+        out = torch.empty(self.stats.shape[0], self.tokens, self.stats.shape[2], device=self.mean.device)
+        col = 0
         for (bits, n), packed in zip(self.widths, self.codes):
             q = unpack_bits(packed, bits, self.tokens * n).reshape(-1, self.tokens, n)
-            parts.append(dequantize(q, self.stats[:, :, col:col + n], bits, self.block))
+            dequantize(q, self.stats[:, :, col:col + n], bits, self.block, out[..., col:col + n])
             col += n
-        if not parts:
-            return self.mean.new_zeros(self.mean.shape[0], self.tokens, 0, dtype=torch.float32)
-        return torch.cat(parts, -1)
+        return out
 
     def basis_rows(self, cols: slice) -> Tensor:
         """The basis rows of this store's columns, restricted to features ``cols``: (B, kept, ·) float32."""
@@ -320,13 +328,24 @@ class TransformStore:
             return basis.float()
         return dequantize_rows(basis, scale, 4 if packed else 8, stop - start, torch.float32)
 
-    def layer(self, j: int, dtype: torch.dtype) -> Tensor:
-        """Layer j's (B, T, F). The group's layers are read in turn within a forward: the dequantised
+    def _read(self, j: int) -> Tensor:
+        """Ĉ for layer j's read. The group's layers are read in turn within a forward: the dequantised
         coefficients are kept from one layer to the next and dropped after the last one."""
         c = self.decoded if self.decoded is not None else self.coefficients()
         self.decoded = c if j < self.mean.shape[-1] // self.features - 1 else None
+        return c
+
+    def layer(self, j: int, dtype: torch.dtype) -> Tensor:
+        """Layer j's (B, T, F) rebuilt: Ĉ·Vⱼᵀ + μⱼ."""
         cols = slice(j * self.features, (j + 1) * self.features)
-        return (c @ self.basis_rows(cols) + self.mean[..., cols].float()).to(dtype)
+        return (self._read(j) @ self.basis_rows(cols) + self.mean[..., cols].float()).to(dtype)
+
+    def latent(self, j: int, heads: int) -> Factors:
+        """Layer j as Factors: u = Ĉ (B, T, kept) float32, w its basis rows (B|1, kept, heads, d), mean
+        (B|1, heads, d): attention reads p·Ĉ and q·Vⱼ, never x."""
+        cols = slice(j * self.features, (j + 1) * self.features)
+        w = self.basis_rows(cols).unflatten(-1, (heads, self.features // heads))
+        return Factors(self._read(j), w, self.mean[:, 0, cols].float().unflatten(-1, (heads, -1)))
 
     def held(self) -> dict[str, list[Tensor]]:
         """The tensors this store holds by kind of ``kvsvd.accounting``; a store on another's basis
