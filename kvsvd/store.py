@@ -13,6 +13,7 @@ A *store* covers one token segment of one layer group for keys or values. Every 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -72,6 +73,22 @@ class Factors:
         if self.mean is not None:
             o = o + p.sum(-1, keepdim=True) * self.mean[:, :, None, None]
         return o
+
+
+@runtime_checkable
+class Store(Protocol):
+    """What every store provides: ``DenseStore``, ``LowRankStore``, ``MergedStore`` and
+    ``kvsvd.methods.transform.TransformStore`` (tests/test_attention.py loops over them)."""
+    path: str
+
+    def layer(self, j: int, dtype: torch.dtype) -> Tensor:
+        """Layer j of the group rebuilt: (B, T, F) in ``dtype``."""
+
+    def latent(self, j: int, heads: int) -> Factors | None:
+        """Layer j as x ≈ u·w (+ mean) for attention to read without rebuilding x, or None."""
+
+    def held(self) -> dict[str, list[Tensor]]:
+        """Every tensor held, by kind of ``kvsvd.accounting.KINDS``."""
 
 
 @dataclass

@@ -65,15 +65,41 @@ def test_full_rank_factor_path_matches_dense_attention(tiny_llama, method, G, ke
     assert sum(len(g.segments) for g in cache.groups) >= 2  # prefill segment + decode blocks
 
 
-@pytest.mark.parametrize("kw", [dict(method="xkv", layer_group_size=2, key_space="post_rope"),
-                                dict(method="xkv", layer_group_size=2, key_space="post_rope", factor_dtype="bf16"),
-                                dict(method="xkv", layer_group_size=2, key_space="pre_rope", factor_dtype="int8"),
-                                dict(method="svd", layer_group_size=1, key_space="post_rope", factor_dtype="int4"),
-                                dict(method="minicache", layer_group_size=2, start_layer=0),
-                                dict(method="transform", layer_group_size=2, key_space="pre_rope",
-                                     transform=TransformConfig(ratio=3.0, block_tokens=16)),
-                                dict(method="transform", layer_group_size=3, key_space="post_rope",
-                                     transform=TransformConfig(ratio=4.0, block_tokens=16))])
+STORE_CONFIGS = [dict(method="xkv", layer_group_size=2, key_space="post_rope"),
+                 dict(method="xkv", layer_group_size=2, key_space="post_rope", factor_dtype="bf16"),
+                 dict(method="xkv", layer_group_size=2, key_space="pre_rope", factor_dtype="int8"),
+                 dict(method="svd", layer_group_size=1, key_space="post_rope", factor_dtype="int4"),
+                 dict(method="minicache", layer_group_size=2, start_layer=0),
+                 dict(method="transform", layer_group_size=2, key_space="pre_rope",
+                      transform=TransformConfig(ratio=3.0, block_tokens=16)),
+                 dict(method="transform", layer_group_size=3, key_space="post_rope",
+                      transform=TransformConfig(ratio=4.0, block_tokens=16))]
+
+
+@pytest.mark.parametrize("kw", STORE_CONFIGS)
+def test_every_store_meets_the_protocol_and_its_latent_form_is_its_layer(tiny_llama, kw):
+    """Every segment's K and V store (dense sinks, low-rank factors, MiniCache merges, transform codes) has
+    path, layer, latent and held; where latent gives Factors, u·w + mean is the layer it rebuilds."""
+    from kvsvd.store import Store
+    cfg = CompressionConfig(rank_k=12, rank_v=20, residual_length=4, block_size=6, **kw)
+    cache = LowRankCache(cfg, tiny_llama.config)
+    greedy(tiny_llama, torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(8)), cache, n=8)
+    stores = [s for g in cache.groups for seg in g.segments for s in (seg.keys, seg.values)]
+    assert stores and all(isinstance(s, Store) and s.path and s.held() for s in stores)
+    latent = 0
+    for group in cache.groups:
+        for seg in group.segments:
+            for store in (seg.keys, seg.values):
+                for j in range(len(group.layers)):
+                    f = store.latent(j, 2)
+                    if f is not None:
+                        rebuilt = f.u.float() @ f.w.flatten(2) + (0 if f.mean is None else f.mean.flatten(1)[:, None])
+                        torch.testing.assert_close(rebuilt, store.layer(j, torch.float32), atol=1e-5, rtol=1e-5)
+                        latent += 1
+    assert (latent > 0) == (kw["method"] != "minicache")
+
+
+@pytest.mark.parametrize("kw", STORE_CONFIGS)
 def test_low_rank_factor_path_matches_reconstruct_on_read_with_padding(tiny_llama, kw):
     """Same compressed cache, two attention paths: identical up to float rounding, batch of two
     with left padding (the mask path) and block compression during decode. The transform coder's

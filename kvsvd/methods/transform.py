@@ -138,6 +138,8 @@ def block_stats(c: Tensor, block: int, scale: str = "unclipped") -> Tensor:
     """Scale and mean of every column per block of ``block`` tokens, rounded to bf16 as held:
     c (B, T, r) float32 → (B, ⌈T/block⌉, r, 2) bf16. The scale is σ (``std``), or max(σ, the
     largest |c − mean| / :data:`OVERLOAD_8`) (``unclipped``: an 8-bit code reaches every token)."""
+    if not c.shape[-1]:  # no column (a basis that kept none): no statistics
+        return c.new_zeros(c.shape[0], -(-c.shape[1] // block), 0, 2, dtype=torch.bfloat16)
     chunks = c.split(block, dim=1)
     mean = torch.stack([x.mean(1) for x in chunks], 1)
     std = torch.stack([x.std(1, correction=0) for x in chunks], 1)
