@@ -75,11 +75,18 @@ def converted_folder(alias: str) -> Path:
 
 
 def _save_converted(model, folder: Path) -> None:
-    """Write the converted weights and config atomically (a concurrent loader's copy, if first, is kept)."""
+    """Write the converted weights and config atomically (a concurrent loader's copy, if first, is kept).
+    transformers releases after 5.2 refuse to serialise a GGUF-loaded model: there nothing is kept."""
     import tempfile
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    model.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+    except ValueError as err:
+        if "not serializable" not in str(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     try:
         tmp.rename(folder)
     except OSError:  # another process wrote it first
