@@ -685,8 +685,9 @@ def attention_paths(R: Path):
                          "where": f"{p['model']} {p['context_tokens']} tok,\n{c['method']} G={c['layer_group_size']} "
                                   f"{c['key_space']} {fewer:.1f}×"})
     df = pd.DataFrame(rows)
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = plt.subplots(figsize=(max(8.0, 2.3 * df["where"].nunique()), 4.5))
     sns.barplot(df, x="where", y="ms", hue="path", ax=ax)
+    ax.tick_params(axis="x", labelsize=8)
     ax.set(xlabel="context and compressed cache", ylabel="decode ms / token (median)",
            title=f"Attention from the factors vs dense and reconstruct-on-read ({df['device'].iloc[0]})")
     ms = df.pivot_table(index="where", columns="path", values="ms")
