@@ -141,22 +141,23 @@ class LowRankStore:
         q, scale = quantize_rows(u, bits)
         return cls(q, w if shared_w else w.to(torch.bfloat16), features, label, scale, bits, u.shape[-1], mean)
 
+    def token_factor(self) -> Tensor:
+        """u as stored when float (no copy), int8/int4 ones dequantised to float32 (a copy)."""
+        return self.u if self.bits == 0 else dequantize_rows(self.u, self.scale, self.bits, self.rank, torch.float32)
+
     def layer(self, j: int, dtype: torch.dtype) -> Tensor:
         cols = slice(j * self.features, (j + 1) * self.features)
-        u = self.u if self.bits == 0 else dequantize_rows(self.u, self.scale, self.bits, self.rank, torch.float32)
-        out = u.to(torch.float32) @ self.w[..., cols].to(torch.float32)
+        out = self.token_factor().to(torch.float32) @ self.w[..., cols].to(torch.float32)
         if self.mean is not None:
             out = out + self.mean[..., cols].to(torch.float32)
         return out.to(dtype)
 
     def latent(self, j: int, heads: int) -> Factors:
-        """Float token factors as stored (no per-step copy); int8/int4 ones dequantised to float32 (a copy
-        each step: a fused dequantising kernel would avoid it)."""
+        """The :meth:`token_factor` (int8/int4 ones dequantised each step: a fused kernel would avoid it)."""
         cols = slice(j * self.features, (j + 1) * self.features)
-        u = self.u if self.bits == 0 else dequantize_rows(self.u, self.scale, self.bits, self.rank, torch.float32)
         w = self.w[..., cols].float().unflatten(-1, (heads, self.features // heads))
         mean = None if self.mean is None else self.mean[:, 0, cols].float().unflatten(-1, (heads, -1))
-        return Factors(u, w, mean)
+        return Factors(self.token_factor(), w, mean)
 
     def held(self) -> dict[str, list[Tensor]]:
         out: dict[str, list[Tensor]] = {"factors": [self.u]}
