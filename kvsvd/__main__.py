@@ -67,14 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     figs = sub.add_parser("figures", help="redraw every figure from saved results (no model, no computation)")
     figs.add_argument("--results", default="results", help="results folder (figures go to RESULTS/figures)")
     ev = sub.add_parser("eval", help="run (or resume) an evaluation grid from a YAML config")
-    ev.add_argument("config", help="grid YAML (see kvsvd.grid)")
+    ev.add_argument("config", help="grid YAML (see kvsvd.gridspec)")
     ev.add_argument("--minutes", type=float, default=None,
                     help="stop at the first cell boundary after N minutes (every finished row written); "
                          "the same command resumes")
     ev.add_argument("--dry-run", action="store_true",
                     help="print the cells left by length and method and their estimated time; run nothing")
     seal = sub.add_parser("seal", help="move a finished context length's rows into a read-only gzip part")
-    seal.add_argument("config", help="grid YAML (see kvsvd.grid)")
+    seal.add_argument("config", help="grid YAML (see kvsvd.gridspec)")
     seal.add_argument("context_length", type=int, help="one of the grid's context_lengths, every cell finished")
     rep = sub.add_parser("report", help="score tables and goal checks of a grid's results (markdown)")
     rep.add_argument("results_file", help="a grid's JSONL results")
@@ -113,17 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "calibrate":
         from .calibrate import CALIBRATION_TOKENS, calibrate, calibration_text, default_path
-        from .config import DEFAULT_GROUP_SIZE
+        from .methods import TRANSFORM
         from .models import load_model
         model, tok = load_model(args.model)
-        G = args.layer_group_size or DEFAULT_GROUP_SIZE["transform"]
+        G = args.layer_group_size or TRANSFORM.group_size
         out = args.out or default_path(model.config, G, args.start_layer)
         texts = calibration_text(tok, args.tokens or CALIBRATION_TOKENS)
         path = calibrate(model, tok, texts, None, None, out, layer_group_size=G, start_layer=args.start_layer)
         print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB, {len(texts)} texts)")
         return 0
     if args.command == "seal":
-        from .grid import seal
+        from .results import seal
         print(seal(args.config, args.context_length))
         return 0
 

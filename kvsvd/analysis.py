@@ -17,7 +17,6 @@ from tqdm.auto import tqdm
 from . import accounting
 from .accounting import DENSE_ENTRY_BYTES, factor_entry_bytes
 from .config import CompressionConfig
-from .methods import COMPRESSORS
 from .rope import apply_rope
 
 Tensor = torch.Tensor
@@ -242,12 +241,12 @@ def compressibility(sample: KVSample, *, kinds=KINDS, groups=(1, 2, 4, 8), ratio
             raise ValueError(f"groups: G={G} does not divide the {len(layers)} analysed layers")
         # a budget that affords more than full rank is met exactly at full rank (measured ratio is higher)
         rank = min(rank_for_ratio(ratio, T, G * F, fdt), T, G * F)
-        cfg = CompressionConfig(method=method, layer_group_size=G, rank_k=rank, rank_v=rank, factor_dtype=fdt,
-                                n_iter=n_iter, calibration_path="in-memory" if method == "pca" else None)
+        own = {"calibration_path": "in-memory"} if method == "pca" else {"n_iter": n_iter}  # pca runs no SVD
+        cfg = CompressionConfig(method=method, layer_group_size=G, rank_k=rank, rank_v=rank, factor_dtype=fdt, **own)
         for g0 in range(layers.start, layers.stop, G):
             ls = list(range(g0, g0 + G))
             x = torch.stack([sample.matrix(kind, l) for l in ls], 1)[None]             # (1, T, G, F)
-            store = COMPRESSORS[method](x, rank, cfg, kind=kind[0], layers=ls, heads=sample.kv_heads,
+            store = cfg.spec.compress(x, rank, cfg, kind=kind[0], layers=ls, heads=sample.kv_heads,
                                         calibration=calibration)
             held = held_bytes(store)  # pca: its calibrated basis and mean count too (as large as svd's w)
             for j, l in enumerate(ls):

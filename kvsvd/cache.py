@@ -14,9 +14,9 @@ Timeline of one group:
 - later tokens (question, decode) append to the residual; whenever it holds more than
   residual_length + block_size tokens, the oldest block_size become a new segment.
 
-``transform`` codes every group's prefill in one call (:meth:`LowRankCache.transform_code`):
-one bit allocation spends the whole cache's byte budget over all groups, K and V; the first
-``sink_tokens`` of the timeline stay dense as a segment of their own.
+Each method compresses through its ``kvsvd.methods`` entry (``Method.code``). ``transform`` codes every
+group's prefill in one call (``Transform.code``): one bit allocation spends the whole cache's byte budget
+over all groups, K and V; the first ``sink_tokens`` of the timeline stay dense as a segment of their own.
 
 Everything kept dense (the residual window, uncompressed layers) is stored in
 ``config.dense_dtype`` (bf16 by default, what a 16-bit serving cache holds) and read back in the
@@ -37,7 +37,6 @@ can be assigned, so kvpress presses and its pipeline use this cache unchanged.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,12 +45,9 @@ from transformers.cache_utils import Cache
 
 from . import accounting, compat
 from .accounting import STORAGE_DTYPES
-from .config import CompressionConfig, dense_bytes
+from .config import CompressionConfig
 from .dense import StoredLayer, StoredSlidingLayer, with_fresh
-from .methods import COMPRESSORS, transform
 from .rope import apply_rope, invert_rope
-from .store import DenseStore
-from .timing import StageTimer
 
 Tensor = torch.Tensor
 
@@ -182,17 +178,17 @@ class LayerGroup:
         self.rebuilt: dict[tuple[int, bool, torch.dtype], tuple[int, Tensor]] = {}  # memoize_reads: n_segments, read
 
     def compress_pending(self) -> None:
-        """Compress the stored prefill (all but the last residual_length tokens); ``transform``
-        codes every group's prefill at once (one allocation)."""
+        """Compress the stored prefill (all but the last residual_length tokens); a joint method
+        (``transform``) codes every group's prefill at once (one allocation)."""
         if not self.prefill_pending:
             return
-        if self.cache.config.method == "transform":
+        if self.cache.method.joint:
             self.cache.compress_pending()
             return
         self.prefill_pending = False
         n = self.pending_tokens()
         if n > 0:
-            self._compress_oldest(n)
+            self.cache.method.code(self.cache, [(self, n)], whole_cache=True)
 
     def pending_tokens(self) -> int:
         """Prefill tokens beyond the residual window (the same in every member)."""
@@ -205,7 +201,7 @@ class LayerGroup:
     def maybe_compress_block(self) -> None:
         cfg = self.cache.config
         while self.members[0].residual_length() > cfg.residual_length + cfg.block_size:
-            self._compress_oldest(cfg.block_size)
+            self.cache.method.code(self.cache, [(self, cfg.block_size)], whole_cache=False)
 
     def take_oldest(self, n: int) -> tuple[Tensor, Tensor]:
         """Remove the n oldest residual tokens of every member: K (un-rotated for pre_rope) and V as
@@ -230,23 +226,6 @@ class LayerGroup:
         """Append the stores of the next n tokens of the timeline."""
         self.segments.append(Segment(self.compressed_length, n, keys, values))
         self.compressed_length += n
-
-    def _compress_oldest(self, n: int) -> None:
-        cfg, cache = self.cache.config, self.cache
-        if cfg.method == "transform":
-            cache.transform_code([(self, n)], whole_cache=False)
-            return
-        k, v = self.take_oldest(n)
-        timer = StageTimer()
-        t0 = time.perf_counter()
-        kw = dict(layers=self.layers, heads=cache.shape.kv_heads, calibration=cache.calibration, timer=timer)
-        store_k = COMPRESSORS[cfg.method](k, cfg.rank_k, cfg, kind="k", **kw)
-        store_v = COMPRESSORS[cfg.method](v, cfg.rank_v, cfg, kind="v", **kw)
-        if k.device.type == "cuda":
-            torch.cuda.synchronize()
-        cache.compression_log.append({"layers": self.layers, "tokens": n, "ms": (time.perf_counter() - t0) * 1e3,
-                                      "breakdown_ms": timer.breakdown_ms(), "paths": [store_k.path, store_v.path]})
-        self.add_segment(n, store_k, store_v)
 
     def read(self, j: int, values: bool, dtype: torch.dtype) -> Tensor | None:
         """Layer j's compressed tokens rebuilt densely: (B, H, T_compressed, d), or None. With
@@ -419,10 +398,9 @@ class LowRankCache(Cache):
     """
 
     def __init__(self, config: CompressionConfig, model_config, *, memoize_reads: bool = False) -> None:
-        from .calibrate import Calibration
-
         text = model_config.get_text_config(decoder=True)
         self.config = config
+        self.method = config.spec
         self.model_config = model_config
         self.text_config = text
         self.memoize_reads = memoize_reads
@@ -443,28 +421,18 @@ class LowRankCache(Cache):
         if not n:
             raise ValueError(f"start_layer={config.start_layer}, end_layer={config.end_layer} hold no full-attention "
                              "layer to compress; accepted: a range with at least one")
-        if n % G and config.method != "transform":  # rank budgets are per group of G layers
+        if n % G and not self.method.joint:  # rank budgets are per group of G layers
             raise ValueError(f"layer_group_size={G} does not divide the {n} full-attention layers of "
                              f"[{config.start_layer}, {end}]; accepted: a divisor of {n}, or change start/end_layer "
                              "(method='transform' codes the remainder as a smaller group)")
         features = G * shape.features
-        if config.method in ("svd", "xkv", "pca", "transform"):
+        if "rank_k" in self.method.fields:
             for name in ("rank_k", "rank_v"):
                 if getattr(config, name) > features:
                     raise ValueError(f"{name}={getattr(config, name)} exceeds the {features} features of a group "
                                      f"({G} layers × {shape.kv_heads} heads × {shape.head_dim}); accepted: "
                                      f"[1, {features}]")
-        self.calibration = (Calibration.load(config.calibration_path, model_config, config.rank_k, config.rank_v)
-                            if config.method == "pca" else None)
-        # the calibrated transform basis of each group and kind, held once per model (batch 1)
-        self.calibrated: dict[tuple[int, str], transform.TransformStore] = {}
-        if config.method == "transform" and config.transform.basis == "calibrated":
-            calibration = Calibration.load(config.calibration_path, model_config, config.rank_k, config.rank_v, groups)
-            for group in groups:
-                for kind, rank in (("k", config.rank_k), ("v", config.rank_v)):
-                    mean, basis = calibration.basis(group[0], kind)
-                    self.calibrated[group[0], kind] = transform.calibration_store(
-                        mean, basis[:, :rank], shape.features, config.transform.basis_dtype)
+        self.calibration = self.method.prepare(self, groups)  # what the method holds once per model, or None
         self.first_compressed_layer = groups[0][0]
         self.rope = RopeTable(text, shape.layer_types[self.first_compressed_layer])
         self.compression_log: list[dict] = []
@@ -495,7 +463,7 @@ class LowRankCache(Cache):
 
     def compress_pending(self) -> None:
         """Compress every group's stored prefill now (otherwise the next forward does it)."""
-        if self.config.method != "transform":
+        if not self.method.joint:
             for group in self.groups:
                 group.compress_pending()
             return
@@ -504,69 +472,7 @@ class LowRankCache(Cache):
             if group.prefill_pending:
                 group.prefill_pending = False
                 jobs.append((group, group.pending_tokens()))
-        self.transform_code([(g, n) for g, n in jobs if n > 0], whole_cache=True)
-
-    def transform_code(self, jobs: list[tuple[LayerGroup, int]], whole_cache: bool) -> None:
-        """Transform-code the n oldest residual tokens of each (group, n) in one allocation
-        (``kvsvd.methods.transform``). The first ``sink_tokens`` of the timeline become dense
-        segments. ``whole_cache``: the budget is what leaves the whole cache at 1/ratio of its
-        16-bit bytes (every other tensor held counted as it is); otherwise 1/ratio of these tokens',
-        coded on the basis of the group's first coded segment."""
-        cfg, tc = self.config, self.config.transform
-        live = [layer for layer in self.layers if layer.is_initialized]
-        tokens = max((layer.get_seq_length() for layer in live), default=0)
-        matrices, owners = [], []
-        for group, n in jobs:
-            sinks = min(n, max(0, tc.sink_tokens - group.compressed_length))
-            if sinks:
-                k, v = group.take_oldest(sinks)
-                group.add_segment(sinks, DenseStore.build(k, cfg.dense_dtype), DenseStore.build(v, cfg.dense_dtype))
-            if n > sinks:
-                k, v = group.take_oldest(n - sinks)
-                matrices += [(k, cfg.rank_k, "k", group.layers, self._shared_basis(group, "k", whole_cache, k.device)),
-                             (v, cfg.rank_v, "v", group.layers, self._shared_basis(group, "v", whole_cache, k.device))]
-                owners.append((group, n - sinks))
-        if not owners:
-            return
-        if whole_cache:  # up to block_size reserved tokens will wait dense (a sliding layer up to its window);
-            reserve = min(tc.reserve_tokens, cfg.block_size)  # later ones are coded in blocks at 1/ratio of theirs
-            grown = (dense_bytes(self.model_config, tokens + reserve, [], 0, cfg.dense_dtype)
-                     - dense_bytes(self.model_config, tokens, [], 0, cfg.dense_dtype))
-            tokens += reserve
-            dense16 = accounting.dense16_bytes(self.model_config, tokens, live[0].batch)
-            held = accounting.report(self.held_tensors(), dense16)["total_bytes"] + live[0].batch * grown
-            budget = dense16 / tc.ratio - held
-            if budget <= 0:
-                raise ValueError(f"ratio={tc.ratio} is out of reach: the sinks, residual windows, RoPE positions, "
-                                 f"uncompressed layers and reserved tokens alone hold {held:.0f} of the "
-                                 f"{dense16 / tc.ratio:.0f} bytes it allows at {tokens} tokens; accepted: ratio < "
-                                 f"{dense16 / held:.2f}, or fewer sink_tokens / residual_length")
-        else:
-            budget = sum(x.numel() * accounting.DENSE_ENTRY_BYTES for x, *_ in matrices) / tc.ratio
-        timer = StageTimer()
-        t0 = time.perf_counter()
-        stores, lam = transform.compress(matrices, cfg, budget, timer)
-        if matrices[0][0].device.type == "cuda":
-            torch.cuda.synchronize()
-        self.compression_log.append({"layers": [l for g, _ in owners for l in g.layers],
-                                     "tokens": sum(n for _, n in owners), "ms": (time.perf_counter() - t0) * 1e3,
-                                     "breakdown_ms": timer.breakdown_ms(), "paths": [s.path for s in stores],
-                                     "budget_bytes": budget, "lambda": lam,
-                                     "allocation": [s.allocation for s in stores]})
-        for i, (group, n) in enumerate(owners):
-            group.add_segment(n, stores[2 * i], stores[2 * i + 1])
-
-    def _shared_basis(self, group: LayerGroup, kind: str, prefill: bool,
-                      device: torch.device) -> "transform.TransformStore | None":
-        """The store whose basis and mean a new segment of ``group`` is coded on: the calibrated one, else
-        (a later block) the group's first coded segment's; None: the segment fits a basis of its own."""
-        if self.calibrated:
-            store = self.calibrated[group.layers[0], kind] = self.calibrated[group.layers[0], kind].to(device)
-            return store
-        if prefill:
-            return None
-        first = next((seg for seg in group.segments if isinstance(seg.keys, transform.TransformStore)), None)
-        return None if first is None else (first.keys if kind == "k" else first.values)
+        self.method.code(self, [(g, n) for g, n in jobs if n > 0], whole_cache=True)
 
     def reorder_cache(self, beam_idx: Tensor) -> None:
         raise NotImplementedError("LowRankCache does not support beam search (reorder_cache): use num_beams=1")
@@ -603,8 +509,7 @@ class LowRankCache(Cache):
                     for kind, ts in store.held().items():
                         out[kind] += ts
         out["rope"] += self.rope.tensors()
-        for store in self.calibrated.values():
-            out["calibration"] += store.held()["calibration"]
+        out["calibration"] += self.method.held_once(self.calibration)
         out[accounting.REBUILT] = [t for g in self.groups for _, t in g.rebuilt.values()]
         return out
 

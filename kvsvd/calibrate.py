@@ -4,7 +4,9 @@ coder's ``basis="calibrated"`` (its layer groups), written with safetensors and 
 The file holds, per group of layers whose first layer is g, ``{g}.k_mean`` (G·F,), ``{g}.k_basis``
 (G·F, r_k), ``{g}.v_mean``, ``{g}.v_basis`` (G·F, r_v), float32, F = kv_heads · head_dim, the
 principal directions of the group's K (or V) of every layer side by side, ordered by explained
-variance. Its metadata names the model (its folder's name), its shape, the layer grouping, the ranks,
+variance, and ``{g}.k_weight`` / ``{g}.v_weight`` (G·F,): what an error of one unit in each feature
+costs downstream (:func:`sensitivity`), each kind at mean 1 over the model. Its metadata names the
+model (its folder's name), its shape, the layer grouping, the ranks,
 the calibration tokens and the kvsvd version; a file made for another model, shape or grouping is
 refused. Keys are calibrated pre-RoPE (the k_proj output), as LowRankCache compresses them with
 ``key_space="pre_rope"``.
@@ -26,7 +28,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .accounting import ModelShape
-from .models import capture_kv, model_cache
+from .models import capture_projections, model_cache
 
 CALIBRATION_TOKENS = 8192  # default calibration tokens: 4 texts of 2048
 CALIBRATION_CONTEXT = 2048
@@ -64,12 +66,37 @@ def principal_directions(sum_x: torch.Tensor, sum_xx: torch.Tensor, n: int) -> t
     return mean.float(), basis.float()
 
 
+def sensitivity(model, q_energy: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, what a squared error of one unit in each K (or V) feature (kv_heads · head_dim,) costs,
+    float32, from the layer's mean squared pre-RoPE queries ``q_energy`` (heads · head_dim,) and its o_proj:
+
+    - a key error e changes the scores of the query heads that share its KV head by q·R e, R the RoPE
+      rotation between their positions; over relative positions a rotated pair keeps half its energy, so
+      E[(q·R e)²] = Σ over the pair's dims of e² · (E q_i² + E q_j²)/2, summed over those query heads;
+    - a value error e moves each of those heads' attention output by p·e and the layer's output by
+      W_o (p·e): its cost per feature is the squared norm of W_o's columns of those heads.
+
+    GQA: query head h reads KV head h // (heads / kv_heads), as transformers' repeat_kv lays them out."""
+    shape = ModelShape.of(model.config)
+    H, d = q_energy[0].numel() // shape.head_dim, shape.head_dim
+    rep = H // shape.kv_heads
+    k_out, v_out = [], []
+    for layer, q2 in zip(model.model.layers, q_energy):
+        q2 = q2.reshape(H, d)
+        paired = (q2 + q2.roll(d // 2, -1)) / 2  # rotate_half pairs dim i with i + d/2
+        k_out.append(paired.reshape(shape.kv_heads, rep, d).sum(1).flatten().float())
+        w = layer.self_attn.o_proj.weight.detach().float().square().sum(0)          # (H·d,)
+        v_out.append(w.reshape(shape.kv_heads, rep, d).sum(1).flatten())
+    return k_out, v_out
+
+
 @torch.no_grad()
 def calibrate(model, tokenizer, texts: list[str], rank_k: int | None, rank_v: int | None, path: str | Path,
               max_tokens: int = CALIBRATION_CONTEXT, *, layer_group_size: int = 1, start_layer: int = 0) -> Path:
     """Per group of ``layer_group_size`` layers from ``start_layer`` on (the last group smaller when the
     count does not divide), the mean and the top ``rank_k`` / ``rank_v`` principal directions (None:
-    all G·F of the group) of pre-RoPE K and of V over ``texts`` (each cut at ``max_tokens`` tokens)."""
+    all G·F of the group) of pre-RoPE K and of V over ``texts`` (each cut at ``max_tokens`` tokens), and each
+    feature's :func:`sensitivity` (from the same texts' queries)."""
     fp = _fingerprint(model.config)
     L, F = fp["num_hidden_layers"], fp["num_key_value_heads"] * fp["head_dim"]
     if isinstance(layer_group_size, bool) or not isinstance(layer_group_size, int) or not 1 <= layer_group_size <= L:
@@ -86,11 +113,13 @@ def calibrate(model, tokenizer, texts: list[str], rank_k: int | None, rank_v: in
     if not texts:
         raise ValueError("texts is empty; accepted: at least one calibration text")
     sums: dict[str, list[torch.Tensor]] = {}
+    q_energy = [0.0] * L
     n = 0
     for text in tqdm(texts, desc="calibration texts", leave=False):
         ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens].to(model.device)
-        keys, values = capture_kv(model, ids)
-        for kind, xs in (("k", keys), ("v", values)):
+        captured = capture_projections(model, ids)
+        q_energy = [e + q.square().sum((0, 1)).double().cpu() for e, q in zip(q_energy, captured["q_proj"])]
+        for kind, xs in (("k", captured["k_proj"]), ("v", captured["v_proj"])):
             for group in groups:
                 x = torch.cat([xs[l].reshape(-1, F) for l in group], -1).double()  # (T, G·F)
                 s1, s2 = sums.setdefault(f"{group[0]}.{kind}", [torch.zeros(x.shape[1], dtype=torch.float64),
@@ -103,12 +132,18 @@ def calibrate(model, tokenizer, texts: list[str], rank_k: int | None, rank_v: in
         mean, basis = principal_directions(s1, s2, n)
         tensors[f"{key}_mean"] = mean.contiguous()
         tensors[f"{key}_basis"] = basis[:, :ranks[key[-1]] or len(mean)].contiguous()
+    for kind, per_layer in zip("kv", sensitivity(model, [e / n for e in q_energy])):
+        scale = torch.cat([per_layer[l] for g in groups for l in g]).mean()
+        for g in groups:
+            tensors[f"{g[0]}.{kind}_weight"] = (torch.cat([per_layer[l] for l in g]) / scale).contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     from . import __version__
     meta = {**fp, "groups": groups, "rank_k": ranks["k"], "rank_v": ranks["v"], "tokens": n, "key_space": "pre_rope",
-            "kvsvd_version": __version__}
-    save_file(tensors, str(path), metadata={"kvsvd": json.dumps(meta)})
+            "weights": True, "kvsvd_version": __version__}
+    tmp = path.with_name(path.name + ".tmp")  # a reader of the old file never sees a partial one
+    save_file(tensors, str(tmp), metadata={"kvsvd": json.dumps(meta)})
+    tmp.replace(path)
     return path
 
 
@@ -122,9 +157,10 @@ def default_path(model_config, layer_group_size: int, start_layer: int = 0) -> P
 
 
 def ensure(model, tokenizer, layer_group_size: int, start_layer: int = 0, tokens: int = CALIBRATION_TOKENS) -> Path:
-    """:func:`default_path`, written by :func:`calibrate` on :func:`calibration_text` if it is not there yet."""
+    """:func:`default_path`, written by :func:`calibrate` on :func:`calibration_text` if it is not there yet
+    (or was made before files held sensitivity weights)."""
     path = default_path(model.config, layer_group_size, start_layer)
-    if not path.is_file():
+    if not path.is_file() or not Calibration.read(path)[1].get("weights"):
         calibrate(model, tokenizer, calibration_text(tokenizer, tokens), None, None, path,
                   layer_group_size=layer_group_size, start_layer=start_layer)
     return path
@@ -139,16 +175,20 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path, model_config, rank_k: int, rank_v: int,
-             groups: list[list[int]] | None = None) -> "Calibration":
+             groups: list[list[int]] | None = None, weights: bool = False) -> "Calibration":
         """Refuses a missing file, one made for another model or shape, ranks above the calibrated ones,
-        and (given ``groups``, the cache's layer groups) a file whose grouping does not hold them."""
+        and (given ``groups``, the cache's layer groups) a file whose grouping does not hold them. The
+        sensitivity weights are read only when asked for (``weights``), and refused if the file has none."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"calibration_path={str(path)!r} does not exist; write it with "
                                     "`python -m kvsvd calibrate MODEL` or kvsvd.calibrate")
-        with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {}).get("kvsvd", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors, meta = cls.read(path)
+        if not weights:
+            tensors = {k: v for k, v in tensors.items() if not k.endswith("_weight")}
+        elif not meta.get("weights"):
+            raise ValueError(f"calibration_path={str(path)!r} holds no sensitivity weights (made by an earlier kvsvd); "
+                             "write it anew with `python -m kvsvd calibrate MODEL`")
         fp = _fingerprint(model_config)
         wrong = {k: (meta.get(k), v) for k, v in fp.items() if meta.get(k) != v}
         if wrong:
@@ -165,5 +205,16 @@ class Calibration:
                                  f"accepted: [1, {meta[name]}]")
         return cls(tensors, meta)
 
+    @staticmethod
+    def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+        """The file's tensors and its kvsvd metadata."""
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("kvsvd", "{}"))
+
     def basis(self, first_layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tensors[f"{first_layer}.{kind}_mean"], self.tensors[f"{first_layer}.{kind}_basis"]
+
+    def weight(self, first_layer: int, kind: str) -> torch.Tensor:
+        """The group's feature :func:`sensitivity` (G·F,), at mean 1 over the model's layers of ``kind`` (a
+        calibration loaded with ``weights=True``)."""
+        return self.tensors[f"{first_layer}.{kind}_weight"]

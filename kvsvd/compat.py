@@ -27,6 +27,8 @@ from transformers.cache_utils import CacheLayerMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from .accounting import ModelShape
+
 Tensor = torch.Tensor
 
 CACHE_ARG = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
@@ -80,7 +82,7 @@ def _inverse_frequencies(text_config, layer_type: str = "full_attention") -> tup
     params = params[layer_type] if per_type else params
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
-        d = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        d = ModelShape.of(text_config).head_dim
         return 1.0 / (params["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d)), 1.0
     if rope_type == "dynamic" or rope_type not in ROPE_INIT_FUNCTIONS:
         raise ValueError(f"rope_type={rope_type!r}: this transformers does not pass cos/sin to the cache, and "

@@ -494,7 +494,7 @@ def basis_vs_context(R: Path):
 # ---------------------------------------------------------------- notebook 04: RULER and latency
 
 def _eval(R: Path) -> pd.DataFrame:
-    from .grid import load_results
+    from .results import load_results
     from .report import tidy
     frames = [load_results(p) for p in sorted((R / "eval").glob("*.jsonl"))]
     return tidy(pd.concat([f for f in frames if not f.empty], ignore_index=True))
@@ -699,7 +699,7 @@ def attention_paths(R: Path):
 
 @figure("04_target_grid", "eval_targets/*.jsonl")
 def target_grid(R: Path):
-    from .grid import load_results
+    from .results import load_results
     from .report import headline, score_table, task_columns, tidy
     df = tidy(pd.concat([load_results(p) for p in sorted((R / "eval_targets").glob("*.jsonl"))], ignore_index=True))
     lengths = sorted(set(df["context_length"]))
@@ -747,7 +747,7 @@ def _series(label: str) -> str:
 
 @figure("04_frontier", "eval_frontier/*.jsonl")
 def frontier_grid(R: Path):
-    from .grid import load_results
+    from .results import load_results
     from .report import headline, score_table, tidy
     df = tidy(pd.concat([load_results(p) for p in sorted((R / "eval_frontier").glob("*.jsonl"))], ignore_index=True))
     lengths = sorted(set(df["context_length"]))

@@ -24,11 +24,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import DEFAULT_GROUP_SIZE
+from . import gridspec
+from .methods import METHODS
 
-FAMILY = {"none": "dense", "dense16": "dense 16-bit", "press": "kvpress", "quantized": "quantized cache",
-          "turboquant": "quantized cache", "svd": "kvsvd", "xkv": "kvsvd", "minicache": "kvsvd", "pca": "kvsvd",
-          "transform": "kvsvd transform"}
 TARGETS = (2, 2.7, 4, 8, 16)  # headline 16-bit ratios
 MATCH = 0.15  # a method is at a target ratio when its measured ratio is within 15% of it
 REPORTED_ONLY = ("vt",)  # SmolLM2 scores ~0 on vt even dense: reported, not averaged into the headline
@@ -39,7 +37,7 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     requested (the 16-bit ratio asked for), budget (``4x``, or ``4x of fp32`` for rows budgeted against
     an FP32 cache), group_size; one row per (label, task, length, sample)."""
     df = df.copy()
-    df["family"] = df["m_method"].map(FAMILY)
+    df["family"] = df["m_method"].map(gridspec.family)
     df["n_iter"] = df["m_n_iter"].fillna(2).astype(int) if "m_n_iter" in df else 2
     df["svd_fn"] = df["m_svd"].fillna("rsvd") if "m_svd" in df else "rsvd"
     df["key_space"] = df["m_key_space"].fillna("pre_rope") if "m_key_space" in df else "pre_rope"
@@ -49,7 +47,7 @@ def tidy(df: pd.DataFrame) -> pd.DataFrame:
     if "m_fp32_ratio" in df:  # rows budgeted against an FP32 cache
         budget = budget.fillna(df["m_fp32_ratio"].map(lambda r: f"{r:g}x of fp32" if r == r else None))
     df["budget"] = budget
-    default_g = df["m_method"].map(DEFAULT_GROUP_SIZE)
+    default_g = df["m_method"].map({name: m.group_size for name, m in METHODS.items()})
     df["group_size"] = df["m_layer_group_size"].fillna(default_g) if "m_layer_group_size" in df else default_g
     return df.drop_duplicates(subset=["label", "task", "context_length", "index"])
 
@@ -203,7 +201,7 @@ def _best(g: dict, key: str) -> str:
 
 def markdown(path: str | Path) -> str:
     """Every context length of a results file: its score table, headline and goal checks, as markdown."""
-    from .grid import load_results
+    from .results import load_results
     df = tidy(load_results(path))
     parts = []
     for L in sorted(set(df["context_length"])):

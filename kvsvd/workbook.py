@@ -186,10 +186,9 @@ def explore_group(sample: analysis.KVSample, *, kind: str, rank: int, n_iter: in
     start = first_layer if first_layer is not None else (L - G) // 2
     cfg = CompressionConfig(method="svd" if G == 1 else "xkv", layer_group_size=G, rank_k=rank, rank_v=rank,
                             n_iter=n_iter)
-    from .methods import COMPRESSORS
     layers = list(range(start, start + G))
     x = torch.stack([sample.matrix(kind, l) for l in layers], 1)[None]
-    store, timer, _ = _timed(("group", cfg.method, tuple(x.shape)), lambda timer: COMPRESSORS[cfg.method](
+    store, timer, _ = _timed(("group", cfg.method, tuple(x.shape)), lambda timer: cfg.spec.compress(
         x, rank, cfg, kind=kind[0], layers=layers, heads=sample.kv_heads, timer=timer))
     rows = []
     for j, l in enumerate(layers):

@@ -9,7 +9,7 @@ from transformers import DynamicCache, QuantizedCache
 from kvsvd import accounting
 from kvsvd.compat import with_cache
 from kvsvd.dense import Dense16Cache
-from kvsvd.grid import validate_row
+from kvsvd.results import validate_row
 from conftest import held_storage_bytes
 
 pytestmark = pytest.mark.core  # also run in the current environment

@@ -65,15 +65,16 @@ def test_full_rank_factor_path_matches_dense_attention(tiny_llama, method, G, ke
     assert sum(len(g.segments) for g in cache.groups) >= 2  # prefill segment + decode blocks
 
 
-STORE_CONFIGS = [dict(method="xkv", layer_group_size=2, key_space="post_rope"),
-                 dict(method="xkv", layer_group_size=2, key_space="post_rope", factor_dtype="bf16"),
-                 dict(method="xkv", layer_group_size=2, key_space="pre_rope", factor_dtype="int8"),
-                 dict(method="svd", layer_group_size=1, key_space="post_rope", factor_dtype="int4"),
+RANKS = dict(rank_k=12, rank_v=20)
+STORE_CONFIGS = [dict(method="xkv", layer_group_size=2, key_space="post_rope", **RANKS),
+                 dict(method="xkv", layer_group_size=2, key_space="post_rope", factor_dtype="bf16", **RANKS),
+                 dict(method="xkv", layer_group_size=2, key_space="pre_rope", factor_dtype="int8", **RANKS),
+                 dict(method="svd", layer_group_size=1, key_space="post_rope", factor_dtype="int4", **RANKS),
                  dict(method="minicache", layer_group_size=2, start_layer=0),
                  dict(method="transform", layer_group_size=2, key_space="pre_rope",
-                      transform=TransformConfig(ratio=3.0, block_tokens=16)),
+                      transform=TransformConfig(ratio=3.0, block_tokens=16), **RANKS),
                  dict(method="transform", layer_group_size=3, key_space="post_rope",
-                      transform=TransformConfig(ratio=4.0, block_tokens=16))]
+                      transform=TransformConfig(ratio=4.0, block_tokens=16), **RANKS)]
 
 
 @pytest.mark.parametrize("kw", STORE_CONFIGS)
@@ -81,7 +82,7 @@ def test_every_store_meets_the_protocol_and_its_latent_form_is_its_layer(tiny_ll
     """Every segment's K and V store (dense sinks, low-rank factors, MiniCache merges, transform codes) has
     path, layer, latent and held; where latent gives Factors, u·w + mean is the layer it rebuilds."""
     from kvsvd.store import Store
-    cfg = CompressionConfig(rank_k=12, rank_v=20, residual_length=4, block_size=6, **kw)
+    cfg = CompressionConfig(residual_length=4, block_size=6, **kw)
     cache = LowRankCache(cfg, tiny_llama.config)
     greedy(tiny_llama, torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(8)), cache, n=8)
     stores = [s for g in cache.groups for seg in g.segments for s in (seg.keys, seg.values)]
@@ -108,7 +109,7 @@ def test_low_rank_factor_path_matches_reconstruct_on_read_with_padding(tiny_llam
     ids[1, :9] = 0
     mask = torch.ones_like(ids)
     mask[1, :9] = 0
-    cfg = CompressionConfig(rank_k=12, rank_v=20, residual_length=4, block_size=6, **kw)
+    cfg = CompressionConfig(residual_length=4, block_size=6, **kw)
     seq, logits = greedy(tiny_llama, ids, LowRankCache(cfg, tiny_llama.config), n=10, attention_mask=mask)
     with attn(tiny_llama, "kvsvd"):
         seq2, logits2 = greedy(tiny_llama, ids, LowRankCache(cfg, tiny_llama.config), n=10, attention_mask=mask)

@@ -71,8 +71,9 @@ def test_pre_rope_keys_round_trip(tiny_llama):
 ] + [("minicache", 2, "fp32"), ("minicache", 2, "bf16")])
 def test_memory_report_counts_the_tensors_actually_held(tiny_llama, method, G, factor_dtype):
     ids = torch.randint(0, 128, (2, 120), generator=torch.Generator().manual_seed(3))
-    cfg = CompressionConfig(method=method, layer_group_size=G, rank_k=8 * G, rank_v=12 * G, start_layer=0, end_layer=-1,
-                            factor_dtype=factor_dtype, residual_length=5, block_size=16)
+    ranks = {} if method == "minicache" else {"rank_k": 8 * G, "rank_v": 12 * G}  # minicache has none
+    cfg = CompressionConfig(method=method, layer_group_size=G, start_layer=0, end_layer=-1, factor_dtype=factor_dtype,
+                            residual_length=5, block_size=16, **ranks)
     cache = LowRankCache(cfg, tiny_llama.config)
     greedy(tiny_llama, ids, cache, n=24)
     rep = cache.memory_report()
@@ -91,8 +92,9 @@ def test_memoized_reads_are_the_same_reads_computed_once(tiny_llama, method, G, 
     """memoize_reads changes when the segments are rebuilt, not what: the same logits bit for bit, also
     when decode compresses new blocks (the memo is then renewed); its copies are reported apart."""
     ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(6))
-    cfg = CompressionConfig(method=method, layer_group_size=G, rank_k=8 * G, rank_v=12 * G, start_layer=0,
-                            end_layer=-1, factor_dtype=factor_dtype, key_space=key_space, residual_length=5, block_size=8)
+    ranks = {} if method == "minicache" else {"rank_k": 8 * G, "rank_v": 12 * G}  # minicache has none
+    cfg = CompressionConfig(method=method, layer_group_size=G, start_layer=0, end_layer=-1, factor_dtype=factor_dtype,
+                            key_space=key_space, residual_length=5, block_size=8, **ranks)
     plain, memo = LowRankCache(cfg, tiny_llama.config), LowRankCache(cfg, tiny_llama.config, memoize_reads=True)
     seq, logits = greedy(tiny_llama, ids, plain, n=24)
     seq_memo, logits_memo = greedy(tiny_llama, ids, memo, n=24)

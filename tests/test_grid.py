@@ -9,9 +9,10 @@ import sys
 import pytest
 import torch
 
-from kvsvd import accounting, grid
+from kvsvd import accounting, grid, gridspec, results
 from kvsvd.__main__ import main
 from kvsvd.evaluate import fan_out_prefill
+from kvsvd.peers.press import PRESSES
 
 BASE = {"name": "t", "model": "smollm2-135m", "tasks": ["niah_single_1"], "context_lengths": [384], "n_samples": 2,
         "max_new_tokens": 12, "methods": [{"method": "xkv", "layer_group_size": 2, "ratio": 3},
@@ -25,14 +26,22 @@ def cfg(tmp_path, **kw):
 @pytest.mark.parametrize("change, pattern", [
     ({"colour": 1}, r"unknown grid key\(s\) \['colour'\]"),
     ({"tasks": ["niah_9"]}, "tasks: 'niah_9' is unknown"),
-    ({"methods": [{"method": "lora"}]}, r"methods\[0\].method='lora' is unknown"),
-    ({"methods": [{"method": "press", "press": "magic"}]}, r"methods\[0\].press='magic' is unknown"),
-    ({"methods": [{"method": "svd", "ratio": 1}]}, r"methods\[0\].ratio=1 is out of range"),
-    ({"methods": [{"method": "svd", "rnak_k": 3}]}, r"methods\[0\] has unknown key\(s\) \['rnak_k'\]"),
+    ({"methods": [{"method": "lora"}]}, r"methods\[0\]: method='lora' is unknown; accepted: none, dense16, press"),
+    ({"methods": [{"method": "press", "press": "magic"}]}, r"methods\[0\]: press='magic' is unknown"),
+    ({"methods": [{"method": "press", "ratio": 4}]}, r"methods\[0\]: method 'press' needs key\(s\) \['press'\]"),
+    ({"methods": [{"method": "svd", "ratio": 1}]}, r"methods\[0\]: ratio=1 is out of range"),
+    ({"methods": [{"method": "svd", "rnak_k": 3}]}, r"methods\[0\]: key\(s\) \['rnak_k'\] do not apply to method 'svd'"),
     ({"methods": [{"method": "press", "press": "tova", "ratio": 2, "rank_k": 8}]},
-     r"methods\[0\] has key\(s\) \['rank_k'\] that method 'press' does not take; accepted: \['method', 'press', 'ratio'\]"),
+     r"methods\[0\]: key\(s\) \['rank_k'\] do not apply to method 'press'; accepted: \['method', 'press', 'ratio'\]"),
     ({"methods": [{"method": "xkv", "ratio": 2, "basis": "calibrated"}]},
-     r"methods\[0\] has key\(s\) \['basis'\] that method 'xkv' does not take"),
+     r"methods\[0\]: key\(s\) \['basis'\] do not apply to method 'xkv'"),
+    # a method's own keys only: minicache has no ratio to budget, the transform coder no rank split
+    ({"methods": [{"method": "minicache", "ratio": 4}]}, r"key\(s\) \['ratio'\] do not apply to method 'minicache'"),
+    ({"methods": [{"method": "transform", "ratio": 4, "k_share": 0.5}]},
+     r"key\(s\) \['k_share'\] do not apply to method 'transform'"),
+    ({"methods": [{"method": "quantized", "backend": "gptq"}]},
+     r"methods\[0\]: backend='gptq' is unknown; accepted: quanto, hqq"),
+    ({"methods": [{"method": "turboquant", "nbits": 0}]}, r"methods\[0\]: nbits=0 is out of range"),
     ({"context_lengths": [100]}, "context_lengths"),
     ({"max_new_tokens": {"vt": 30}}, r"max_new_tokens=\{'vt': 30\} is out of range; accepted: an integer >= 1, or one "),
     ({"max_new_tokens": 0}, "max_new_tokens=0 is out of range"),
@@ -41,16 +50,16 @@ def cfg(tmp_path, **kw):
 ])
 def test_bad_grid_configs_name_the_key(tmp_path, change, pattern):
     with pytest.raises(ValueError, match=pattern):
-        grid.load_grid(cfg(tmp_path, **change))
+        gridspec.load_grid(cfg(tmp_path, **change))
     with pytest.raises(ValueError, match=r"missing grid key\(s\) \['out'\]"):
-        grid.load_grid({k: v for k, v in BASE.items()})
+        gridspec.load_grid({k: v for k, v in BASE.items()})
 
 
 def test_a_timeline_budget_is_its_own_grid_and_leaves_presses_room_for_the_question(tmp_path, tiny_llama):
     """budget: timeline names another grid (its cells never mix with context-budgeted ones); a press
     then keeps (T + reserve) / ratio − reserve context tokens, so that the cell's end holds 1/ratio."""
-    assert grid.load_grid(cfg(tmp_path, budget="timeline")).config_hash != grid.load_grid(cfg(tmp_path)).config_hash
-    assert grid.load_grid(cfg(tmp_path, budget="context")).config_hash == grid.load_grid(cfg(tmp_path)).config_hash
+    assert gridspec.load_grid(cfg(tmp_path, budget="timeline")).config_hash != gridspec.load_grid(cfg(tmp_path)).config_hash
+    assert gridspec.load_grid(cfg(tmp_path, budget="context")).config_hash == gridspec.load_grid(cfg(tmp_path)).config_hash
     method = {"method": "press", "press": "knorm", "ratio": 4}
     assert grid.build(method, tiny_llama, 400)[1].compression_ratio == pytest.approx(0.75)
     assert grid.build(method, tiny_llama, 400, reserve_tokens=40)[1].compression_ratio == pytest.approx(1 - 70 / 400)
@@ -73,30 +82,30 @@ def test_a_press_whose_budget_the_reserve_exceeds_keeps_one_context_token(tiny_l
 
 
 def test_methods_expand_as_a_product_with_dense_first(tmp_path):
-    g = grid.load_grid(cfg(tmp_path, methods=[{"method": "xkv", "layer_group_size": [2, 5], "ratio": [4, 8]}]))
+    g = gridspec.load_grid(cfg(tmp_path, methods=[{"method": "xkv", "layer_group_size": [2, 5], "ratio": [4, 8]}]))
     assert g.methods[0] == {"method": "none"} and len(g.methods) == 5
     assert {(m["layer_group_size"], m["ratio"]) for m in g.methods[1:]} == {(2, 4), (2, 8), (5, 4), (5, 8)}
     assert g.max_new_tokens == {"niah_single_1": 12}  # one budget for every task
-    assert grid.load_grid(cfg(tmp_path, max_new_tokens={"niah_single_1": 5})).max_new_tokens == {"niah_single_1": 5}
+    assert gridspec.load_grid(cfg(tmp_path, max_new_tokens={"niah_single_1": 5})).max_new_tokens == {"niah_single_1": 5}
 
 
 def test_corrupt_last_line_is_dropped_and_other_configs_refused(tmp_path):
     path = tmp_path / "r.jsonl"
     path.write_text(json.dumps({"key": "a", "config_hash": "h"}) + "\n" + '{"key": "b", "conf')
-    assert [r["key"] for r in grid.read_rows(path, "h")] == ["a"]
+    assert [r["key"] for r in results.read_rows(path, "h")] == ["a"]
     assert path.read_text().count("\n") == 1
     with pytest.raises(ValueError, match="written by another grid config"):
-        grid.read_rows(path, "other")
+        results.read_rows(path, "other")
     path.write_text('{"key": "a"\n' + json.dumps({"key": "b"}) + "\n")
     with pytest.raises(ValueError, match="line 1 is corrupt"):
-        grid.read_rows(path)
+        results.read_rows(path)
 
 
 def fake_rows(g, lengths):
     """Finished-looking rows of every cell of grid ``g`` at ``lengths`` (no model run)."""
-    return [{"key": grid.cell_key(m, t, L, i), "config_hash": g.config_hash, "method": m, "task": t,
+    return [{"key": gridspec.cell_key(m, t, L, i), "config_hash": g.config_hash, "method": m, "task": t,
              "context_length": L, "index": i, "score": 100.0, "max_new_tokens": g.max_new_tokens[t]}
-            for (t, L, i), m in grid.cells(g) if L in lengths]
+            for (t, L, i), m in gridspec.cells(g) if L in lengths]
 
 
 def test_an_entrys_context_lengths_focus_its_methods_without_changing_their_cells(tmp_path):
@@ -105,20 +114,20 @@ def test_an_entrys_context_lengths_focus_its_methods_without_changing_their_cell
     entries = [{"method": "xkv", "layer_group_size": 2, "ratio": [3, 4], "context_lengths": [384]},
                {"method": "xkv", "layer_group_size": 2, "ratio": 4, "context_lengths": 512},
                {"method": "press", "press": "knorm", "ratio": 3}]
-    g = grid.load_grid(cfg(tmp_path, context_lengths=[384, 512], methods=entries))
-    everywhere = grid.load_grid(cfg(tmp_path, context_lengths=[384, 512], methods=[
+    g = gridspec.load_grid(cfg(tmp_path, context_lengths=[384, 512], methods=entries))
+    everywhere = gridspec.load_grid(cfg(tmp_path, context_lengths=[384, 512], methods=[
         {"method": "xkv", "layer_group_size": 2, "ratio": [3, 4]}, {"method": "press", "press": "knorm", "ratio": 3}]))
     xkv3, xkv4 = ({"method": "xkv", "layer_group_size": 2, "ratio": r} for r in (3, 4))
     assert g.methods == everywhere.methods and all("context_lengths" not in m for m in g.methods)
     assert xkv3 in g.methods_at(384) and xkv3 not in g.methods_at(512) and xkv4 in g.methods_at(512)
     assert {"method": "none"} in g.methods_at(512)
-    keys = {grid.cell_key(m, *u) for u, m in grid.cells(g)}
-    assert keys == {grid.cell_key(m, *u) for u, m in grid.cells(everywhere) if not (u[1] == 512 and m == xkv3)}
-    assert len(keys) == len(grid.cells(g)) == 2 * 4 + 2 * 3
+    keys = {gridspec.cell_key(m, *u) for u, m in gridspec.cells(g)}
+    assert keys == {gridspec.cell_key(m, *u) for u, m in gridspec.cells(everywhere) if not (u[1] == 512 and m == xkv3)}
+    assert len(keys) == len(gridspec.cells(g)) == 2 * 4 + 2 * 3
     assert g.config_hash == everywhere.config_hash
     with pytest.raises(ValueError, match=r"methods\[0\].context_lengths=\[1024\] is out of range; accepted: a "
                                          r"non-empty subset of the grid's context_lengths \[384, 512\]"):
-        grid.load_grid(cfg(tmp_path, context_lengths=[384, 512], methods=[{**entries[0], "context_lengths": [1024]}]))
+        gridspec.load_grid(cfg(tmp_path, context_lengths=[384, 512], methods=[{**entries[0], "context_lengths": [1024]}]))
 
 
 def test_pinning_a_changed_default_keeps_earlier_rows_as_a_labelled_variant(tmp_path):
@@ -127,31 +136,31 @@ def test_pinning_a_changed_default_keeps_earlier_rows_as_a_labelled_variant(tmp_
     and a sealed part is pinned the same way."""
     methods = [{"method": "transform", "layer_group_size": 2, "ratio": 4}, {"method": "press", "press": "knorm", "ratio": 3}]
     config = cfg(tmp_path, methods=methods)
-    g = grid.load_grid(config)
+    g = gridspec.load_grid(config)
     rows = fake_rows(g, [384])
     for r in rows:
         r.update(paths={"gram transform int8": 2}, kv_ratio=4.0)
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "r.512.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
-    assert grid.pin_method_field(tmp_path / "r.jsonl", "transform", "block_scale", "std") == 2
-    assert grid.pin_method_field(tmp_path / "r.jsonl", "transform", "block_scale", "std") == 0
-    assert grid.pin_method_field(tmp_path / "r.512.jsonl.gz", "transform", "block_scale", "std") == 2
-    pinned = grid.read_rows(tmp_path / "r.jsonl")
+    assert results.pin_method_field(tmp_path / "r.jsonl", "transform", "block_scale", "std") == 2
+    assert results.pin_method_field(tmp_path / "r.jsonl", "transform", "block_scale", "std") == 0
+    assert results.pin_method_field(tmp_path / "r.512.jsonl.gz", "transform", "block_scale", "std") == 2
+    pinned = results.read_rows(tmp_path / "r.jsonl")
     assert [r["method"].get("block_scale") for r in pinned] == [None, "std", None] * 2
     assert [r["key"] for r in pinned if r["method"]["method"] != "transform"] == \
         [r["key"] for r in rows if r["method"]["method"] != "transform"]
-    todo = {grid.cell_key(m, *u) for u, m in grid.cells(g)} - {r["key"] for r in pinned}
+    todo = {gridspec.cell_key(m, *u) for u, m in gridspec.cells(g)} - {r["key"] for r in pinned}
     assert len(todo) == 2 and all('"transform"' in k for k in todo)
-    labels = set(grid.load_results(tmp_path / "r.jsonl")["label"])
+    labels = set(results.load_results(tmp_path / "r.jsonl")["label"])
     assert "transform G2 4x pre_rope basis int8 sinks 4 window 32 std-scaled blocks q2 → gram" in labels
     pinned[0]["method"] = {**pinned[1]["method"], "block_scale": None}
     del pinned[0]["method"]["block_scale"]  # an unpinned row whose pinned twin exists
     pinned[0].update(task=pinned[1]["task"], index=pinned[1]["index"])
     (tmp_path / "c.jsonl").write_text(json.dumps(pinned[0]) + "\n" + json.dumps(pinned[1]) + "\n")
     with pytest.raises(ValueError, match="a row with block_scale='std' already has key"):
-        grid.pin_method_field(tmp_path / "c.jsonl", "transform", "block_scale", "std")
+        results.pin_method_field(tmp_path / "c.jsonl", "transform", "block_scale", "std")
     post_rope = lambda m: m.get("key_space", "pre_rope") == "post_rope"  # noqa: E731
-    assert grid.pin_method_field(tmp_path / "r.jsonl", "transform", "rope_tables", True, where=post_rope) == 0
+    assert results.pin_method_field(tmp_path / "r.jsonl", "transform", "rope_tables", True, where=post_rope) == 0
 
 
 def test_dry_run_prints_the_cells_left_and_their_estimated_time(tmp_path, capsys):
@@ -159,7 +168,7 @@ def test_dry_run_prints_the_cells_left_and_their_estimated_time(tmp_path, capsys
     finished cells (a method measured at one length is scaled to another by the length ratio)."""
     import yaml
     config = cfg(tmp_path, context_lengths=[384, 768], methods=[{"method": "press", "press": "knorm", "ratio": 3}])
-    g = grid.load_grid(config)
+    g = gridspec.load_grid(config)
     rows = [{**r, "cell_s": 2.0, "prefill_shared": True, "prefill_ms": 1000.0} for r in fake_rows(g, [384])]
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(config))
@@ -177,30 +186,30 @@ def test_dry_run_prints_the_cells_left_and_their_estimated_time(tmp_path, capsys
 def test_sealed_parts_are_read_by_resume_and_load_and_refused_when_unfinished(tmp_path, capsys):
     from kvsvd.__main__ import main
     config = cfg(tmp_path, context_lengths=[384, 512])
-    g = grid.load_grid(config)
+    g = gridspec.load_grid(config)
     out, part = tmp_path / "r.jsonl", tmp_path / "r.384.jsonl.gz"
     rows = fake_rows(g, [384]) + fake_rows(g, [512])[:-1]  # 512 lacks its last cell
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"context_length=512 has 1 unfinished cells"):
-        grid.seal(config, 512)
+        results.seal(config, 512)
     with pytest.raises(ValueError, match=r"context_length=1024 is out of range; accepted: one of the grid's"):
-        grid.seal(config, 1024)
+        results.seal(config, 1024)
     (tmp_path / "r.rank1.jsonl").write_text("")
     with pytest.raises(ValueError, match="shards .* are not merged"):
-        grid.seal(config, 384)
+        results.seal(config, 384)
     (tmp_path / "r.rank1.jsonl").unlink()
     import yaml
     (tmp_path / "g.yaml").write_text(yaml.safe_dump(config))
     assert main(["seal", str(tmp_path / "g.yaml"), "384"]) == 0 and capsys.readouterr().out.strip() == str(part)
-    assert [r["key"] for r in grid.read_rows(part, g.config_hash)] == [r["key"] for r in rows[:6]]
-    assert [r["context_length"] for r in grid.read_rows(out)] == [512] * 5
-    assert list(grid.read_results(out)) == [r["key"] for r in rows]
-    assert len(grid.load_results(out)) == 11
+    assert [r["key"] for r in results.read_rows(part, g.config_hash)] == [r["key"] for r in rows[:6]]
+    assert [r["context_length"] for r in results.read_rows(out)] == [512] * 5
+    assert list(results.read_results(out)) == [r["key"] for r in rows]
+    assert len(results.load_results(out)) == 11
     sealed = part.read_bytes()
     out.write_text(out.read_text() + json.dumps(fake_rows(g, [384])[0]) + "\n")  # killed between the two writes
-    assert len(grid.load_results(out)) == 11  # the duplicate counts once
-    grid.seal(config, 384)
-    assert part.read_bytes() == sealed and len(grid.read_rows(out)) == 5  # deterministic gzip, nothing lost
+    assert len(results.load_results(out)) == 11  # the duplicate counts once
+    results.seal(config, 384)
+    assert part.read_bytes() == sealed and len(results.read_rows(out)) == 5  # deterministic gzip, nothing lost
     with pytest.raises(ValueError, match="written by another grid config"):
         grid.run(cfg(tmp_path, context_lengths=[384, 512], seed=1), model=object(), tokenizer=None)
     out.write_text(out.read_text() + json.dumps(fake_rows(g, [512])[-1]) + "\n")
@@ -209,7 +218,7 @@ def test_sealed_parts_are_read_by_resume_and_load_and_refused_when_unfinished(tm
     assert out.read_text() == before
     part.write_bytes(gzip.compress(b'{"key": "a"}\n{"key": '))
     with pytest.raises(ValueError, match="line 2 is corrupt"):
-        grid.read_results(out)
+        results.read_results(out)
 
 
 @pytest.mark.model
@@ -220,7 +229,7 @@ def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path, monkeypat
     out = grid.run(cfg(tmp_path), model, tok)
     assert len(collects) == 2  # once per sample: the previous sample's cycles go before the next prefill
     monkeypatch.undo()
-    rows = grid.read_rows(out)
+    rows = results.read_rows(out)
     assert len(rows) == 2 * 3 and rows[0]["method"] == {"method": "none"}
     for r in rows:
         assert set(r) >= {"prediction", "score", "gold_logprob", "agreement_with_dense", "prefill_ms", "compress_ms",
@@ -237,7 +246,7 @@ def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path, monkeypat
     lines = before.splitlines(keepends=True)       # simulate a kill while writing the last cell
     out.write_text("".join(lines[:-1]) + lines[-1][:40])
     grid.run(cfg(tmp_path), model, tok)
-    again = grid.read_rows(out)
+    again = results.read_rows(out)
     assert [r["key"] for r in again] == [r["key"] for r in rows]
     # a torchrun run with another process count was interrupted: its shard counts as done, then is merged
     complete = out.read_text()
@@ -246,13 +255,13 @@ def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path, monkeypat
     (tmp_path / "r.rank1.jsonl").write_text("".join(lines[3:]))
     grid.run(cfg(tmp_path), model, tok)
     assert out.read_text() == complete and not list(tmp_path.glob("r.rank*.jsonl"))
-    df = grid.load_results(out)
+    df = results.load_results(out)
     xkv_label = f"xkv G2 3x pre_rope bf16 q2 → {df.loc[df['m_method'] == 'xkv', 'svd_ran'].iloc[0]}"
     assert len(df) == 6 and set(df["label"]) == {"dense", xkv_label, "knorm 3x"}
     grid.run(cfg(tmp_path, n_samples=3), model, tok)  # a grown grid runs only its new cells
     grown = out.read_text()
-    assert grown.startswith(complete) and len(grid.read_rows(out)) == 9
-    assert all(r["max_new_tokens"] == 12 for r in grid.read_rows(out))
+    assert grown.startswith(complete) and len(results.read_rows(out)) == 9
+    assert all(r["max_new_tokens"] == 12 for r in results.read_rows(out))
     with pytest.raises(ValueError, match=r"max_new_tokens\[niah_single_1\]=5 but .* decoded with 12"):
         grid.run(cfg(tmp_path, max_new_tokens=5), model, tok)
     with pytest.raises(ValueError, match="another grid config"):
@@ -264,11 +273,11 @@ def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path, monkeypat
     grid.run(cfg(tmp_path, methods=BASE["methods"][:1]), model, tok)
     assert sorted(out.read_text().splitlines()) == sorted(grown.splitlines())
     # a sealed length is done for resuming: a grown grid runs only the new sample into the live file
-    grid.seal(cfg(tmp_path, n_samples=3), 384)
-    assert out.read_text() == "" and len(grid.load_results(out)) == 9
+    results.seal(cfg(tmp_path, n_samples=3), 384)
+    assert out.read_text() == "" and len(results.load_results(out)) == 9
     grid.run(cfg(tmp_path, n_samples=4), model, tok)
-    new = grid.read_rows(out)
-    assert [r["index"] for r in new] == [3] * 3 and len(grid.load_results(out)) == 12
+    new = results.read_rows(out)
+    assert [r["index"] for r in new] == [3] * 3 and len(results.load_results(out)) == 12
     assert all(r["agreement_with_dense"] in (0.0, 1.0) for r in new if r["method"]["method"] != "none")
 
 
@@ -279,32 +288,32 @@ def test_a_grid_run_in_pieces_by_minutes_writes_every_cell_exactly_once(smollm2,
     model, tok = smollm2
     config = cfg(tmp_path, context_lengths=[384, 512],
                  methods=[BASE["methods"][0] | {"context_lengths": [384]}, BASE["methods"][1]])
-    g = grid.load_grid(config)
-    named = [grid.cell_key(m, *u) for u, m in grid.cells(g)]
+    g = gridspec.load_grid(config)
+    named = [gridspec.cell_key(m, *u) for u, m in gridspec.cells(g)]
     assert len(named) == 2 * 3 + 2 * 2
     for piece in range(1, len(named) + 1):
         grid.run(config, model, tok, minutes=0)
-        assert len(grid.read_rows(tmp_path / "r.jsonl")) == piece
+        assert len(results.read_rows(tmp_path / "r.jsonl")) == piece
         assert f"1 cells done in this run, {len(named) - piece} left" in capsys.readouterr().out
-    rows = grid.read_rows(tmp_path / "r.jsonl")
+    rows = results.read_rows(tmp_path / "r.jsonl")
     assert [r["key"] for r in rows] == named
     assert all(r["cell_s"] > 0 for r in rows)
     grid.run(config, model, tok, minutes=0)  # nothing left: no cell runs
-    assert len(grid.read_rows(tmp_path / "r.jsonl")) == len(named)
+    assert len(results.read_rows(tmp_path / "r.jsonl")) == len(named)
     assert "0 cells done in this run, 0 left" in capsys.readouterr().out
 
 
 @pytest.mark.model
 def test_torchrun_two_processes_give_the_same_rows(smollm2, tmp_path):
     model, tok = smollm2
-    one = grid.read_rows(grid.run(cfg(tmp_path, out=str(tmp_path / "one.jsonl")), model, tok))
+    one = results.read_rows(grid.run(cfg(tmp_path, out=str(tmp_path / "one.jsonl")), model, tok))
     config = tmp_path / "two.yaml"
     import yaml
     config.write_text(yaml.safe_dump(cfg(tmp_path, out=str(tmp_path / "two.jsonl"))))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
                     "-m", "kvsvd", "eval", str(config)], check=True, env=env, capture_output=True, timeout=600)
-    two = grid.read_rows(tmp_path / "two.jsonl")
+    two = results.read_rows(tmp_path / "two.jsonl")
     assert [r["key"] for r in two] == [r["key"] for r in one]
     for a, b in zip(two, one):  # other thread counts change float reduction order: floats to 1e-3
         for k in set(a) - grid.TIMING_KEYS:
@@ -352,7 +361,7 @@ def test_press_cells_answer_exactly_like_the_kvpress_pipeline(smollm2, press):
                         prefill)
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
     answer = pipe(sample["context"], question=sample["question"], answer_prefix=sample["answer_prefix"].strip(),
-                  press=getattr(kvpress, grid.PRESSES[press])(compression_ratio=0.75), max_new_tokens=12)["answer"]
+                  press=getattr(kvpress, PRESSES[press])(compression_ratio=0.75), max_new_tokens=12)["answer"]
     assert row["prediction"].strip() == answer.strip()
 
 
@@ -367,7 +376,7 @@ def test_cells_filled_from_the_recorded_prefill_equal_cells_with_their_own_forwa
     methods = [{"method": "none"}, {"method": "xkv", "layer_group_size": 2, "ratio": 4, "key_space": "pre_rope"},
                {"method": "svd", "ratio": 4, "key_space": "post_rope"}, {"method": "minicache", "start_layer": 10},
                {"method": "quantized", "nbits": 2, "residual_length": 32}]
-    methods += [{"method": "press", "press": p, "ratio": 4} for p in grid.PRESSES if p != "observed_attention"]
+    methods += [{"method": "press", "press": p, "ratio": 4} for p in PRESSES if p != "observed_attention"]
     for method in methods:
         own = grid.run_cell(model, tok, sample, method, "niah_single_2", 10)
         shared = grid.run_cell(model, tok, sample, method, "niah_single_2", 10, prefill)
@@ -413,7 +422,7 @@ def test_grid_fills_a_samples_observed_attention_cells_from_one_forward(smollm2,
     calls = []
     monkeypatch.setattr(grid, "fan_out_prefill", lambda *a: calls.append(len(a[2])) or fan_out_prefill(*a))
     methods = [{"method": "press", "press": "observed_attention", "ratio": [2, 4]}]
-    rows = grid.read_rows(grid.run(cfg(tmp_path, methods=methods, n_samples=1), model, tok))
+    rows = results.read_rows(grid.run(cfg(tmp_path, methods=methods, n_samples=1), model, tok))
     assert calls == [2] and [r["method"].get("ratio") for r in rows] == [None, 2, 4]  # cells as run_cell's: see above
     assert all(r["prefill_shared"] and r["kv_ratio"] > 1.5 for r in rows[1:])
 

@@ -7,7 +7,7 @@ import pytest
 
 from kvsvd import report
 from kvsvd.__main__ import main
-from kvsvd.grid import load_results
+from kvsvd.results import load_results
 
 pytestmark = pytest.mark.core  # also run in the current environment
 

@@ -1,6 +1,7 @@
 """The transform-coded cache: bit packing, the quantiser, the allocator, bytes held, generate."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from transformers import DynamicCache
 from kvsvd import CompressionConfig, LowRankCache
 from kvsvd.compat import with_cache
 from kvsvd.config import config_for_ratio
-from kvsvd.grid import _label
+from kvsvd.gridspec import label
 from kvsvd.methods import transform
 from kvsvd.methods.transform import BITS, GAUSS_STEP, TransformConfig, pack_bits, unpack_bits
 from conftest import ByteTokenizer, held_storage_bytes
@@ -133,7 +134,7 @@ def test_transform_config_rejects_bad_settings():
                             ({"basis": "pca"}, "basis='pca' is unknown; accepted: prompt, calibrated")):
         with pytest.raises(ValueError, match=pattern):
             TransformConfig(**kwargs)
-    with pytest.raises(ValueError, match="applies to method='transform' only"):
+    with pytest.raises(ValueError, match=r"transform=TransformConfig\(.*\) does not apply to method='xkv'"):
         CompressionConfig(method="xkv", transform=TransformConfig())
     assert CompressionConfig(method="transform").transform == TransformConfig()
 
@@ -141,8 +142,8 @@ def test_transform_config_rejects_bad_settings():
 @pytest.mark.parametrize("kwargs, pattern", [
     ({"layer_group_size": 0}, r"layer_group_size=0 is out of range; accepted: an int in \[1, 4\]"),
     ({"layer_group_size": 5}, r"layer_group_size=5 is out of range; accepted: an int in \[1, 4\]"),
-    ({"method": "transfrom"}, r"method='transfrom' is unknown; accepted: svd, xkv, pca, transform"),
-    ({"method": "minicache"}, r"method='minicache' is unknown; accepted: svd, xkv, pca, transform"),
+    ({"method": "transfrom"}, r"method='transfrom' is unknown; accepted: svd, xkv, minicache, pca, transform"),
+    ({"method": "minicache"}, r"method='minicache' has no ranks that a ratio could size"),
 ])
 def test_config_for_ratio_names_a_bad_group_size_or_method(tiny_llama, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -252,17 +253,22 @@ def test_kvsvd_attention_decodes_transform_segments(tiny_llama):
 
 
 def test_grid_label_says_what_was_asked():
-    row = {"m_method": "transform", "m_layer_group_size": 5, "m_ratio": 4, "m_basis_dtype": "int8",
-           "m_sink_tokens": 4, "m_residual_length": 32}
-    assert _label(row) == "transform G5 4x pre_rope basis int8 sinks 4 window 32 q2"
-    assert _label({**row, "m_value_weight": 4.0}) == "transform G5 4x pre_rope basis int8 sinks 4 window 32 V weight 4 q2"
-    assert _label({**row, "m_basis": "calibrated"}) == "transform G5 4x pre_rope calibrated basis int8 sinks 4 window 32"
-    assert _label({**row, "m_rope_tables": True}) == \
+    spec = {"method": "transform", "layer_group_size": 5, "ratio": 4, "basis_dtype": "int8", "sink_tokens": 4,
+            "residual_length": 32}
+    assert label(spec) == "transform G5 4x pre_rope basis int8 sinks 4 window 32 q2"
+    assert label({**spec, "value_weight": 4.0}) == "transform G5 4x pre_rope basis int8 sinks 4 window 32 V weight 4 q2"
+    assert label({**spec, "basis": "calibrated"}) == "transform G5 4x pre_rope calibrated basis int8 sinks 4 window 32"
+    # output weighting reads the calibration file, whose basis the entry then runs unless it names its own
+    assert label({**spec, "weighting": "output"}) == \
+        "transform G5 4x pre_rope calibrated basis int8 sinks 4 window 32 output-weighted"
+    assert label({**spec, "weighting": "output", "basis": "prompt"}) == \
+        "transform G5 4x pre_rope basis int8 sinks 4 window 32 output-weighted q2"
+    assert label({**spec, "rope_tables": True}) == \
         "transform G5 4x pre_rope basis int8 sinks 4 window 32 cos/sin tables q2"
-    # config_for_ratio's window and block size at 8x, unless the row names its own
-    default8 = {"m_method": "transform", "m_ratio": 8}
-    assert _label(default8) == "transform G5 8x pre_rope basis int8 sinks 4 window 8 new blocks 32 q2"
-    assert _label({**default8, "m_residual_length": 32, "m_block_size": 512}) == \
+    # config_for_ratio's window and block size at 8x, unless the entry names its own
+    default8 = {"method": "transform", "ratio": 8}
+    assert label(default8) == "transform G5 8x pre_rope basis int8 sinks 4 window 8 new blocks 32 q2"
+    assert label({**default8, "residual_length": 32, "block_size": 512}) == \
         "transform G5 8x pre_rope basis int8 sinks 4 window 32 q2"
 
 
@@ -373,7 +379,7 @@ def test_a_calibrated_basis_at_a_generous_budget_is_close_to_lossless_and_codes_
     tiny_llama.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, **with_cache(cache), pad_token_id=0,
                         attention_mask=torch.ones_like(ids))
     last = cache.groups[0].segments[-1]
-    assert last.length == 16 and last.keys.basis is cache.calibrated[0, "k"].basis
+    assert last.length == 16 and last.keys.basis is cache.calibration.stores[0, "k"].basis
     assert cache.path_counts()["calibrated basis transform int8"] == 2 * 2 * (len(cache.groups[0].segments) - 1)
 
 
@@ -392,8 +398,68 @@ def test_a_calibration_is_refused_for_another_model_grouping_or_a_missing_file(t
                                       calibration_path="/nowhere.safetensors"), tiny_llama.config)
     with pytest.raises(ValueError, match="basis=calibrated needs calibration_path"):
         config_for_ratio(2, 200, tiny_llama.config, method="transform", basis="calibrated")
-    with pytest.raises(ValueError, match="calibration_path applies to method='pca' and to method='transform' with"):
+    with pytest.raises(ValueError, match="calibration_path=.* does not apply to method='xkv'; it takes: "):
         CompressionConfig(method="xkv", calibration_path=str(path))
-    with pytest.raises(ValueError, match="key_space='post_rope' does not fit basis='calibrated'"):
+    with pytest.raises(ValueError, match="calibration_path applies to method='transform' with basis='calibrated' or "
+                                         "weighting='output' only"):
+        CompressionConfig(method="transform", calibration_path=str(path))
+    with pytest.raises(ValueError, match="key_space='post_rope' does not fit basis=calibrated"):
         CompressionConfig(method="transform", key_space="post_rope", calibration_path=str(path),
                           transform=TransformConfig(basis="calibrated"))
+    with pytest.raises(ValueError, match="weighting=output needs calibration_path"):
+        CompressionConfig(method="transform", transform=TransformConfig(weighting="output"))
+    with pytest.raises(ValueError, match="weighting='bits' is unknown; accepted: mse, output"):
+        TransformConfig(weighting="bits")
+    from safetensors.torch import save_file
+    tensors, meta = Calibration.read(path)  # a file from before sensitivity weights
+    save_file({k: v for k, v in tensors.items() if not k.endswith("_weight")}, str(tmp_path / "old.safetensors"),
+              metadata={"kvsvd": json.dumps({**meta, "weights": False})})
+    with pytest.raises(ValueError, match="old.safetensors' holds no sensitivity weights"):
+        LowRankCache(config_for_ratio(2, 200, tiny_llama.config, method="transform", layer_group_size=3,
+                                      basis="prompt", weighting="output",
+                                      calibration_path=str(tmp_path / "old.safetensors")), tiny_llama.config)
+
+
+def test_the_calibration_holds_each_features_cost_downstream(tiny_llama, tmp_path):
+    """Values: the squared norm of o_proj's columns of the query heads that read the KV head; keys: those heads'
+    mean squared queries, both dims of a RoPE pair alike; each kind at mean 1 over the model's layers."""
+    path, _ = calibrated(tiny_llama, tmp_path, 3)
+    cal = Calibration.load(path, tiny_llama.config, 1, 1, weights=True)
+    k = torch.cat([cal.weight(0, "k"), cal.weight(3, "k")])
+    v = torch.cat([cal.weight(0, "v"), cal.weight(3, "v")])
+    assert k.shape == v.shape == (4 * 32,) and bool((k > 0).all() and (v > 0).all())
+    assert float(k.mean()) == pytest.approx(1) and float(v.mean()) == pytest.approx(1)
+    pairs = k.reshape(4, 2, 2, 8)  # layers, KV heads, halves of head_dim 16
+    torch.testing.assert_close(pairs[:, :, 0], pairs[:, :, 1])
+    o = torch.stack([layer.self_attn.o_proj.weight.detach().square().sum(0) for layer in tiny_llama.model.layers])
+    expected = o.reshape(4, 2, 2, 16).sum(2).flatten()  # 4 query heads: heads 0, 1 read KV head 0
+    torch.testing.assert_close(v, expected / expected.mean())
+
+
+def test_output_weighting_spends_the_bits_where_errors_cost_most():
+    """Two halves of equal variance coded on the feature axes (a calibrated identity basis): with the first
+    half's features weighted 100×, its columns take the bits and its error falls."""
+    x = torch.randn(1, 512, 1, 32, generator=torch.Generator().manual_seed(0))
+    cfg = CompressionConfig(method="transform", layer_group_size=1, rank_k=32, rank_v=32,
+                            transform=TransformConfig(ratio=8, sink_tokens=0, basis_dtype="bf16"))
+    axes = transform.calibration_store(torch.zeros(32), torch.eye(32), 32, "bf16")
+    budget = x.numel() * 2 / 8
+    weight = torch.cat([torch.full((16,), 100.0), torch.ones(16)])
+    (plain,), _ = transform.compress([(x, 32, "k", [0], axes)], cfg, budget)
+    (weighted,), _ = transform.compress([(x, 32, "k", [0], axes)], cfg, budget, weights=[weight])
+
+    def first_half_error(store):
+        return float((store.layer(0, torch.float32)[..., :16] - x[:, :, 0, :16]).square().sum())
+    assert first_half_error(weighted) < 0.5 * first_half_error(plain)
+
+
+def test_output_weighting_on_a_prompt_basis_holds_the_weights_once_per_model(tiny_llama, tmp_path):
+    path, _ = calibrated(tiny_llama, tmp_path, 2)
+    cfg = config_for_ratio(3, 200, tiny_llama.config, method="transform", layer_group_size=2, basis="prompt",
+                           weighting="output", calibration_path=str(path), residual_length=8, block_tokens=64)
+    cache, _ = prefilled(tiny_llama, cfg)
+    assert set(cache.calibration.weights) == {(0, "k"), (0, "v"), (2, "k"), (2, "v")} and not cache.calibration.stores
+    rep = cache.memory_report()
+    assert rep["calibration_bytes"] == 4 * 2 * 32 * 4  # (G·F,) float32 per group and kind
+    assert rep["total_bytes"] == held_storage_bytes(cache) - rep["calibration_bytes"]
+    assert 2.7 < rep["ratio"] < 3.3

@@ -1,14 +1,14 @@
-"""Compression methods, one per file, behind one signature:
+"""kvsvd's compression methods, one file each, every one a :class:`~kvsvd.methods.base.Method`.
 
-    compress(x, rank, config, *, kind, layers, heads, calibration, timer) -> store
-
-x (B, T, G, F) holds keys (kind="k") or values ("v") of one token segment of a layer group (G layers,
-F = kv_heads · head_dim), in the model dtype; the store rebuilds each layer (kvsvd.store).
-``transform`` codes many matrices in one allocation (``transform.compress``, called by
-``LowRankCache.transform_code``), so it has a signature of its own.
+A per-segment method compresses x (B, T, G, F), the keys (kind "k") or values ("v") of one token segment
+of a layer group (G layers, F = kv_heads · head_dim), into a store (``kvsvd.store``);
+``transform`` codes every group's prefill in one allocation (:meth:`Transform.code`).
 """
 
-from . import lowrank, minicache, pca
+from .base import Method
+from .lowrank import SVD, XKV
+from .minicache import MINICACHE
+from .pca import PCA
+from .transform import TRANSFORM
 
-COMPRESSORS = {"svd": lowrank.compress, "xkv": lowrank.compress, "minicache": minicache.compress,
-               "pca": pca.compress}
+METHODS: dict[str, Method] = {m.name: m for m in (SVD, XKV, MINICACHE, PCA, TRANSFORM)}

@@ -9,6 +9,7 @@ import torch
 from ..store import DenseStore, LowRankStore
 from ..svd import get_svd, svd_path
 from ..timing import StageTimer
+from .base import SVD_FIELDS, Method
 
 if TYPE_CHECKING:
     from ..config import CompressionConfig
@@ -25,3 +26,9 @@ def compress(x: torch.Tensor, rank: int, config: CompressionConfig, *, kind: str
                                    oversample=config.oversample, qr=config.qr, generator=gen, timer=timer)
     path = svd_path(config.svd, T, G * F, rank, n_iter=config.n_iter, oversample=config.oversample, qr=config.qr)
     return LowRankStore.build(U, S.unsqueeze(-1) * Vh.to(S.dtype), F, config.factor_dtype, path.label)
+
+
+FIELDS = ("rank_k", "rank_v", "factor_dtype", *SVD_FIELDS)
+SVD = Method("svd", "kvsvd", group_size=1, fields=FIELDS, compress=compress, fixed_group=True)
+# groups of 4 layers by default, as in the xKV paper
+XKV = Method("xkv", "kvsvd", group_size=4, fields=FIELDS, compress=compress)

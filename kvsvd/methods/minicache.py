@@ -9,11 +9,13 @@ unmerged, as the MiniCache paper does; the retained fraction is visible in the b
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from ..store import FLOAT_DTYPES, DenseStore, MergedStore
+from .base import Method
 
 if TYPE_CHECKING:
     from ..config import CompressionConfig
@@ -41,3 +43,25 @@ def compress(x: torch.Tensor, rank: int, config: CompressionConfig, *, kind: str
     return MergedStore(merged=merged, directions=direction[merged].to(dt),
                        norms=norms.transpose(-1, -2)[merged].to(dt),
                        retained=x[~merged].to(FLOAT_DTYPES[config.dense_dtype], copy=True))
+
+
+@dataclass(frozen=True)
+class MiniCache(Method):
+    """Layer pairs merged by SLERP; no ranks (a ratio cannot size it: its bytes follow γ)."""
+
+    def check(self, config: CompressionConfig) -> None:
+        super().check(config)
+        if config.factor_dtype in ("int8", "int4"):
+            raise ValueError(f"factor_dtype={config.factor_dtype!r} does not apply to minicache; accepted: bf16, fp16, "
+                             "fp32")
+        if not 0.0 < config.minicache_t < 1.0:
+            raise ValueError(f"minicache_t={config.minicache_t} is out of range; accepted: (0, 1)")
+        if not 0.0 <= config.minicache_gamma <= 1.0:
+            raise ValueError(f"minicache_gamma={config.minicache_gamma} is out of range; accepted: [0, 1]")
+
+    def label_parts(self, spec: dict, field: Callable[[str], Any]) -> list[str]:
+        return [field("factor_dtype")]
+
+
+MINICACHE = MiniCache("minicache", "kvsvd", group_size=2, fields=("factor_dtype", "minicache_t", "minicache_gamma"),
+                      compress=compress, fixed_group=True, ranked=False)

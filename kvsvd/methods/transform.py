@@ -22,14 +22,23 @@ b this is reverse water-filling, bᵢ = max(0, ½·log₂(σᵢ²/θ)).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..accounting import ENTRY_BYTES, SCALE_BYTES
-from ..store import Factors, dequantize_rows, quantize_rows
+from .. import accounting
+from ..accounting import ENTRY_BYTES, SCALE_BYTES, ModelShape
+from ..budget import dense_bytes
+from ..store import DenseStore, Factors, dequantize_rows, quantize_rows
 from ..svd import get_svd, gram_matrix, svd_path
 from ..timing import StageTimer, maybe_stage
+from .base import COMMON_FIELDS, SVD_FIELDS, Method, present
+
+if TYPE_CHECKING:
+    from ..cache import LayerGroup, LowRankCache
+    from ..config import CompressionConfig
 
 Tensor = torch.Tensor
 BITS = (0, 1, 2, 3, 4, 8)
@@ -41,11 +50,13 @@ GAUSS_MSE = {1: 0.36338, 2: 0.11885, 3: 0.03744, 4: 0.01154, 8: GAUSS_STEP[8] **
 BASIS_DTYPES = ("bf16", "int8", "int4")
 BLOCK_SCALES = ("unclipped", "std")
 BASES = ("prompt", "calibrated")
+WEIGHTINGS = ("mse", "output")
 INDEX_BYTES = 2  # a shared-basis store names each kept column's basis row in int16
 OVERLOAD_8 = (1 << 7) * GAUSS_STEP[8]  # an 8-bit code's reach, in steps of the Gaussian 8-bit quantiser: ±3.94 scales
 BASIS_BITS = {"int8": 8, "int4": 4}  # quantised basis rows: int8, or two 4-bit values per uint8
 STAT_BYTES = 2 * ENTRY_BYTES["bf16"]  # per block and kept column: std and mean in bf16
 MEASURE_EVERY = 8  # the recorded reconstruction error is measured on every 8th token
+SMALL_WINDOW_FROM = 8  # ratios from which the defaults keep an 8-token window and code new blocks of 32
 
 
 @dataclass(frozen=True)
@@ -72,6 +83,10 @@ class TransformConfig:
             by ``kvsvd calibrate``, read from ``CompressionConfig.calibration_path`` and held once per
             model in ``basis_dtype``: a prompt holds its codes, block statistics and an int16 index of its
             kept columns; no SVD runs).
+        weighting: what the allocator minimises: ``mse`` (every column's squared error in K or V) or
+            ``output`` (each column's squared error weighted by what it costs downstream, calibrated once per
+            model by ``kvsvd calibrate``: a key column by the queries' energy along it, a value column by
+            o_proj's; needs ``CompressionConfig.calibration_path``, whatever the basis).
         reserve_tokens: tokens still to come after the prefill (a question and its answer): up to
             ``block_size`` of them are budgeted as held dense, the rest as coded in blocks, so that
             the ratio is met at the end of the timeline rather than right after the prefill.
@@ -84,6 +99,7 @@ class TransformConfig:
     reserve_tokens: int = 0
     block_scale: str = "unclipped"
     basis: str = "prompt"
+    weighting: str = "mse"
 
     def __post_init__(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
@@ -92,6 +108,8 @@ class TransformConfig:
             raise ValueError(f"basis_dtype={self.basis_dtype!r} is unknown; accepted: {', '.join(BASIS_DTYPES)}")
         if self.basis not in BASES:
             raise ValueError(f"basis={self.basis!r} is unknown; accepted: {', '.join(BASES)}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={self.weighting!r} is unknown; accepted: {', '.join(WEIGHTINGS)}")
         if self.block_scale not in BLOCK_SCALES:
             raise ValueError(f"block_scale={self.block_scale!r} is unknown; accepted: {', '.join(BLOCK_SCALES)}")
         if isinstance(self.value_weight, bool) or not isinstance(self.value_weight, (int, float)) \
@@ -221,10 +239,11 @@ def basis(xc: Tensor, rank: int, config, timer: StageTimer | None = None) -> tup
 
 
 def analyse(x: Tensor, rank: int, config, *, kind: str, layers: list[int], timer: StageTimer | None = None,
-            shared: "TransformStore | None" = None) -> Latents:
+            shared: "TransformStore | None" = None, weight: Tensor | None = None) -> Latents:
     """Mean-centre and factorise x (B, T, G, F), or with ``shared`` project it on that store's basis
     and mean (held once: a kept column then costs no basis row); model every column's error and bytes
-    at every width: Dᵢ(0) = Σ cᵢ², Dᵢ(b) = Σ over blocks of tokens·σ²·MSE_b (the quantiser's MSE)."""
+    at every width: Dᵢ(0) = Σ cᵢ², Dᵢ(b) = Σ over blocks of tokens·σ²·MSE_b (the quantiser's MSE); with a
+    feature ``weight`` (G·F,), column i's errors count wᵢ = Σ_f vᵢ_f²·weight_f times (its cost downstream)."""
     B, T, G, F = x.shape
     tc = config.transform
     xf = x.reshape(B, T, G * F).float()
@@ -247,6 +266,8 @@ def analyse(x: Tensor, rank: int, config, *, kind: str, layers: list[int], timer
                            for st in (stats, stats8))
         distortion = torch.stack([c.square().sum((0, 1)).double()]
                                  + [(energy8 if b == 8 else energy) * GAUSS_MSE[b] for b in BITS[1:]], -1)
+        if weight is not None:
+            distortion *= (vh.square() @ weight.to(vh)).mean(0).double()[:, None]
         per_bit = torch.tensor([B * T * b / 8 + (row + B * stats.shape[1] * STAT_BYTES if b else 0) for b in BITS],
                                dtype=torch.float64)
     return Latents(kind, layers, xf, c, vh, mean, stats, stats8, distortion, per_bit.expand(c.shape[-1], -1), path,
@@ -420,11 +441,13 @@ def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
 
 
 def compress(matrices: list[tuple[Tensor, int, str, list[int], "TransformStore | None"]], config, budget: float,
-             timer: StageTimer | None = None) -> tuple[list[TransformStore], float]:
+             timer: StageTimer | None = None, weights: list[Tensor] | None = None) -> tuple[list[TransformStore], float]:
     """Transform-code ``matrices`` ((x (B, T, G, F), max rank, "k"|"v", layers, shared store or None), ...)
-    together in ``budget`` bytes: one allocation over all of them. Returns the stores and λ."""
-    latents = [analyse(x, rank, config, kind=kind, layers=layers, timer=timer, shared=shared)
-               for x, rank, kind, layers, shared in matrices]
+    together in ``budget`` bytes: one allocation over all of them, each matrix's column errors weighted by its
+    feature ``weights`` (G·F,) where given (:func:`analyse`). Returns the stores and λ."""
+    weights = weights or [None] * len(matrices)
+    latents = [analyse(x, rank, config, kind=kind, layers=layers, timer=timer, shared=shared, weight=w)
+               for (x, rank, kind, layers, shared), w in zip(matrices, weights)]
     dev = matrices[0][0].device
     with maybe_stage(timer, "allocation", dev):
         choices, lam = allocate(latents, budget, config)
@@ -432,3 +455,210 @@ def compress(matrices: list[tuple[Tensor, int, str, list[int], "TransformStore |
         stores = [encode(lt, ch, config) for lt, ch in zip(latents, choices)]
     return stores, lam
 
+
+
+def uses_calibration(settings: TransformConfig | dict) -> bool:
+    """Whether transform settings (a TransformConfig, or a grid entry's keys) read a calibration file."""
+    get = settings.get if isinstance(settings, dict) else lambda name: getattr(settings, name)
+    return get("basis") == "calibrated" or get("weighting") == "output"
+
+
+@dataclass
+class Calibrated:
+    """What a transform cache holds once per model from its calibration file: the calibrated basis stores and
+    the feature weights, by (first layer of the group, kind)."""
+    stores: dict[tuple[int, str], TransformStore] = field(default_factory=dict)
+    weights: dict[tuple[int, str], Tensor] = field(default_factory=dict)
+
+
+def default_window(ratio: float) -> dict[str, int]:
+    """The default dense window and new-block size at ``ratio`` (see :meth:`Transform.for_ratio`)."""
+    small = isinstance(ratio, (int, float)) and ratio >= SMALL_WINDOW_FROM
+    return {"residual_length": 8 if small else 32, "block_size": 32 if small else 512}
+
+
+@dataclass(frozen=True)
+class Transform(Method):
+    """Transform coding of xKV groups: every group's prefill coded in one allocation over the cache's budget."""
+
+    def check(self, config: CompressionConfig) -> None:
+        super().check(config)
+        tc = config.transform
+        if not isinstance(tc, TransformConfig):
+            raise ValueError(f"transform={tc!r} must be a TransformConfig")
+        for name, calibrated in (("basis=calibrated", tc.basis == "calibrated"),
+                                 ("weighting=output", tc.weighting == "output")):
+            if calibrated and not config.calibration_path:
+                raise ValueError(f"method='transform' with {name} needs calibration_path (a file written by "
+                                 "`python -m kvsvd calibrate MODEL`)")
+            if calibrated and config.key_space != "pre_rope":
+                raise ValueError(f"key_space={config.key_space!r} does not fit {name} (`kvsvd calibrate` fits pre-RoPE "
+                                 "keys); accepted: key_space='pre_rope'")
+        if config.calibration_path and not uses_calibration(tc):
+            raise ValueError("calibration_path applies to method='transform' with basis='calibrated' or "
+                             f"weighting='output' only; got basis={tc.basis!r}, weighting={tc.weighting!r}")
+
+    def grid_keys(self) -> set[str]:
+        """Its config fields and its TransformConfig's, with ``ratio`` (a budget the grid's timeline may reserve)."""
+        own = set(TransformConfig.__dataclass_fields__) - {"reserve_tokens"}
+        return {*COMMON_FIELDS, *self.fields, *own} - {"transform"}
+
+    def for_ratio(self, ratio: float, tokens: int, model_config, group_size: int, reserve_tokens: int,
+                  k_share: float, fields: dict) -> dict:
+        """The ratio goes to the allocator; the basis may use every latent column (rank G·F) unless rank_k /
+        rank_v cap it. Defaults (each from the frontier grid, SmolLM2 at 2048 tokens, needle tasks): every
+        layer coded (the last group holds the remainder), 4 sink tokens, blocks of 256 tokens per coefficient
+        scale; below 8× a 32-token window and new blocks of 512, from 8× an 8-token window and new blocks of 32
+        (the question and the answer are then coded as they arrive); the calibrated basis where
+        ``calibration_path`` is given. Refuses a ratio whose budget the dense parts (sinks, window,
+        uncompressed layers, reserved tokens) fill on their own, naming the highest it can reach."""
+        from ..config import CompressionConfig
+        fields = {**default_window(ratio), **fields}
+        fields.setdefault("basis", "calibrated" if fields.get("calibration_path") else "prompt")
+        names = TransformConfig.__dataclass_fields__
+        tc = TransformConfig(ratio=ratio, reserve_tokens=reserve_tokens,
+                             **{k: fields.pop(k) for k in list(fields) if k in names})
+        shape = ModelShape.of(model_config)
+        reserve = min(reserve_tokens, fields["block_size"])  # as the cache budgets it (:meth:`code`)
+        tokens += reserve
+        fixed = dense_bytes(model_config, tokens,
+                            [l for g in shape.layer_groups(group_size, fields["start_layer"]) for l in g],
+                            fields["residual_length"] + tc.sink_tokens + reserve,
+                            fields.get("dense_dtype", CompressionConfig.dense_dtype))
+        dense16 = accounting.dense16_bytes(model_config, tokens)
+        if fixed >= dense16 / ratio:
+            raise ValueError(f"ratio={ratio} is out of reach at {tokens} tokens: the sinks, residual window, "
+                             f"uncompressed layers and reserved tokens alone hold {fixed:.0f} of the "
+                             f"{dense16 / ratio:.0f} bytes it allows; accepted: ratio < {dense16 / fixed:.2f}, or fewer "
+                             "sink_tokens / residual_length")
+        full = group_size * shape.features
+        return {"layer_group_size": group_size, "rank_k": full, "rank_v": full, "transform": tc, **fields}
+
+    def prepare(self, cache: LowRankCache, groups: list[list[int]]) -> Calibrated:
+        """What the cache holds once per model: the calibrated basis of each group (by first layer) and kind
+        (batch 1), and with ``weighting="output"`` each one's feature weights."""
+        from ..calibrate import Calibration
+        cfg, tc = cache.config, cache.config.transform
+        state = Calibrated()
+        if not uses_calibration(tc):
+            return state
+        calibration = Calibration.load(cfg.calibration_path, cache.model_config, cfg.rank_k, cfg.rank_v, groups,
+                                       weights=tc.weighting == "output")
+        for group in groups:
+            for kind, rank in (("k", cfg.rank_k), ("v", cfg.rank_v)):
+                if tc.basis == "calibrated":
+                    mean, rows = calibration.basis(group[0], kind)
+                    state.stores[group[0], kind] = calibration_store(mean, rows[:, :rank], cache.shape.features,
+                                                                     tc.basis_dtype)
+                if tc.weighting == "output":
+                    state.weights[group[0], kind] = calibration.weight(group[0], kind)
+        return state
+
+    def held_once(self, state: Calibrated) -> list[Tensor]:
+        return [t for store in state.stores.values() for t in store.held()["calibration"]] + list(state.weights.values())
+
+    def code(self, cache: LowRankCache, jobs: list[tuple[LayerGroup, int]], whole_cache: bool) -> None:
+        """Transform-code the n oldest residual tokens of each (group, n) in one allocation. The first
+        ``sink_tokens`` of the timeline become dense segments. ``whole_cache``: the budget is what leaves the
+        whole cache at 1/ratio of its 16-bit bytes (every other tensor held counted as it is); otherwise
+        1/ratio of these tokens', coded on the basis of the group's first coded segment."""
+        cfg, tc = cache.config, cache.config.transform
+        live = [layer for layer in cache.layers if layer.is_initialized]
+        tokens = max((layer.get_seq_length() for layer in live), default=0)
+        matrices, weights, owners = [], [], []
+        for group, n in jobs:
+            sinks = min(n, max(0, tc.sink_tokens - group.compressed_length))
+            if sinks:
+                k, v = group.take_oldest(sinks)
+                group.add_segment(sinks, DenseStore.build(k, cfg.dense_dtype), DenseStore.build(v, cfg.dense_dtype))
+            if n > sinks:
+                k, v = group.take_oldest(n - sinks)
+                matrices += [(x, rank, kind, group.layers, self._shared_basis(cache, group, kind, whole_cache, x.device))
+                             for x, rank, kind in ((k, cfg.rank_k, "k"), (v, cfg.rank_v, "v"))]
+                weights += [cache.calibration.weights.get((group.layers[0], kind)) for kind in "kv"]
+                owners.append((group, n - sinks))
+        if not owners:
+            return
+        if whole_cache:  # up to block_size reserved tokens will wait dense (a sliding layer up to its window);
+            reserve = min(tc.reserve_tokens, cfg.block_size)  # later ones are coded in blocks at 1/ratio of theirs
+            grown = (dense_bytes(cache.model_config, tokens + reserve, [], 0, cfg.dense_dtype)
+                     - dense_bytes(cache.model_config, tokens, [], 0, cfg.dense_dtype))
+            tokens += reserve
+            dense16 = accounting.dense16_bytes(cache.model_config, tokens, live[0].batch)
+            held = accounting.report(cache.held_tensors(), dense16)["total_bytes"] + live[0].batch * grown
+            budget = dense16 / tc.ratio - held
+            if budget <= 0:
+                raise ValueError(f"ratio={tc.ratio} is out of reach: the sinks, residual windows, RoPE positions, "
+                                 f"uncompressed layers and reserved tokens alone hold {held:.0f} of the "
+                                 f"{dense16 / tc.ratio:.0f} bytes it allows at {tokens} tokens; accepted: ratio < "
+                                 f"{dense16 / held:.2f}, or fewer sink_tokens / residual_length")
+        else:
+            budget = sum(x.numel() * accounting.DENSE_ENTRY_BYTES for x, *_ in matrices) / tc.ratio
+        timer = StageTimer()
+        t0 = time.perf_counter()
+        stores, lam = compress(matrices, cfg, budget, timer, weights)
+        if matrices[0][0].device.type == "cuda":
+            torch.cuda.synchronize()
+        cache.compression_log.append({"layers": [l for g, _ in owners for l in g.layers],
+                                      "tokens": sum(n for _, n in owners), "ms": (time.perf_counter() - t0) * 1e3,
+                                      "breakdown_ms": timer.breakdown_ms(), "paths": [s.path for s in stores],
+                                      "budget_bytes": budget, "lambda": lam,
+                                      "allocation": [s.allocation for s in stores]})
+        for i, (group, n) in enumerate(owners):
+            group.add_segment(n, stores[2 * i], stores[2 * i + 1])
+
+    @staticmethod
+    def _shared_basis(cache: LowRankCache, group: LayerGroup, kind: str, prefill: bool,
+                      device: torch.device) -> TransformStore | None:
+        """The store whose basis and mean a new segment of ``group`` is coded on: the calibrated one, else
+        (a later block) the group's first coded segment's; None: the segment fits a basis of its own."""
+        stores = cache.calibration.stores
+        if stores:
+            key = group.layers[0], kind
+            stores[key] = stores[key].to(device)
+            return stores[key]
+        if prefill:
+            return None
+        first = next((seg for seg in group.segments if isinstance(seg.keys, TransformStore)), None)
+        return None if first is None else (first.keys if kind == "k" else first.values)
+
+    @staticmethod
+    def basis_of(spec: dict) -> str:
+        """The basis a grid entry runs: the one it names, else (as :meth:`for_ratio` defaults it) the calibrated
+        one when the entry reads the calibration file anyway (``weighting: output``)."""
+        return spec.get("basis") or ("calibrated" if uses_calibration(spec) else "prompt")
+
+    def runs_svd(self, spec: dict) -> bool:
+        return self.basis_of(spec) != "calibrated"
+
+    def reads_calibration(self, spec: dict) -> bool:
+        return uses_calibration(spec)
+
+    def label_parts(self, spec: dict, field: Callable[[str], Any]) -> list[str]:
+        from ..config import CompressionConfig
+
+        def own(name: str):
+            value = field(name)
+            return getattr(TransformConfig, name) if value is None else value
+
+        window = {k: int(spec[k]) if present(spec.get(k)) else v for k, v in default_window(spec.get("ratio")).items()}
+        basis = "calibrated basis" if self.basis_of(spec) == "calibrated" else "basis"
+        parts = [own("key_space"), f"{basis} {own('basis_dtype')}", f"sinks {int(own('sink_tokens'))}",
+                 f"window {window['residual_length']}"]
+        if window["block_size"] != CompressionConfig.block_size:
+            parts.append(f"new blocks {window['block_size']}")
+        if own("block_tokens") != TransformConfig.block_tokens:
+            parts.append(f"block {int(own('block_tokens'))}")
+        if own("value_weight") != TransformConfig.value_weight:
+            parts.append(f"V weight {own('value_weight'):g}")
+        if own("block_scale") != TransformConfig.block_scale:
+            parts.append(f"{own('block_scale')}-scaled blocks")
+        if own("weighting") != TransformConfig.weighting:
+            parts.append(f"{own('weighting')}-weighted")
+        return parts
+
+
+# groups of 5 layers: from the frontier grid (SmolLM2: 2.7-8x scored best with groups of 5)
+TRANSFORM = Transform("transform", "kvsvd transform", group_size=5,
+                      fields=("rank_k", "rank_v", *SVD_FIELDS, "calibration_path", "transform"), joint=True, ranked=False,
+                      params=TransformConfig)

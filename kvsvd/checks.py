@@ -1,0 +1,17 @@
+"""Argument checks whose errors name the parameter and the accepted range."""
+
+from __future__ import annotations
+
+
+def integer(name: str, value: object, lo: int) -> None:
+    """``value`` must be an int (not a bool) ≥ ``lo``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo:
+        raise ValueError(f"{name}={value} is out of range; accepted: >= {lo}")
+
+
+def choice(name: str, value: object, accepted: tuple[str, ...]) -> None:
+    """``value`` must be one of ``accepted``."""
+    if value not in accepted:
+        raise ValueError(f"{name}={value!r} is unknown; accepted: {', '.join(accepted)}")
