@@ -81,3 +81,34 @@ def test_the_16_bit_dense_cache_of_a_hybrid_model_is_the_reference_itself(tiny_g
     tiny_gemma3(ids, **with_cache(ref_cache))
     ref = tiny_gemma3(ids[:, :1], **with_cache(ref_cache), **step).logits
     assert torch.allclose(tiny_gemma3(ids[:, :1], **with_cache(cache), **step).logits, ref, atol=1e-2)
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("spec", [{"method": "none"}, {"method": "dense16"},
+                                  {"method": "quantized", "backend": "quanto", "nbits": 4, "residual_length": 8},
+                                  {"method": "quantized", "backend": "hqq", "nbits": 4, "residual_length": 8},
+                                  {"method": "turboquant", "nbits": 4}], ids=lambda s: "-".join(map(str, s.values())))
+@torch.no_grad()
+def test_the_peers_that_run_on_a_hybrid_model_are_counted_against_its_own_16_bit_cache(tiny_gemma3, spec):
+    """The dense reference keeps the sliding layers' window; QuantizedCache and TurboQuant run; their bytes are
+    what they hold."""
+    from kvsvd import accounting, grid
+    from kvsvd.evaluate import _prefill
+    ids = torch.randint(3, 128, (1, 80), generator=torch.Generator().manual_seed(1))
+    cache, press = grid.build(spec, tiny_gemma3, ids.shape[1])
+    _prefill(tiny_gemma3, ids, cache, press)
+    tiny_gemma3(ids[:, -1:], position_ids=torch.tensor([[80]]), **with_cache(cache))
+    held = accounting.cache_report(cache, tiny_gemma3.config, 81)
+    assert held["dense16_bytes"] == 2 * (2 * 81 + 4 * 15) * 32 * 2  # K+V × (2 full layers × 81 + 4 sliding × 15)
+    if spec["method"] == "dense16":
+        assert held["ratio"] == 1.0
+    if spec["method"] == "none":  # FP32; a sliding layer's window is a view of its last update (16 tokens of storage)
+        assert held["total_bytes"] == 4 * 2 * (2 * 81 + 4 * 16) * 32
+
+
+@pytest.mark.peers
+@pytest.mark.parametrize("press", ["streaming_llm", "snapkv", "tova", "expected_attention"])
+def test_kvpress_presses_are_refused_on_a_hybrid_model_naming_why(tiny_gemma3, press):
+    from kvsvd import grid
+    with pytest.raises(ValueError, match=f"press='{press}' does not run on a model with sliding-window layers: kvpress"):
+        grid.build({"method": "press", "press": press, "ratio": 4}, tiny_gemma3, 80)

@@ -13,13 +13,14 @@ from .base import Peer
 
 @dataclass(frozen=True)
 class Dense(Peer):
-    """``method: none``: transformers' ``DynamicCache`` in the model dtype (every grid's reference)."""
+    """``method: none``: transformers' ``DynamicCache`` in the model dtype (every grid's reference), built from
+    the model's config so that a hybrid model's sliding layers keep their window, as in generate."""
     name = "none"
     family = "dense"
 
     def build(self, model, context_tokens: int, reserve_tokens: int = 0,
               memoize_reads: bool = False) -> tuple[DynamicCache, None]:
-        return DynamicCache(), None
+        return DynamicCache(config=model.config), None
 
     def label(self, budget: str) -> str:
         return "dense"

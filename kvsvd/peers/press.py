@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import version
 
+from ..accounting import ModelShape
 from ..dense import Dense16Cache
 from .base import Peer
 
@@ -39,6 +41,13 @@ class Press(Peer):
 
     def build(self, model, context_tokens: int, reserve_tokens: int = 0, memoize_reads: bool = False):
         import kvpress
+        if ModelShape.of(model.config).sliding_window is not None:
+            raise ValueError(
+                f"press={self.press!r} does not run on a model with sliding-window layers: kvpress "
+                f"{version('kvpress')} prunes every layer, so a sliding layer holds fewer tokens than the model's "
+                "sliding-window mask expects (on a tiny Gemma 3: 'The size of tensor a (4) must match the size of "
+                "tensor b (16)'; expected_attention: no 'None_inv_freq' on Gemma3RotaryEmbedding); accepted: a "
+                "model whose layers are all full attention")
         T = context_tokens
         kept = (T + reserve_tokens) / self.ratio - reserve_tokens  # context tokens the press may keep
         if kept < 1:  # kvpress keeps at least one token: the row's measured kv_ratio falls short of the ratio
