@@ -44,9 +44,6 @@ from .peers import PEERS, Peer
 GRID_KEYS = {"name", "model", "tasks", "context_lengths", "n_samples", "seed", "max_new_tokens", "methods", "out",
              "memoize_reads", "budget"}
 BUDGETS = ("context", "timeline")
-# keys that rows of earlier grids record and labels show, but that no grid runs any more: a budget against
-# an FP32 cache, and pre-RoPE keys that held the model's cos/sin tables
-RECORDED_KEYS = ("fp32_ratio", "rope_tables")
 
 
 @dataclass(frozen=True)
@@ -110,8 +107,10 @@ def entry(spec: dict) -> Peer | Compressed:
 
 def label(spec: dict) -> str:
     """What a method dict (a grid entry, or a row's recorded method) asked for: ``dense``, ``dense bf16``,
-    ``tova 4x``, ``quantized quanto int4``, ``xkv G2 4x pre_rope bf16 q2``. A ratio is against a 16-bit cache;
-    rows budgeted against an FP32 cache say ``Nx of fp32``."""
+    ``tova 4x``, ``quantized quanto int4``, ``xkv G2 4x pre_rope bf16 q2``. A ratio is against a 16-bit cache.
+    Rows of earlier variants record keys that no grid runs any more, and their labels say so: a budget against
+    an FP32 cache (``fp32_ratio``: ``Nx of fp32``), pre-RoPE keys that held the model's cos/sin tables
+    (``rope_tables``: ``cos/sin tables``)."""
     budget = ""
     for key, fmt in (("ratio", " {:g}x"), ("fp32_ratio", " {:g}x of fp32")):
         if present(spec.get(key)):

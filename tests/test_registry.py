@@ -65,3 +65,12 @@ def test_a_field_the_method_does_not_read_is_refused_by_name(name):
         CompressionConfig(method=name, layer_group_size=method.group_size, **{foreign: value})
     with pytest.raises(ValueError, match=rf"key\(s\) \['{foreign}'\] do not apply to method '{name}'"):
         entry({"method": name, foreign: value})
+
+
+def test_grid_entries_that_read_the_calibration_name_its_default_file():
+    """The grid makes (and passes) kvsvd calibrate's default file for a calibrated basis or output weighting."""
+    assert entry({"method": "transform", "ratio": 8}).calibration is None
+    assert entry({"method": "transform", "ratio": 8, "basis": "calibrated"}).calibration == (5, 0)
+    assert entry({"method": "transform", "ratio": 8, "weighting": "output", "layer_group_size": 3}).calibration == (3, 0)
+    assert entry({"method": "xkv", "ratio": 4}).calibration is None
+    assert entry({"method": "press", "press": "tova", "ratio": 4}).calibration is None
