@@ -8,8 +8,8 @@ variance, and ``{g}.k_weight`` / ``{g}.v_weight`` (G·F,): what an error of one 
 costs downstream (:func:`sensitivity`), each kind at mean 1 over the model. Its metadata names the
 model (its folder's name), its shape, the layer grouping, the ranks,
 the calibration tokens and the kvsvd version; a file made for another model, shape or grouping is
-refused. Keys are calibrated pre-RoPE (the k_proj output), as LowRankCache compresses them with
-``key_space="pre_rope"``.
+refused. Keys are calibrated pre-RoPE (the k_proj output, after k_norm on a QK-norm model such as
+Gemma 3: ``kvsvd.models.capture_projections``), as LowRankCache compresses them with ``key_space="pre_rope"``.
 
 ``python -m kvsvd calibrate MODEL`` fits them on :func:`calibration_text` (prose from NumPy's
 docstrings, shipped in ``kvsvd/data/calibration.txt``; no RULER prompt contains any of it) and

@@ -155,17 +155,26 @@ def random_model(name: str, *, dtype: torch.dtype = torch.float32, device: str |
 @torch.no_grad()
 def capture_projections(model, input_ids: torch.Tensor, names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj")
                         ) -> dict[str, list[torch.Tensor]]:
-    """Run one prefill and return the outputs of the named attention projections, pre-RoPE.
+    """Run one prefill and return the named attention projections as the model rotates them: pre-RoPE, and
+    for a model with QK-norm (Gemma 3: ``q_norm``, ``k_norm``) the queries and keys after their norm.
 
     Returns ``{name: [one float32 tensor (batch, tokens, out_features) per decoder layer]}``
     (``k_proj``/``v_proj``: out_features = kv_heads · head_dim; ``q_proj``: heads · head_dim).
     """
     out: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     handles = []
+
+    def keep(name: str, per_head: bool):
+        def hook(module, inputs, output):  # a norm's output is (B, heads, T, d); a projection's (B, T, heads·d)
+            out[name].append((output.transpose(1, 2).flatten(2) if per_head else output).float())
+        return hook
+
     for layer in model.model.layers:
+        attn = layer.self_attn
         for name in names:
-            handles.append(getattr(layer.self_attn, name).register_forward_hook(
-                lambda m, i, o, name=name: out[name].append(o.float())))
+            norm = getattr(attn, f"{name[0]}_norm", None) if name in ("q_proj", "k_proj") else None
+            module = norm if norm is not None else getattr(attn, name)
+            handles.append(module.register_forward_hook(keep(name, norm is not None)))
     try:
         model(input_ids=input_ids, use_cache=False)
     finally:
@@ -175,6 +184,7 @@ def capture_projections(model, input_ids: torch.Tensor, names: tuple[str, ...] =
 
 
 def capture_kv(model, input_ids: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-layer pre-RoPE keys and values, each (batch, tokens, kv_heads · head_dim) float32."""
+    """Per-layer pre-RoPE keys (after QK-norm where the model has it) and values, each (batch, tokens,
+    kv_heads · head_dim) float32."""
     out = capture_projections(model, input_ids, ("k_proj", "v_proj"))
     return out["k_proj"], out["v_proj"]

