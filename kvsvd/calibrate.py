@@ -160,7 +160,7 @@ def ensure(model, tokenizer, layer_group_size: int, start_layer: int = 0, tokens
     """:func:`default_path`, written by :func:`calibrate` on :func:`calibration_text` if it is not there yet
     (or was made before files held sensitivity weights)."""
     path = default_path(model.config, layer_group_size, start_layer)
-    if not path.is_file() or not Calibration.read(path)[1].get("weights"):
+    if not path.is_file() or not Calibration.metadata(path).get("weights"):
         calibrate(model, tokenizer, calibration_text(tokenizer, tokens), None, None, path,
                   layer_group_size=layer_group_size, start_layer=start_layer)
     return path
@@ -206,10 +206,16 @@ class Calibration:
         return cls(tensors, meta)
 
     @staticmethod
-    def read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    def metadata(path: Path) -> dict:
+        """The file's kvsvd metadata, without reading its tensors."""
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("kvsvd", "{}"))
+
+    @classmethod
+    def read(cls, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
         """The file's tensors and its kvsvd metadata."""
         with safe_open(str(path), framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {}).get("kvsvd", "{}"))
+            return {k: f.get_tensor(k) for k in f.keys()}, cls.metadata(path)
 
     def basis(self, first_layer: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tensors[f"{first_layer}.{kind}_mean"], self.tensors[f"{first_layer}.{kind}_basis"]

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from importlib.metadata import version
 
 from ..accounting import ModelShape
+from ..checks import choice
 from ..dense import Dense16Cache
 from .base import Peer
 
@@ -26,8 +27,7 @@ class Press(Peer):
     ratio: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.press not in PRESSES:
-            raise ValueError(f"press={self.press!r} is unknown; accepted: {', '.join(PRESSES)}")
+        choice("press", self.press, tuple(PRESSES))
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
             raise ValueError(f"ratio={self.ratio!r} is out of range; accepted: > 1")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..checks import choice
 from .base import Peer
 
 BACKENDS = {"quanto": "optimum.quanto", "hqq": "hqq"}
@@ -20,8 +21,7 @@ class Quantized(Peer):
     residual_length: int = 128
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"backend={self.backend!r} is unknown; accepted: {', '.join(BACKENDS)}")
+        choice("backend", self.backend, tuple(BACKENDS))
         for name, lo in (("nbits", 1), ("residual_length", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < lo:
