@@ -74,10 +74,11 @@ def sample_kv(model, tokenizer, tokens: int, *, offset_chars: int = 0, calibrati
     pos = torch.arange(tokens, device=ids.device)[None]
     probe = torch.zeros(1, dtype=torch.float32, device=ids.device)
     cos, sin = model.model.rotary_emb(probe, pos)
-    c = model.config
+    shape = accounting.ModelShape.of(model.config)
     return KVSample(q=[x[0].cpu() for x in out["q_proj"]], k=[x[0].cpu() for x in out["k_proj"]],
                     v=[x[0].cpu() for x in out["v_proj"]], cos=cos[0].float().cpu(), sin=sin[0].float().cpu(),
-                    heads=c.num_attention_heads, kv_heads=c.num_key_value_heads, head_dim=c.head_dim)
+                    heads=out["q_proj"][0].shape[-1] // shape.head_dim, kv_heads=shape.kv_heads,
+                    head_dim=shape.head_dim)
 
 
 # ----------------------------------------------------------------------------- spectra (notebook 01)
@@ -242,12 +243,11 @@ def compressibility(sample: KVSample, *, kinds=KINDS, groups=(1, 2, 4, 8), ratio
         # a budget that affords more than full rank is met exactly at full rank (measured ratio is higher)
         rank = min(rank_for_ratio(ratio, T, G * F, fdt), T, G * F)
         own = {"calibration_path": "in-memory"} if method == "pca" else {"n_iter": n_iter}  # pca runs no SVD
-        cfg = CompressionConfig(method=method, layer_group_size=G, rank_k=rank, rank_v=rank, factor_dtype=fdt, **own)
+        cfg = CompressionConfig.of(method, layer_group_size=G, rank_k=rank, rank_v=rank, factor_dtype=fdt, **own)
         for g0 in range(layers.start, layers.stop, G):
             ls = list(range(g0, g0 + G))
             x = torch.stack([sample.matrix(kind, l) for l in ls], 1)[None]             # (1, T, G, F)
-            store = cfg.spec.compress(x, rank, cfg, kind=kind[0], layers=ls, heads=sample.kv_heads,
-                                        calibration=calibration)
+            store = cfg.spec.compress(x, cfg, kind=kind[0], layers=ls, heads=sample.kv_heads, calibration=calibration)
             held = held_bytes(store)  # pca: its calibrated basis and mean count too (as large as svd's w)
             for j, l in enumerate(ls):
                 x_hat = store.layer(j, torch.float32)[0]
@@ -326,7 +326,7 @@ def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | No
             if calibration is not None:
                 coders.append(("transform, calibrated basis", "unclipped", calibrated[kind]))
             for method, scale, shared in coders:
-                cfg = CompressionConfig(method="transform", layer_group_size=len(group), transform=transform.TransformConfig(
+                cfg = CompressionConfig(method="transform", layer_group_size=len(group), params=transform.TransformConfig(
                     ratio=16 / b, sink_tokens=0, block_scale=scale))
                 (store,), _ = transform.compress([(x[None], n, kind[0], list(group), shared)], cfg, b / 8 * T * n)
                 rebuilt = torch.cat([store.layer(j, torch.float32)[0] for j in range(len(group))], -1)
@@ -374,7 +374,7 @@ def basis_by_context(model, tokenizer, lengths: tuple[int, ...], *, bits=(1, 2, 
 
     # compress() spends the budget it is given; the config's ratio (for a cache) plays no part
     cfg = CompressionConfig(method="transform", layer_group_size=len(group),
-                            transform=transform.TransformConfig(ratio=2, sink_tokens=0))
+                            params=transform.TransformConfig(ratio=2, sink_tokens=0))
 
     def matrix(sample: KVSample, kind: str) -> Tensor:
         return torch.stack([sample.matrix(kind, l) for l in group], 1)[None]      # (1, T, G, F)

@@ -46,6 +46,7 @@ from transformers.cache_utils import Cache
 from . import accounting, compat
 from .accounting import STORAGE_DTYPES
 from .config import CompressionConfig
+from .methods.base import Ranks
 from .dense import StoredLayer, StoredSlidingLayer, with_fresh
 from .rope import apply_rope, invert_rope
 
@@ -426,11 +427,11 @@ class LowRankCache(Cache):
                              f"[{config.start_layer}, {end}]; accepted: a divisor of {n}, or change start/end_layer "
                              "(method='transform' codes the remainder as a smaller group)")
         features = G * shape.features
-        if "rank_k" in self.method.fields:
+        if isinstance(config.params, Ranks):
             for name in ("rank_k", "rank_v"):
-                if getattr(config, name) > features:
-                    raise ValueError(f"{name}={getattr(config, name)} exceeds the {features} features of a group "
-                                     f"({G} layers × {shape.kv_heads} heads × {shape.head_dim}); accepted: "
+                if getattr(config.params, name) > features:
+                    raise ValueError(f"{name}={getattr(config.params, name)} exceeds the {features} features of a "
+                                     f"group ({G} layers × {shape.kv_heads} heads × {shape.head_dim}); accepted: "
                                      f"[1, {features}]")
         self.calibration = self.method.prepare(self, groups)  # what the method holds once per model, or None
         self.first_compressed_layer = groups[0][0]

@@ -2,111 +2,97 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 from .accounting import STORAGE_DTYPES, ModelShape
 from .budget import whole_groups_start
 from .checks import choice, integer
 from .methods import METHODS
-from .methods.transform import TransformConfig
-from .svd import QR_METHODS, SVD_METHODS
 
 KEY_SPACES = ("pre_rope", "post_rope")
-FACTOR_DTYPES = ("bf16", "fp16", "fp32", "int8", "int4")
 
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """How the prefill KV cache is compressed.
+    """How the prefill KV cache is compressed: the fields every method reads, and the method's own ``params``.
 
-    Ranks are the *total* rank of one compressed matrix, as in xKV: for ``xkv`` a group of G
-    layers is one (tokens × G·H·d) matrix, so rank_k=256 at G=4 stores as many factor entries
-    per token as rank_k=64 per layer (the per-layer equivalent is rank / G). For ``svd`` and
-    ``pca`` the matrix is one layer (tokens × H·d). ``minicache`` ignores the ranks. For
-    ``transform`` they cap the latent columns the basis computes (the allocator keeps fewer).
-
-    Every method reads the fields its ``kvsvd.methods`` entry names (``Method.fields``) besides the common
-    ones (group, layer range, key space, dense storage, window, blocks, seed); any other field set away from
-    its default is refused.
+    ``CompressionConfig(method="xkv", params=LowRankParams(rank_k=64, rank_v=96), layer_group_size=2)``;
+    :meth:`of` builds the same from flat fields (a grid entry's keys), and :meth:`to_dict` gives them back.
 
     Attributes:
-        method: ``svd`` (per layer), ``xkv`` (groups of ``layer_group_size`` adjacent layers
-            concatenated along features, one shared token factor), ``minicache`` (SLERP merge
-            of adjacent layer pairs, divergent tokens kept), ``pca`` (fixed calibrated bases),
-            ``transform`` (xKV groups transform-coded: a per-prompt basis and rate-allocated
+        method: a name of ``kvsvd.methods.METHODS``: ``svd`` (per layer), ``xkv`` (groups of
+            ``layer_group_size`` adjacent layers concatenated along features, one shared token factor),
+            ``minicache`` (SLERP merge of adjacent layer pairs, divergent tokens kept), ``pca`` (fixed
+            calibrated bases), ``transform`` (xKV groups transform-coded: a basis and rate-allocated
             quantised coefficients, ``kvsvd.methods.transform``).
-        layer_group_size: G for ``xkv`` and ``transform`` (≥ 1); must be 1 for ``svd``/``pca``, 2 for
-            ``minicache``.
+        params: the method's settings, an instance of its ``Method.params`` (``LowRankParams`` for svd/xkv,
+            ``MiniCacheParams``, ``PcaParams``, ``TransformConfig``); None: its defaults.
+        layer_group_size: G (≥ 1); 1 for ``svd``/``pca``, 2 for ``minicache``.
         start_layer, end_layer: the compressed layers, inclusive; -1 means the last layer.
             Layers outside stay uncompressed. The range must split into whole groups.
-        n_iter, oversample, qr, svd: the SVD call (``svd`` names a function of
-            ``kvsvd.SVD_METHODS``: rsvd, full_svd, lowrank_svd).
         key_space: ``pre_rope`` (keys are un-rotated exactly with the model's cos/sin,
             compressed, and re-rotated on read) or ``post_rope``.
-        factor_dtype: storage of the token factor: bf16, fp16, fp32, or int8 / int4 with one
-            symmetric bf16 scale per token (the right factor is then kept in bf16).
         dense_dtype: storage of everything kept dense (the residual window, uncompressed layers,
             segments shorter than the rank, MiniCache's retained tokens): bf16, fp16 or fp32,
             read back in the model dtype. bf16 holds what a 16-bit serving cache holds.
         residual_length: most recent tokens kept dense and uncompressed.
         block_size: once more than residual_length + block_size tokens wait in the dense
             buffer, the oldest block_size are compressed as a new segment.
-        calibration_path: safetensors file written by ``kvsvd.calibrate`` (``pca``, and ``transform``
-            with ``basis="calibrated"``; its grouping must be this config's).
-        minicache_t, minicache_gamma: SLERP weight t and retention threshold γ: tokens whose
-            angle exceeds Ωmin + γ·(Ωmax − Ωmin) are kept unmerged.
-        seed: seed of the randomized SVD sketch (compression is deterministic).
-        transform: the transform coder's settings (``method="transform"`` only; default
-            ``TransformConfig()``); its ``ratio`` sets the bytes, not the ranks.
     """
 
     method: str = "xkv"
-    rank_k: int = 256
-    rank_v: int = 384
+    params: Any = None
     layer_group_size: int = 4
     start_layer: int = 0
     end_layer: int = -1
-    n_iter: int = 2
-    oversample: int = 8
-    qr: str = "auto"
-    svd: str = "rsvd"
     key_space: str = "pre_rope"
-    factor_dtype: str = "bf16"
     dense_dtype: str = "bf16"
     residual_length: int = 32
     block_size: int = 512
-    calibration_path: str | None = None
-    minicache_t: float = 0.5
-    minicache_gamma: float = 0.05
-    seed: int = 0
-    transform: TransformConfig | None = None
 
     def __post_init__(self) -> None:
         choice("method", self.method, tuple(METHODS))
-        if self.transform is None and self.spec.params is not None:
-            object.__setattr__(self, "transform", self.spec.params())
-        for name in ("rank_k", "rank_v", "layer_group_size", "block_size"):
+        if self.params is None:
+            object.__setattr__(self, "params", self.spec.params())
+        for name in ("layer_group_size", "block_size"):
             integer(name, getattr(self, name), 1)
-        for name in ("start_layer", "n_iter", "oversample", "residual_length", "seed"):
+        for name in ("start_layer", "residual_length"):
             integer(name, getattr(self, name), 0)
         integer("end_layer", self.end_layer, -1)
         if self.end_layer != -1 and self.start_layer > self.end_layer:
             raise ValueError(f"start_layer={self.start_layer} > end_layer={self.end_layer}; "
                              "accepted: start_layer <= end_layer (or end_layer=-1 for the last layer)")
-        choice("qr", self.qr, QR_METHODS)
-        choice("svd", self.svd, tuple(SVD_METHODS))
         choice("key_space", self.key_space, KEY_SPACES)
-        choice("factor_dtype", self.factor_dtype, FACTOR_DTYPES)
         choice("dense_dtype", self.dense_dtype, tuple(STORAGE_DTYPES))
         self.spec.check(self)
 
+    @classmethod
+    def of(cls, method: str = "xkv", **fields) -> CompressionConfig:
+        """The config of flat ``fields``: the common ones, and the method's params' (a field that is neither is
+        refused by name)."""
+        choice("method", method, tuple(METHODS))
+        spec = METHODS[method]
+        common = {f.name for f in dataclasses.fields(cls)} - {"method", "params"}
+        own = spec.param_names()
+        foreign = set(fields) - common - set(own)
+        if foreign:
+            named = ", ".join(f"{k}={fields[k]!r}" for k in sorted(foreign))
+            raise ValueError(f"{named} {'do' if len(foreign) > 1 else 'does'} not apply to method={method!r}; it takes: "
+                             f"{', '.join(sorted(common | set(own)))}")
+        return cls(method, spec.params(**{k: v for k, v in fields.items() if k in own}),
+                   **{k: v for k, v in fields.items() if k in common})
+
     @property
     def spec(self):
-        """The method (``kvsvd.methods.METHODS``): what it reads, how it compresses, its budget rule."""
+        """The method (``kvsvd.methods.METHODS``): its params, how it compresses, its budget rule."""
         return METHODS[self.method]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Flat fields (:meth:`of` builds the config back from them)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "params"}
+        return {**out, **dataclasses.asdict(self.params)}
 
 
 def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "xkv", layer_group_size: int | None = None,
@@ -138,5 +124,5 @@ def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "
         raise ValueError(f"layer_group_size={G!r} is out of range; accepted: an int in [1, {L}] (the model's layers)")
     fields.setdefault("start_layer", 0 if spec.joint else whole_groups_start(model_config, G))
     integer("reserve_tokens", reserve_tokens, 0)
-    return CompressionConfig(method=method, **spec.for_ratio(ratio, tokens, model_config, G, reserve_tokens, k_share,
-                                                             fields))
+    return CompressionConfig.of(method, **spec.for_ratio(ratio, tokens, model_config, G, reserve_tokens, k_share,
+                                                          fields))

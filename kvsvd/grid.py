@@ -149,7 +149,8 @@ def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: 
     if held["rebuilt_bytes"]:  # dense read copies kept between steps (memoized reads, TurboQuant's view)
         row["kv_bytes_rebuilt"] = held["rebuilt_bytes"]
     if isinstance(cache, LowRankCache):
-        row["rank_k"], row["rank_v"] = cache.config.rank_k, cache.config.rank_v
+        ranks = cache.config.to_dict()
+        row["rank_k"], row["rank_v"] = ranks.get("rank_k"), ranks.get("rank_v")
         if memoize_reads:
             row.update(reads_memoized=True, decode_ms_per_token_memoized=row.pop("decode_ms_per_token"))
     return row

@@ -72,11 +72,11 @@ class Compressed:
             config = config_for_ratio(self.spec["ratio"], context_tokens, model.config, method=self.method.name,
                                       reserve_tokens=reserve_tokens, k_share=self.spec.get("k_share", 1 / 3),
                                       **fields)
-        elif self.method.params is not None:
+        elif self.method.needs_ratio:
             raise ValueError(f"method {self.spec} needs a ratio: its budget against a 16-bit cache")
         else:
             start = accounting.ModelShape.of(model.config).layers % G
-            config = CompressionConfig(method=self.method.name, **{"start_layer": start, **fields})
+            config = CompressionConfig.of(self.method.name, **{"start_layer": start, **fields})
         return LowRankCache(config, model.config, memoize_reads=memoize_reads), None
 
     @property

@@ -18,6 +18,7 @@ import torch
 from . import analysis
 from .accounting import DENSE_ENTRY_BYTES, ModelShape
 from .config import CompressionConfig
+from .methods.lowrank import LowRankParams
 from .svd import get_svd, optimal_error, truncation_error
 from .timing import StageTimer
 
@@ -184,12 +185,12 @@ def explore_group(sample: analysis.KVSample, *, kind: str, rank: int, n_iter: in
     if not 1 <= G <= L:
         raise ValueError(f"layer_group_size={G} is out of range; accepted: [1, {L}]")
     start = first_layer if first_layer is not None else (L - G) // 2
-    cfg = CompressionConfig(method="svd" if G == 1 else "xkv", layer_group_size=G, rank_k=rank, rank_v=rank,
-                            n_iter=n_iter)
+    cfg = CompressionConfig("svd" if G == 1 else "xkv", LowRankParams(rank_k=rank, rank_v=rank, n_iter=n_iter),
+                            layer_group_size=G)
     layers = list(range(start, start + G))
     x = torch.stack([sample.matrix(kind, l) for l in layers], 1)[None]
     store, timer, _ = _timed(("group", cfg.method, tuple(x.shape)), lambda timer: cfg.spec.compress(
-        x, rank, cfg, kind=kind[0], layers=layers, heads=sample.kv_heads, timer=timer))
+        x, cfg, kind=kind[0], layers=layers, heads=sample.kv_heads, timer=timer))
     rows = []
     for j, l in enumerate(layers):
         x_hat = store.layer(j, torch.float32)[0]
@@ -238,8 +239,8 @@ def explore_answer(model, tokenizer, sample: dict, task: str, *, method: str, ra
     from .evaluate import answer
     L = ModelShape.of(model.config).layers
     G = 1 if method == "svd" else layer_group_size
-    cfg = CompressionConfig(method=method, layer_group_size=G, rank_k=max(1, rank // 3),
-                            rank_v=max(1, rank - rank // 3), n_iter=n_iter, start_layer=L % G)
+    cfg = CompressionConfig(method, LowRankParams(rank_k=max(1, rank // 3), rank_v=max(1, rank - rank // 3),
+                                                  n_iter=n_iter), layer_group_size=G, start_layer=L % G)
     cache = LowRankCache(cfg, model.config)
     res = answer(model, tokenizer, sample, cache, max_new_tokens=24)
     mem = cache.memory_report()

@@ -10,7 +10,6 @@ from transformers import DynamicCache
 from kvsvd import CompressionConfig, LowRankCache
 from kvsvd.attention import Factors, attend, merge
 from kvsvd.compat import with_cache
-from kvsvd.methods.transform import TransformConfig
 from test_cache import full_rank_config, greedy
 
 pytestmark = pytest.mark.core  # also run in the current environment
@@ -72,9 +71,9 @@ STORE_CONFIGS = [dict(method="xkv", layer_group_size=2, key_space="post_rope", *
                  dict(method="svd", layer_group_size=1, key_space="post_rope", factor_dtype="int4", **RANKS),
                  dict(method="minicache", layer_group_size=2, start_layer=0),
                  dict(method="transform", layer_group_size=2, key_space="pre_rope",
-                      transform=TransformConfig(ratio=3.0, block_tokens=16), **RANKS),
+                      ratio=3.0, block_tokens=16, **RANKS),
                  dict(method="transform", layer_group_size=3, key_space="post_rope",
-                      transform=TransformConfig(ratio=4.0, block_tokens=16), **RANKS)]
+                      ratio=4.0, block_tokens=16, **RANKS)]
 
 
 @pytest.mark.parametrize("kw", STORE_CONFIGS)
@@ -82,7 +81,7 @@ def test_every_store_meets_the_protocol_and_its_latent_form_is_its_layer(tiny_ll
     """Every segment's K and V store (dense sinks, low-rank factors, MiniCache merges, transform codes) has
     path, layer, latent and held; where latent gives Factors, u·w + mean is the layer it rebuilds."""
     from kvsvd.store import Store
-    cfg = CompressionConfig(residual_length=4, block_size=6, **kw)
+    cfg = CompressionConfig.of(residual_length=4, block_size=6, **kw)
     cache = LowRankCache(cfg, tiny_llama.config)
     greedy(tiny_llama, torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(8)), cache, n=8)
     stores = [s for g in cache.groups for seg in g.segments for s in (seg.keys, seg.values)]
@@ -109,7 +108,7 @@ def test_low_rank_factor_path_matches_reconstruct_on_read_with_padding(tiny_llam
     ids[1, :9] = 0
     mask = torch.ones_like(ids)
     mask[1, :9] = 0
-    cfg = CompressionConfig(residual_length=4, block_size=6, **kw)
+    cfg = CompressionConfig.of(residual_length=4, block_size=6, **kw)
     seq, logits = greedy(tiny_llama, ids, LowRankCache(cfg, tiny_llama.config), n=10, attention_mask=mask)
     with attn(tiny_llama, "kvsvd"):
         seq2, logits2 = greedy(tiny_llama, ids, LowRankCache(cfg, tiny_llama.config), n=10, attention_mask=mask)
@@ -141,7 +140,7 @@ def test_multi_token_step_after_compression_is_causal(tiny_llama):
     """Feeding several tokens at once after the prefill was compressed (a question after a context)."""
     g = torch.Generator().manual_seed(4)
     ctx, question = torch.randint(0, 128, (1, 60), generator=g), torch.randint(0, 128, (1, 7), generator=g)
-    cfg = CompressionConfig(method="xkv", layer_group_size=2, rank_k=10, rank_v=16, key_space="post_rope",
+    cfg = CompressionConfig.of(method="xkv", layer_group_size=2, rank_k=10, rank_v=16, key_space="post_rope",
                             residual_length=4)
     outs = []
     for impl in ("sdpa", "kvsvd"):
@@ -159,7 +158,7 @@ def test_other_caches_and_prefill_use_sdpa_and_dropout_is_refused(tiny_llama):
     with attn(tiny_llama, "kvsvd"):
         torch.testing.assert_close(greedy(tiny_llama, ids, DynamicCache())[1], ref)
     from kvsvd.attention import kvsvd_attention_forward
-    cache = LowRankCache(CompressionConfig(method="svd", layer_group_size=1, rank_k=4, rank_v=4, residual_length=2,
+    cache = LowRankCache(CompressionConfig.of(method="svd", layer_group_size=1, rank_k=4, rank_v=4, residual_length=2,
                                            key_space="post_rope"),
                          tiny_llama.config)
     with attn(tiny_llama, "kvsvd"), torch.no_grad():

@@ -110,7 +110,7 @@ def test_attention_bench_on_a_random_weight_shape_uses_random_tokens(tmp_path):
     assert (tmp_path / "tiny-llama-shaped_1024_post_rope_8x.json").exists()
     t = attention.run(1024, decode_tokens=2, rounds=3, ratio=8, out=tmp_path, model_name="tiny-llama-shaped",
                       method="transform")
-    assert t["config"]["method"] == "transform" and t["config"]["transform"]["ratio"] == 8
+    assert t["config"]["method"] == "transform" and t["config"]["ratio"] == 8
     assert t["results"]["factors"]["kv_ratio"] == t["results"]["reconstruct"]["kv_ratio"] > 7
     assert (tmp_path / "tiny-llama-shaped_1024_post_rope_8x_transform.json").exists()
     with pytest.raises(ValueError, match="method='pca' is unknown; accepted: lowrank, transform"):

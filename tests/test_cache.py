@@ -25,7 +25,7 @@ def greedy(model, ids, cache, n=8, **kw):
 
 
 def full_rank_config(method, G, F, key_space, **kw):
-    return CompressionConfig(method=method, layer_group_size=G, rank_k=G * F, rank_v=G * F, key_space=key_space,
+    return CompressionConfig.of(method=method, layer_group_size=G, rank_k=G * F, rank_v=G * F, key_space=key_space,
                              factor_dtype="fp32", dense_dtype="fp32", residual_length=3,
                              block_size=kw.pop("block_size", 200), **kw)
 
@@ -72,7 +72,7 @@ def test_pre_rope_keys_round_trip(tiny_llama):
 def test_memory_report_counts_the_tensors_actually_held(tiny_llama, method, G, factor_dtype):
     ids = torch.randint(0, 128, (2, 120), generator=torch.Generator().manual_seed(3))
     ranks = {} if method == "minicache" else {"rank_k": 8 * G, "rank_v": 12 * G}  # minicache has none
-    cfg = CompressionConfig(method=method, layer_group_size=G, start_layer=0, end_layer=-1, factor_dtype=factor_dtype,
+    cfg = CompressionConfig.of(method=method, layer_group_size=G, start_layer=0, end_layer=-1, factor_dtype=factor_dtype,
                             residual_length=5, block_size=16, **ranks)
     cache = LowRankCache(cfg, tiny_llama.config)
     greedy(tiny_llama, ids, cache, n=24)
@@ -93,7 +93,7 @@ def test_memoized_reads_are_the_same_reads_computed_once(tiny_llama, method, G, 
     when decode compresses new blocks (the memo is then renewed); its copies are reported apart."""
     ids = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(6))
     ranks = {} if method == "minicache" else {"rank_k": 8 * G, "rank_v": 12 * G}  # minicache has none
-    cfg = CompressionConfig(method=method, layer_group_size=G, start_layer=0, end_layer=-1, factor_dtype=factor_dtype,
+    cfg = CompressionConfig.of(method=method, layer_group_size=G, start_layer=0, end_layer=-1, factor_dtype=factor_dtype,
                             key_space=key_space, residual_length=5, block_size=8, **ranks)
     plain, memo = LowRankCache(cfg, tiny_llama.config), LowRankCache(cfg, tiny_llama.config, memoize_reads=True)
     seq, logits = greedy(tiny_llama, ids, plain, n=24)
@@ -115,7 +115,7 @@ def test_config_for_ratio_budgets_the_factor_width(tiny_llama, factor_dtype):
                            factor_dtype=factor_dtype)
     fp32 = config_for_ratio(4, 400, tiny_llama.config, method="xkv", layer_group_size=2, residual_length=4,
                             factor_dtype="fp32")
-    assert cfg.rank_v >= {"fp32": 1, "bf16": 1.8, "int8": 3, "int4": 4}[factor_dtype] * fp32.rank_v
+    assert cfg.params.rank_v >= {"fp32": 1, "bf16": 1.8, "int8": 3, "int4": 4}[factor_dtype] * fp32.params.rank_v
     cache = LowRankCache(cfg, tiny_llama.config)
     tiny_llama(ids, **with_cache(cache))
     cache.compress_pending()
@@ -141,7 +141,7 @@ def test_reduced_rank_keeps_the_answer_close(tiny_llama):
     ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(4))
     ref = DynamicCache()
     ref_logits = tiny_llama(ids, **with_cache(ref)).logits[:, -1]
-    cache = LowRankCache(CompressionConfig(method="xkv", layer_group_size=2, rank_k=16, rank_v=24, residual_length=0),
+    cache = LowRankCache(CompressionConfig.of(method="xkv", layer_group_size=2, rank_k=16, rank_v=24, residual_length=0),
                          tiny_llama.config)
     tiny_llama(ids[:, :-1], **with_cache(cache))
     copied = copy.deepcopy(cache)  # what teacher forcing decodes on
@@ -173,7 +173,7 @@ def test_batch_with_left_padding_and_repeated_generate(tiny_llama):
 
 def test_context_shorter_than_the_rank_is_stored_uncompressed(tiny_llama):
     ids = torch.randint(0, 128, (1, 20))
-    cache = LowRankCache(CompressionConfig(method="svd", layer_group_size=1, rank_k=30, rank_v=30, residual_length=2),
+    cache = LowRankCache(CompressionConfig.of(method="svd", layer_group_size=1, rank_k=30, rank_v=30, residual_length=2),
                          tiny_llama.config)
     greedy(tiny_llama, ids, cache, n=2)
     rep = cache.memory_report()
@@ -181,7 +181,7 @@ def test_context_shorter_than_the_rank_is_stored_uncompressed(tiny_llama):
 
 
 def test_compression_log_records_time_and_rsvd_stages(tiny_llama):
-    cache = LowRankCache(CompressionConfig(method="xkv", layer_group_size=2, rank_k=16, rank_v=16, qr="householder"),
+    cache = LowRankCache(CompressionConfig.of(method="xkv", layer_group_size=2, rank_k=16, rank_v=16, qr="householder"),
                          tiny_llama.config)
     tiny_llama(torch.randint(0, 128, (1, 100)), **with_cache(cache))
     cache.compress_pending()
@@ -207,7 +207,7 @@ def test_compression_log_records_time_and_rsvd_stages(tiny_llama):
 ])
 def test_bad_config_names_the_parameter(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
-        CompressionConfig(**kwargs)
+        CompressionConfig.of(**kwargs)
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
@@ -218,11 +218,11 @@ def test_bad_config_names_the_parameter(kwargs, pattern):
 ])
 def test_bad_config_for_the_model_names_the_parameter(tiny_llama, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
-        LowRankCache(CompressionConfig(**kwargs), tiny_llama.config)
+        LowRankCache(CompressionConfig.of(**kwargs), tiny_llama.config)
 
 
 def test_beam_search_is_refused_clearly(tiny_llama):
-    cache = LowRankCache(CompressionConfig(method="svd", layer_group_size=1, rank_k=8, rank_v=8), tiny_llama.config)
+    cache = LowRankCache(CompressionConfig.of(method="svd", layer_group_size=1, rank_k=8, rank_v=8), tiny_llama.config)
     with pytest.raises(NotImplementedError, match="num_beams"):
         tiny_llama.generate(torch.randint(0, 128, (1, 50)), num_beams=2, max_new_tokens=3, **with_cache(cache),
                             pad_token_id=0, attention_mask=torch.ones(1, 50, dtype=torch.long))
@@ -254,7 +254,7 @@ def test_path_counts_name_what_ran(tiny_llama):
     ids = torch.randint(0, 128, (1, 120), generator=torch.Generator().manual_seed(8))
     for method, G, start, expected in (("svd", 1, 0, {"gram bf16": 8}),
                                        ("xkv", 3, 1, {"randomized q2 p8 bf16": 2, "dense bf16": 2})):
-        cache = LowRankCache(CompressionConfig(method=method, layer_group_size=G, start_layer=start, rank_k=8,
+        cache = LowRankCache(CompressionConfig.of(method=method, layer_group_size=G, start_layer=start, rank_k=8,
                                                rank_v=12, residual_length=4), tiny_llama.config)
         tiny_llama(ids, **with_cache(cache))
         cache.compress_pending()

@@ -27,7 +27,7 @@ def test_pca_at_full_rank_reproduces_the_model(smollm2, calibration):
     ids = tok("Once upon a time there was a cat. " * 30, return_tensors="pt").input_ids
     assert ids.shape[1] > 192  # longer than the rank, so it is really projected
     ref = model(ids, **with_cache(DynamicCache())).logits
-    cache = LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=192, rank_v=192,
+    cache = LowRankCache(CompressionConfig.of(method="pca", layer_group_size=1, rank_k=192, rank_v=192,
                                            calibration_path=str(calibration), residual_length=0, factor_dtype="fp32",
                                            dense_dtype="fp32"), model.config)
     model(ids[:, :-1], **with_cache(cache))
@@ -40,20 +40,20 @@ def test_pca_at_full_rank_reproduces_the_model(smollm2, calibration):
 @pytest.mark.model
 def test_pca_refuses_a_calibration_for_another_model_or_rank(calibration, tiny_llama, smollm2):
     with pytest.raises(ValueError, match="made for another model: .*num_hidden_layers=30 \\(model: 4\\)"):
-        LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=8, rank_v=8,
+        LowRankCache(CompressionConfig.of(method="pca", layer_group_size=1, rank_k=8, rank_v=8,
                                        calibration_path=str(calibration)), tiny_llama.config)
     with pytest.raises(FileNotFoundError, match="calibration_path"):
-        LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=8, rank_v=8,
+        LowRankCache(CompressionConfig.of(method="pca", layer_group_size=1, rank_k=8, rank_v=8,
                                        calibration_path="/nonexistent.safetensors"), smollm2[0].config)
 
 
 def test_minicache_merges_identical_layers_losslessly_and_keeps_divergent_tokens():
-    cfg = CompressionConfig(method="minicache", layer_group_size=2, minicache_gamma=0.05, factor_dtype="fp32",
+    cfg = CompressionConfig.of(method="minicache", layer_group_size=2, gamma=0.05, factor_dtype="fp32",
                             dense_dtype="fp32")
     x = torch.randn(1, 50, 1, 32).expand(1, 50, 2, 32).clone()
     x[:, :, 1] *= 3.0                       # same directions, different norms: a perfect merge
     x[:, 7, 1] = torch.randn(32)            # one divergent token
-    store = minicache.compress(x, 0, cfg, kind="k", layers=[0, 1], heads=2)
+    store = minicache.compress(x, cfg, kind="k", layers=[0, 1], heads=2)
     assert store.merged.sum() == 49 and not store.merged[0, 7]
     for j in (0, 1):
         assert torch.allclose(store.layer(j, torch.float32), x[:, :, j], atol=1e-5)
@@ -65,7 +65,7 @@ def test_kvpress_pipeline_with_lowrank_cache_alone_and_after_a_press(smollm2):
     model, tok = smollm2
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
     assert "4417" in pipe(CONTEXT, question=QUESTION, max_new_tokens=10)["answer"]
-    cfg = CompressionConfig(method="svd", layer_group_size=1, rank_k=48, rank_v=64, key_space="post_rope")
+    cfg = CompressionConfig.of(method="svd", layer_group_size=1, rank_k=48, rank_v=64, key_space="post_rope")
     cache = LowRankCache(cfg, model.config)
     answer = pipe(CONTEXT, question=QUESTION, max_new_tokens=10, cache=cache)["answer"]
     assert "4417" in answer and cache.memory_report()["ratio"] > 2
@@ -76,7 +76,7 @@ def test_kvpress_pipeline_with_lowrank_cache_alone_and_after_a_press(smollm2):
     assert kept < context_tokens and cache.memory_report()["ratio"] > 1.5
     with pytest.raises(ValueError, match="key_space='post_rope'"):
         pipe(CONTEXT, question=QUESTION, max_new_tokens=10, press=KnormPress(compression_ratio=0.3),
-             cache=LowRankCache(CompressionConfig(method="svd", layer_group_size=1, rank_k=48, rank_v=64), model.config))
+             cache=LowRankCache(CompressionConfig.of(method="svd", layer_group_size=1, rank_k=48, rank_v=64), model.config))
 
 
 @pytest.mark.model
@@ -106,7 +106,7 @@ def test_pca_at_full_rank_reproduces_the_tiny_model(tiny_llama, tmp_path):
                            32, 32, tmp_path / "tiny.safetensors")
     ids = torch.randint(0, 128, (1, 90), generator=torch.Generator().manual_seed(0))
     ref = tiny_llama(ids, **with_cache(DynamicCache())).logits[:, -1]
-    cache = LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=32, rank_v=32,
+    cache = LowRankCache(CompressionConfig.of(method="pca", layer_group_size=1, rank_k=32, rank_v=32,
                                            calibration_path=str(path), residual_length=0, factor_dtype="fp32",
                                            dense_dtype="fp32"), tiny_llama.config)
     tiny_llama(ids[:, :-1], **with_cache(cache))
@@ -114,7 +114,7 @@ def test_pca_at_full_rank_reproduces_the_tiny_model(tiny_llama, tmp_path):
     assert cache.memory_report()["factors_bytes"] > 0
     small = kvsvd.calibrate(tiny_llama, ByteTokenizer(), ["text " * 40], 8, 8, tmp_path / "small.safetensors")
     with pytest.raises(ValueError, match="rank_k=9 exceeds the calibrated rank 8"):
-        LowRankCache(CompressionConfig(method="pca", layer_group_size=1, rank_k=9, rank_v=8,
+        LowRankCache(CompressionConfig.of(method="pca", layer_group_size=1, rank_k=9, rank_v=8,
                                        calibration_path=str(small)), tiny_llama.config)
 
 
@@ -132,7 +132,7 @@ def test_kvpress_pipeline_with_the_transform_defaults_at_8x_and_16x(smollm2, smo
     n = len(tok(tok.apply_chat_template([{"role": "user", "content": CONTEXT}], tokenize=False)).input_ids)
     extra = {"calibration_path": str(smollm2_calibration)} if basis == "calibrated" else {}
     cfg = config_for_ratio(ratio, n, model.config, method="transform", **extra)
-    assert (cfg.residual_length, cfg.block_size, cfg.transform.basis) == (8, 32, basis)
+    assert (cfg.residual_length, cfg.block_size, cfg.params.basis) == (8, 32, basis)
     cache = LowRankCache(cfg, model.config)
     answer = pipe(CONTEXT, question=QUESTION, max_new_tokens=10, cache=cache)["answer"]
     assert "4417" in answer or ratio == 16
@@ -164,7 +164,7 @@ def test_the_transform_defaults_hold_their_bytes_at_every_headline_ratio(smollm2
     extra = {"calibration_path": str(smollm2_calibration)} if basis == "calibrated" else {}
     for ratio in (2, 2.7, 4, 8, 16):
         cfg = config_for_ratio(ratio, 2048, model.config, method="transform", **extra)
-        assert cfg.layer_group_size == 5 and cfg.transform.basis == basis
+        assert cfg.layer_group_size == 5 and cfg.params.basis == basis
         assert (cfg.residual_length, cfg.block_size) == ((8, 32) if ratio >= 8 else (32, 512))
         cache = LowRankCache(cfg, model.config)
         with torch.no_grad():

@@ -99,12 +99,12 @@ def test_a_reset_dense16_cache_starts_over(tiny_llama):
 def method_config(method: str, model, tokenizer, tokens: int, ratio: float, path) -> CompressionConfig:
     """Each LowRankCache method at ``ratio`` (minicache: its merge; pca: rank 8) for ``tokens`` tokens of context."""
     if method == "minicache":
-        return CompressionConfig(method="minicache", layer_group_size=2, residual_length=8)
+        return CompressionConfig.of(method="minicache", layer_group_size=2, residual_length=8)
     if method == "pca":
         rank = 8
         calibration = kvsvd.calibrate(model, tokenizer, ["Water boils at one hundred degrees. " * 12], rank, rank,
                                       path / "calibration.safetensors")
-        return CompressionConfig(method="pca", layer_group_size=1, rank_k=rank, rank_v=rank, residual_length=8,
+        return CompressionConfig.of(method="pca", layer_group_size=1, rank_k=rank, rank_v=rank, residual_length=8,
                                  calibration_path=str(calibration))
     G = 1 if method == "svd" else 2
     return config_for_ratio(ratio, tokens, model.config, method=method, layer_group_size=G, residual_length=8,

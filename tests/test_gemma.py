@@ -64,7 +64,7 @@ def test_gemma3_full_layers_at_full_rank_give_the_dense_tokens_and_the_transform
     kw = dict(max_new_tokens=8, do_sample=False)
     with torch.no_grad():
         ref = model.generate(ids, **with_cache(DynamicCache(config=model.config)), **kw)
-        full = CompressionConfig(method="svd", layer_group_size=1, rank_k=256, rank_v=256, factor_dtype="fp32",
+        full = CompressionConfig.of(method="svd", layer_group_size=1, rank_k=256, rank_v=256, factor_dtype="fp32",
                                  dense_dtype="fp32", residual_length=3)
         cache = LowRankCache(full, model.config)
         assert torch.equal(model.generate(ids, **with_cache(cache), **kw), ref)

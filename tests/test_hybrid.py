@@ -27,7 +27,7 @@ def test_full_rank_on_the_full_attention_layers_gives_the_dense_cache_tokens(tin
     hold their window only, as transformers' do."""
     ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(0))
     ref = greedy(tiny_gemma3, ids, DynamicCache(config=tiny_gemma3.config))
-    cfg = CompressionConfig(method=method, layer_group_size=G, rank_k=32 * G, rank_v=32 * G, factor_dtype="fp32",
+    cfg = CompressionConfig.of(method=method, layer_group_size=G, rank_k=32 * G, rank_v=32 * G, factor_dtype="fp32",
                             dense_dtype="fp32", residual_length=3, block_size=8)
     cache = LowRankCache(cfg, tiny_gemma3.config)
     assert torch.equal(greedy(tiny_gemma3, ids, cache), ref)
@@ -63,7 +63,7 @@ def test_groups_form_over_full_attention_layers_and_other_layer_types_are_refuse
                                            "layer_types": ["chunked_attention"] + ["full_attention"] * 5})
     with pytest.raises(ValueError, match="chunked_attention layers .* accepted: models whose layers are full_attention "
                                          "or sliding_attention"):
-        LowRankCache(CompressionConfig(method="svd", layer_group_size=1, rank_k=8, rank_v=8), cfg)
+        LowRankCache(CompressionConfig.of(method="svd", layer_group_size=1, rank_k=8, rank_v=8), cfg)
 
 
 @torch.no_grad()

@@ -59,10 +59,10 @@ def test_every_grid_method_builds_runs_and_counts_its_bytes(tiny_llama, tmp_path
 def test_a_field_the_method_does_not_read_is_refused_by_name(name):
     """CompressionConfig takes each method's own fields and the common ones; nothing else passes silently."""
     method = METHODS[name]
-    foreign = next(f for f in ("minicache_t", "rank_k", "n_iter") if f not in method.fields)
-    value = {"minicache_t": 0.3, "rank_k": 7, "n_iter": 5}[foreign]
+    foreign = next(f for f in ("t", "rank_k", "n_iter") if f not in method.param_names())
+    value = {"t": 0.3, "rank_k": 7, "n_iter": 5}[foreign]
     with pytest.raises(ValueError, match=f"{foreign}={value} does not apply to method='{name}'; it takes: "):
-        CompressionConfig(method=name, layer_group_size=method.group_size, **{foreign: value})
+        CompressionConfig.of(method=name, layer_group_size=method.group_size, **{foreign: value})
     with pytest.raises(ValueError, match=rf"key\(s\) \['{foreign}'\] do not apply to method '{name}'"):
         entry({"method": name, foreign: value})
 

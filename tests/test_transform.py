@@ -99,7 +99,7 @@ def test_an_unclipped_block_scale_keeps_a_needle_token_that_a_sigma_scale_clips(
 def test_allocator_gives_more_bits_to_more_variance_and_fits_the_budget():
     """Two matrices with decaying spectra: bits never increase down a spectrum, the larger matrix gets
     more, the bytes spent fit the budget, and a budget below the means is refused."""
-    cfg = CompressionConfig(method="transform", layer_group_size=1, transform=TransformConfig(ratio=4, block_tokens=64))
+    cfg = CompressionConfig(method="transform", layer_group_size=1, params=TransformConfig(ratio=4, block_tokens=64))
     g = torch.Generator().manual_seed(0)
     spectra = torch.logspace(0, -2, 32)
     xs = [(torch.randn(1, 256, 32, generator=g) * spectra) @ torch.linalg.qr(torch.randn(32, 32, generator=g))[0]
@@ -117,14 +117,14 @@ def test_allocator_gives_more_bits_to_more_variance_and_fits_the_budget():
     with pytest.raises(ValueError, match="ratio leaves 100 bytes"):
         transform.allocate(latents, 100, cfg)
     heavier = CompressionConfig(method="transform", layer_group_size=1,
-                                transform=TransformConfig(ratio=4, block_tokens=64, value_weight=8.0))
+                                params=TransformConfig(ratio=4, block_tokens=64, value_weight=8.0))
     latents[1].kind = "v"  # the same budget moves to the value matrix when its error weighs more
     plain, _ = transform.allocate(latents, budget, cfg)
     weighted, _ = transform.allocate(latents, budget, heavier)
     assert torch.tensor(BITS)[weighted[1]].sum() > torch.tensor(BITS)[plain[1]].sum()
 
 
-def test_transform_config_rejects_bad_settings():
+def test_transform_config_rejects_bad_settings(tiny_llama):
     for kwargs, pattern in (({"ratio": 1}, "ratio=1 is out of range; accepted: a number > 1"),
                             ({"basis_dtype": "fp8"}, "basis_dtype='fp8' is unknown; accepted: bf16, int8, int4"),
                             ({"sink_tokens": -1}, "sink_tokens=-1 is out of range"),
@@ -134,9 +134,14 @@ def test_transform_config_rejects_bad_settings():
                             ({"basis": "pca"}, "basis='pca' is unknown; accepted: prompt, calibrated")):
         with pytest.raises(ValueError, match=pattern):
             TransformConfig(**kwargs)
-    with pytest.raises(ValueError, match=r"transform=TransformConfig\(.*\) does not apply to method='xkv'"):
-        CompressionConfig(method="xkv", transform=TransformConfig())
-    assert CompressionConfig(method="transform").transform == TransformConfig()
+    with pytest.raises(ValueError, match=r"params=TransformConfig\(.*\) does not fit method='xkv'; accepted: a "
+                                         "LowRankParams"):
+        CompressionConfig(method="xkv", params=TransformConfig())
+    with pytest.raises(ValueError, match="ratio=4 does not apply to method='xkv'; it takes: "):
+        CompressionConfig.of(method="xkv", ratio=4)
+    assert CompressionConfig(method="transform").params == TransformConfig()
+    flat = config_for_ratio(4, 200, tiny_llama.config, method="transform", layer_group_size=2).to_dict()
+    assert CompressionConfig.of(**flat).to_dict() == flat  # flat fields round-trip
 
 
 @pytest.mark.parametrize("kwargs, pattern", [
@@ -155,8 +160,8 @@ def test_config_for_ratio_refuses_a_budget_the_dense_parts_fill(tiny_llama):
         config_for_ratio(20, 200, tiny_llama.config, method="transform", layer_group_size=2)
     cfg = config_for_ratio(3, 200, tiny_llama.config, method="transform", layer_group_size=2, sink_tokens=2,
                            basis_dtype="bf16", residual_length=8)
-    assert cfg.transform == TransformConfig(ratio=3, basis_dtype="bf16", sink_tokens=2)
-    assert (cfg.rank_k, cfg.rank_v, cfg.residual_length) == (64, 64, 8)
+    assert cfg.params == TransformConfig(ratio=3, basis_dtype="bf16", sink_tokens=2)
+    assert cfg.residual_length == 8  # rank_k / rank_v None: the basis may use all 64 columns of a group
 
 
 @pytest.mark.parametrize("basis_dtype, batch", [("int8", 1), ("bf16", 2), ("int4", 1)])
@@ -330,7 +335,7 @@ def test_a_group_size_that_does_not_divide_the_layers_codes_the_remainder_as_a_s
         tiny_llama(torch.randint(0, 128, (1, 3)), **with_cache(cache))
     assert cache.get_seq_length() == 203
     with pytest.raises(ValueError, match="layer_group_size=3 does not divide the 4 full-attention layers"):
-        LowRankCache(CompressionConfig(method="xkv", layer_group_size=3, rank_k=8, rank_v=8), tiny_llama.config)
+        LowRankCache(CompressionConfig.of(method="xkv", layer_group_size=3, rank_k=8, rank_v=8), tiny_llama.config)
 
 
 CALIBRATION_TEXTS = ["some calibration text, " * 30, "and another one. " * 40]
@@ -396,18 +401,17 @@ def test_a_calibration_is_refused_for_another_model_grouping_or_a_missing_file(t
                                                 "`python -m kvsvd calibrate MODEL`"):
         LowRankCache(config_for_ratio(2, 200, tiny_llama.config, method="transform", basis="calibrated",
                                       calibration_path="/nowhere.safetensors"), tiny_llama.config)
-    with pytest.raises(ValueError, match="basis=calibrated needs calibration_path"):
+    with pytest.raises(ValueError, match="basis='calibrated' needs calibration_path"):
         config_for_ratio(2, 200, tiny_llama.config, method="transform", basis="calibrated")
     with pytest.raises(ValueError, match="calibration_path=.* does not apply to method='xkv'; it takes: "):
-        CompressionConfig(method="xkv", calibration_path=str(path))
+        CompressionConfig.of(method="xkv", calibration_path=str(path))
     with pytest.raises(ValueError, match="calibration_path applies to method='transform' with basis='calibrated' or "
                                          "weighting='output' only"):
-        CompressionConfig(method="transform", calibration_path=str(path))
-    with pytest.raises(ValueError, match="key_space='post_rope' does not fit basis=calibrated"):
-        CompressionConfig(method="transform", key_space="post_rope", calibration_path=str(path),
-                          transform=TransformConfig(basis="calibrated"))
-    with pytest.raises(ValueError, match="weighting=output needs calibration_path"):
-        CompressionConfig(method="transform", transform=TransformConfig(weighting="output"))
+        CompressionConfig.of(method="transform", calibration_path=str(path))
+    with pytest.raises(ValueError, match="key_space='post_rope' does not fit a calibrated basis"):
+        CompressionConfig.of(method="transform", key_space="post_rope", calibration_path=str(path), basis="calibrated")
+    with pytest.raises(ValueError, match="weighting='output' needs calibration_path"):
+        CompressionConfig(method="transform", params=TransformConfig(weighting="output"))
     with pytest.raises(ValueError, match="weighting='bits' is unknown; accepted: mse, output"):
         TransformConfig(weighting="bits")
     from safetensors.torch import save_file
@@ -440,8 +444,8 @@ def test_output_weighting_spends_the_bits_where_errors_cost_most():
     """Two halves of equal variance coded on the feature axes (a calibrated identity basis): with the first
     half's features weighted 100×, its columns take the bits and its error falls."""
     x = torch.randn(1, 512, 1, 32, generator=torch.Generator().manual_seed(0))
-    cfg = CompressionConfig(method="transform", layer_group_size=1, rank_k=32, rank_v=32,
-                            transform=TransformConfig(ratio=8, sink_tokens=0, basis_dtype="bf16"))
+    cfg = CompressionConfig(method="transform", layer_group_size=1,
+                            params=TransformConfig(ratio=8, sink_tokens=0, basis_dtype="bf16"))
     axes = transform.calibration_store(torch.zeros(32), torch.eye(32), 32, "bf16")
     budget = x.numel() * 2 / 8
     weight = torch.cat([torch.full((16,), 100.0), torch.ones(16)])

@@ -58,7 +58,7 @@ def test_generate_through_the_kernel_matches_reconstruct_on_read(tiny_llama, mon
     from test_cache import greedy
     model = tiny_llama if kernel_device == "cpu" else copy.deepcopy(tiny_llama).to(kernel_device)
     ids = torch.randint(0, 128, (1, 60), generator=torch.Generator().manual_seed(8)).to(kernel_device)
-    cfg = CompressionConfig(method="xkv", layer_group_size=2, rank_k=10, rank_v=16, key_space="post_rope",
+    cfg = CompressionConfig.of(method="xkv", layer_group_size=2, rank_k=10, rank_v=16, key_space="post_rope",
                             residual_length=4, factor_dtype=factor_dtype)
     seq, logits = greedy(model, ids, LowRankCache(cfg, model.config), n=6)
     with attn(model, "kvsvd"):

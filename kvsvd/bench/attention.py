@@ -134,7 +134,8 @@ def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0,
 def table(p: dict) -> str:
     c = p["config"]
     lines = [f"{p['model']} {p['dtype']} on {p['device']} ({p['threads']} threads), context {p['context_tokens']}, "
-             f"{c['method']} G={c['layer_group_size']} rank_k={c['rank_k']} rank_v={c['rank_v']} {c['key_space']}",
+             f"{c['method']} G={c['layer_group_size']}"
+             + (f" rank_k={c['rank_k']} rank_v={c['rank_v']}" if c.get("rank_k") else "") + f" {c['key_space']}",
              f"{'path':<12}{'ms/token':>10}{'tok/s':>8}{'KV ×fewer':>11}"]
     for name, r in p["results"].items():
         lines.append(f"{name:<12}{r['ms_per_token_median']:>10.1f}{r['tokens_per_s']:>8.2f}{r['kv_ratio']:>11.2f}")

@@ -129,7 +129,7 @@ def table(payload: dict) -> str:
         cfg = r["config"] or {}
         log = r.get("compression_log", [])
         per_group = sum(e["ms"] for e in log) / len(log) if log else 0.0
-        lines.append(f"{name:<16}{cfg.get('rank_k', '-'):>7}{cfg.get('rank_v', '-'):>7}{r['memory']['ratio']:>7.2f}"
+        lines.append(f"{name:<16}{cfg.get('rank_k') or '-':>7}{cfg.get('rank_v') or '-':>7}{r['memory']['ratio']:>7.2f}"
                      f"{r['prefill_ms']:>11.0f}{r['compress_ms']:>12.1f}{per_group:>9.1f}{r['decode_tokens_per_s']:>13.2f}"
                      f"{r['decode_tokens_per_s'] / dense_tps:>8.2f}{r['top1_agreement_with_dense']:>6.2f}")
     return "\n".join(lines)

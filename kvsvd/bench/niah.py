@@ -61,5 +61,5 @@ def table(results: dict[str, dict]) -> str:
     lines = [f"{'config':<26}{'rank_k':>7}{'rank_v':>7}{'ratio':>7}{'score':>7}"]
     for name, r in results.items():
         c = r["config"] or {}
-        lines.append(f"{name:<26}{c.get('rank_k', '-'):>7}{c.get('rank_v', '-'):>7}{r['ratio']:>7.2f}{r['score']:>7.1f}")
+        lines.append(f"{name:<26}{c.get('rank_k') or '-':>7}{c.get('rank_v') or '-':>7}{r['ratio']:>7.2f}{r['score']:>7.1f}")
     return "\n".join(lines)

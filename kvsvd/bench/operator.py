@@ -134,8 +134,7 @@ def run_length(tokens: int, ratios=(4.0, 8.0, 16.0), repeats: int = 20, spectra_
                                       ("dense FP32 grouped matmul", 2, lambda: grouped(q, k32, v32)))]
     F = KV_HEADS * HEAD_DIM
     for ratio in ratios:
-        cfg = CompressionConfig(method="transform", layer_group_size=1, rank_k=F, rank_v=F,
-                                transform=transform.TransformConfig(ratio=ratio))
+        cfg = CompressionConfig(method="transform", layer_group_size=1, params=transform.TransformConfig(ratio=ratio))
         (sk, sv), _ = transform.compress([(k[:, :, None], F, "k", [0], None), (v[:, :, None], F, "v", [0], None)],
                                          cfg, dense_bytes / ratio)
         held_tensors: dict[str, list[Tensor]] = {}

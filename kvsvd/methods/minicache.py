@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from ..checks import choice
 from ..store import FLOAT_DTYPES, DenseStore, MergedStore
 from .base import Method
 
@@ -21,16 +22,34 @@ if TYPE_CHECKING:
     from ..config import CompressionConfig
 
 
-def compress(x: torch.Tensor, rank: int, config: CompressionConfig, *, kind: str, layers: list[int], heads: int,
+@dataclass(frozen=True)
+class MiniCacheParams:
+    """``minicache`` settings: SLERP weight ``t`` ∈ (0, 1) and retention threshold ``gamma`` ∈ [0, 1] (tokens
+    whose angle exceeds Ωmin + γ·(Ωmax − Ωmin) are kept unmerged); ``factor_dtype`` stores the merged
+    directions and norms (bf16, fp16 or fp32)."""
+    t: float = 0.5
+    gamma: float = 0.05
+    factor_dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        choice("factor_dtype", self.factor_dtype, tuple(FLOAT_DTYPES))
+        if isinstance(self.t, bool) or not isinstance(self.t, (int, float)) or not 0.0 < self.t < 1.0:
+            raise ValueError(f"t={self.t!r} is out of range; accepted: a number in (0, 1)")
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"gamma={self.gamma!r} is out of range; accepted: a number in [0, 1]")
+
+
+def compress(x: torch.Tensor, config: CompressionConfig, *, kind: str, layers: list[int], heads: int,
              calibration=None, timer=None) -> DenseStore | MergedStore:
     B, T, G, F = x.shape
+    p = config.params
     if G != 2:
         raise ValueError(f"minicache merges layer pairs; got a group of {G} layers")
     v = x.float().reshape(B, T, 2, heads, F // heads)
     norms = v.norm(dim=-1)                                      # (B, T, 2, H)
     unit = v / norms.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).tiny)
     omega = (unit[:, :, 0] * unit[:, :, 1]).sum(-1).clamp(-1.0, 1.0).acos()   # (B, T, H)
-    t = config.minicache_t
+    t = p.t
     small = omega < 1e-7
     sin_o = omega.sin().clamp_min(torch.finfo(torch.float32).tiny)
     wa = torch.where(small, torch.full_like(omega, 1 - t), ((1 - t) * omega).sin() / sin_o)
@@ -38,8 +57,8 @@ def compress(x: torch.Tensor, rank: int, config: CompressionConfig, *, kind: str
     direction = wa.unsqueeze(-1) * unit[:, :, 0] + wb.unsqueeze(-1) * unit[:, :, 1]
     angle = omega.mean(-1)                                       # (B, T)
     lo, hi = angle.amin(-1, keepdim=True), angle.amax(-1, keepdim=True)
-    merged = angle <= lo + config.minicache_gamma * (hi - lo)
-    dt = FLOAT_DTYPES[config.factor_dtype]
+    merged = angle <= lo + p.gamma * (hi - lo)
+    dt = FLOAT_DTYPES[p.factor_dtype]
     return MergedStore(merged=merged, directions=direction[merged].to(dt),
                        norms=norms.transpose(-1, -2)[merged].to(dt),
                        retained=x[~merged].to(FLOAT_DTYPES[config.dense_dtype], copy=True))
@@ -49,19 +68,9 @@ def compress(x: torch.Tensor, rank: int, config: CompressionConfig, *, kind: str
 class MiniCache(Method):
     """Layer pairs merged by SLERP; no ranks (a ratio cannot size it: its bytes follow γ)."""
 
-    def check(self, config: CompressionConfig) -> None:
-        super().check(config)
-        if config.factor_dtype in ("int8", "int4"):
-            raise ValueError(f"factor_dtype={config.factor_dtype!r} does not apply to minicache; accepted: bf16, fp16, "
-                             "fp32")
-        if not 0.0 < config.minicache_t < 1.0:
-            raise ValueError(f"minicache_t={config.minicache_t} is out of range; accepted: (0, 1)")
-        if not 0.0 <= config.minicache_gamma <= 1.0:
-            raise ValueError(f"minicache_gamma={config.minicache_gamma} is out of range; accepted: [0, 1]")
-
     def label_parts(self, spec: dict, field: Callable[[str], Any]) -> list[str]:
         return [field("factor_dtype")]
 
 
-MINICACHE = MiniCache("minicache", "kvsvd", group_size=2, fields=("factor_dtype", "minicache_t", "minicache_gamma"),
-                      compress=compress, fixed_group=True, ranked=False)
+MINICACHE = MiniCache("minicache", "kvsvd", group_size=2, params=MiniCacheParams, compress=compress, fixed_group=True,
+                      ranked=False)

@@ -34,7 +34,8 @@ from ..budget import dense_bytes
 from ..store import DenseStore, Factors, dequantize_rows, quantize_rows
 from ..svd import get_svd, gram_matrix, svd_path
 from ..timing import StageTimer, maybe_stage
-from .base import COMMON_FIELDS, SVD_FIELDS, Method, present
+from ..checks import choice, integer
+from .base import COMMON_FIELDS, Method, SvdCall, present
 
 if TYPE_CHECKING:
     from ..cache import LayerGroup, LowRankCache
@@ -60,14 +61,17 @@ SMALL_WINDOW_FROM = 8  # ratios from which the defaults keep an 8-token window a
 
 
 @dataclass(frozen=True)
-class TransformConfig:
-    """The transform coder's own settings (``CompressionConfig(method="transform", transform=...)``).
+class TransformConfig(SvdCall):
+    """The transform coder's own settings (``CompressionConfig(method="transform", params=...)``), with the SVD
+    call that fits a per-prompt basis (:class:`~kvsvd.methods.base.SvdCall`).
 
     Attributes:
         ratio: the whole cache holds ≈ 1/ratio of a 16-bit dense cache's bytes right after the
             prefill is compressed (the sinks, windows, RoPE positions and uncompressed layers
             included); later blocks are coded at 1/ratio of their own 16-bit bytes, on the
             prefill's basis and mean (held once).
+        rank_k, rank_v: the most latent columns the basis of a key / value matrix computes (the allocator
+            keeps fewer); None: all of them (G·F).
         basis_dtype: storage of the per-prompt basis rows: ``int8`` or ``int4`` (one bf16 scale
             per row, ``kvsvd.store.quantize_rows``) or ``bf16``.
         sink_tokens: the first tokens of the timeline, kept dense in ``dense_dtype``.
@@ -80,18 +84,22 @@ class TransformConfig:
         basis: ``prompt`` (each prompt's own principal directions, fitted when its prefill is coded
             and held in its bytes, ``basis_dtype`` rows of the kept columns and a bf16 mean) or
             ``calibrated`` (the principal directions and mean of each layer group fitted once per model
-            by ``kvsvd calibrate``, read from ``CompressionConfig.calibration_path`` and held once per
-            model in ``basis_dtype``: a prompt holds its codes, block statistics and an int16 index of its
+            by ``kvsvd calibrate``, read from ``calibration_path`` and held once per model in
+            ``basis_dtype``: a prompt holds its codes, block statistics and an int16 index of its
             kept columns; no SVD runs).
         weighting: what the allocator minimises: ``mse`` (every column's squared error in K or V) or
             ``output`` (each column's squared error weighted by what it costs downstream, calibrated once per
             model by ``kvsvd calibrate``: a key column by the queries' energy along it, a value column by
-            o_proj's; needs ``CompressionConfig.calibration_path``, whatever the basis).
+            o_proj's; needs ``calibration_path``, whatever the basis).
+        calibration_path: the safetensors file of ``kvsvd calibrate`` that ``basis="calibrated"`` or
+            ``weighting="output"`` reads (its grouping must be the config's); refused otherwise.
         reserve_tokens: tokens still to come after the prefill (a question and its answer): up to
             ``block_size`` of them are budgeted as held dense, the rest as coded in blocks, so that
             the ratio is met at the end of the timeline rather than right after the prefill.
     """
     ratio: float = 8.0
+    rank_k: int | None = None
+    rank_v: int | None = None
     basis_dtype: str = "int8"
     sink_tokens: int = 4
     block_tokens: int = 256
@@ -100,25 +108,37 @@ class TransformConfig:
     block_scale: str = "unclipped"
     basis: str = "prompt"
     weighting: str = "mse"
+    calibration_path: str | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not self.ratio > 1:
-            raise ValueError(f"ratio={self.ratio!r} is out of range; accepted: a number > 1")
-        if self.basis_dtype not in BASIS_DTYPES:
-            raise ValueError(f"basis_dtype={self.basis_dtype!r} is unknown; accepted: {', '.join(BASIS_DTYPES)}")
-        if self.basis not in BASES:
-            raise ValueError(f"basis={self.basis!r} is unknown; accepted: {', '.join(BASES)}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting={self.weighting!r} is unknown; accepted: {', '.join(WEIGHTINGS)}")
-        if self.block_scale not in BLOCK_SCALES:
-            raise ValueError(f"block_scale={self.block_scale!r} is unknown; accepted: {', '.join(BLOCK_SCALES)}")
-        if isinstance(self.value_weight, bool) or not isinstance(self.value_weight, (int, float)) \
-                or not self.value_weight > 0:
-            raise ValueError(f"value_weight={self.value_weight!r} is out of range; accepted: a number > 0")
-        for name, lo in (("sink_tokens", 0), ("block_tokens", 1), ("reserve_tokens", 0)):
+        super().__post_init__()
+        for name, lo in (("ratio", 1), ("value_weight", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ValueError(f"{name}={value!r} is out of range; accepted: an int >= {lo}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > lo:
+                raise ValueError(f"{name}={value!r} is out of range; accepted: a number > {lo}")
+        for name in ("rank_k", "rank_v"):
+            if getattr(self, name) is not None:
+                integer(name, getattr(self, name), 1)
+        choice("basis_dtype", self.basis_dtype, BASIS_DTYPES)
+        choice("basis", self.basis, BASES)
+        choice("weighting", self.weighting, WEIGHTINGS)
+        choice("block_scale", self.block_scale, BLOCK_SCALES)
+        integer("sink_tokens", self.sink_tokens, 0)
+        integer("block_tokens", self.block_tokens, 1)
+        integer("reserve_tokens", self.reserve_tokens, 0)
+        for name, calibrated in (("basis='calibrated'", self.basis == "calibrated"),
+                                 ("weighting='output'", self.weighting == "output")):
+            if calibrated and not self.calibration_path:
+                raise ValueError(f"method='transform' with {name} needs calibration_path (a file written by "
+                                 "`python -m kvsvd calibrate MODEL`)")
+        if self.calibration_path and not uses_calibration(self):
+            raise ValueError("calibration_path applies to method='transform' with basis='calibrated' or "
+                             f"weighting='output' only; got basis={self.basis!r}, weighting={self.weighting!r}")
+
+    def rank(self, kind: str, features: int) -> int:
+        """The basis columns of a ``kind`` ("k" or "v") matrix of ``features`` (G·F) features."""
+        cap = self.rank_k if kind == "k" else self.rank_v
+        return features if cap is None else min(cap, features)
 
 
 # -- bit packing ------------------------------------------------------------------------------
@@ -225,16 +245,16 @@ def basis(xc: Tensor, rank: int, config, timer: StageTimer | None = None) -> tup
     the eigenvectors of xcᵀxc in FP32 (no left factor is formed: the coefficients are xc·vhᵀ);
     otherwise the configured SVD function runs and its vh is kept."""
     T, n = xc.shape[-2:]
-    path = svd_path(config.svd, T, n, rank, n_iter=config.n_iter, oversample=config.oversample, qr=config.qr)
+    p = config.params
+    path = svd_path(p.svd, T, n, rank, n_iter=p.n_iter, oversample=p.oversample, qr=p.qr)
     if path.kind == "gram":
         with maybe_stage(timer, "projection", xc.device):
             G = gram_matrix(xc)
         with maybe_stage(timer, "small_svd_fp32", xc.device):
             vh = torch.linalg.eigh(0.5 * (G + G.mT))[1][..., -rank:].flip(-1).mT
         return vh, path.label
-    gen = torch.Generator(device=xc.device).manual_seed(config.seed)
-    vh = get_svd(config.svd)(xc, rank, n_iter=config.n_iter, oversample=config.oversample, qr=config.qr,
-                             generator=gen, timer=timer)[2]
+    gen = torch.Generator(device=xc.device).manual_seed(p.seed)
+    vh = get_svd(p.svd)(xc, rank, n_iter=p.n_iter, oversample=p.oversample, qr=p.qr, generator=gen, timer=timer)[2]
     return vh.float(), path.label
 
 
@@ -245,7 +265,7 @@ def analyse(x: Tensor, rank: int, config, *, kind: str, layers: list[int], timer
     at every width: Dᵢ(0) = Σ cᵢ², Dᵢ(b) = Σ over blocks of tokens·σ²·MSE_b (the quantiser's MSE); with a
     feature ``weight`` (G·F,), column i's errors count wᵢ = Σ_f vᵢ_f²·weight_f times (its cost downstream)."""
     B, T, G, F = x.shape
-    tc = config.transform
+    tc = config.params
     xf = x.reshape(B, T, G * F).float()
     if shared is None:
         mean = xf.mean(1, keepdim=True).to(torch.bfloat16)
@@ -279,7 +299,7 @@ def allocate(latents: list[Latents], budget: float, config) -> tuple[list[Tensor
     (plus each new mean) fit ``budget``, values' errors weighted by ``value_weight``; returns
     (choices, λ)."""
     fixed = sum(lt.mean.numel() * lt.mean.element_size() for lt in latents if lt.shared is None)
-    D = torch.cat([lt.distortion * (config.transform.value_weight if lt.kind == "v" else 1.0) for lt in latents])
+    D = torch.cat([lt.distortion * (config.params.value_weight if lt.kind == "v" else 1.0) for lt in latents])
     R = torch.cat([lt.cost for lt in latents])
     room = budget - fixed
     if room < R.min(1).values.sum():
@@ -406,7 +426,7 @@ def calibration_store(mean: Tensor, basis: Tensor, features: int, basis_dtype: s
 
 def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
     """The store of one matrix with ``choice`` (r,) indices into BITS."""
-    tc = config.transform
+    tc = config.params
     bits = torch.tensor(BITS)[choice]
     order = torch.argsort(-bits, stable=True)[:int((bits > 0).sum())]   # kept columns, widest first
     widths, codes, stats = [], [], []
@@ -456,7 +476,6 @@ def compress(matrices: list[tuple[Tensor, int, str, list[int], "TransformStore |
     return stores, lam
 
 
-
 def uses_calibration(settings: TransformConfig | dict) -> bool:
     """Whether transform settings (a TransformConfig, or a grid entry's keys) read a calibration file."""
     get = settings.get if isinstance(settings, dict) else lambda name: getattr(settings, name)
@@ -483,25 +502,14 @@ class Transform(Method):
 
     def check(self, config: CompressionConfig) -> None:
         super().check(config)
-        tc = config.transform
-        if not isinstance(tc, TransformConfig):
-            raise ValueError(f"transform={tc!r} must be a TransformConfig")
-        for name, calibrated in (("basis=calibrated", tc.basis == "calibrated"),
-                                 ("weighting=output", tc.weighting == "output")):
-            if calibrated and not config.calibration_path:
-                raise ValueError(f"method='transform' with {name} needs calibration_path (a file written by "
-                                 "`python -m kvsvd calibrate MODEL`)")
-            if calibrated and config.key_space != "pre_rope":
-                raise ValueError(f"key_space={config.key_space!r} does not fit {name} (`kvsvd calibrate` fits pre-RoPE "
-                                 "keys); accepted: key_space='pre_rope'")
-        if config.calibration_path and not uses_calibration(tc):
-            raise ValueError("calibration_path applies to method='transform' with basis='calibrated' or "
-                             f"weighting='output' only; got basis={tc.basis!r}, weighting={tc.weighting!r}")
+        if uses_calibration(config.params) and config.key_space != "pre_rope":
+            raise ValueError(f"key_space={config.key_space!r} does not fit a calibrated basis or weighting (`kvsvd "
+                             "calibrate` fits pre-RoPE keys); accepted: key_space='pre_rope'")
 
     def grid_keys(self) -> set[str]:
-        """Its config fields and its TransformConfig's, with ``ratio`` (a budget the grid's timeline may reserve)."""
-        own = set(TransformConfig.__dataclass_fields__) - {"reserve_tokens"}
-        return {*COMMON_FIELDS, *self.fields, *own} - {"transform"}
+        """The common config fields and its TransformConfig's, ``ratio`` among them (the grid's timeline budget
+        sets ``reserve_tokens``)."""
+        return {*COMMON_FIELDS, *self.param_names()} - {"reserve_tokens"}
 
     def for_ratio(self, ratio: float, tokens: int, model_config, group_size: int, reserve_tokens: int,
                   k_share: float, fields: dict) -> dict:
@@ -515,15 +523,14 @@ class Transform(Method):
         from ..config import CompressionConfig
         fields = {**default_window(ratio), **fields}
         fields.setdefault("basis", "calibrated" if fields.get("calibration_path") else "prompt")
-        names = TransformConfig.__dataclass_fields__
-        tc = TransformConfig(ratio=ratio, reserve_tokens=reserve_tokens,
-                             **{k: fields.pop(k) for k in list(fields) if k in names})
+        fields.update(ratio=ratio, reserve_tokens=reserve_tokens)
+        sink_tokens = fields.get("sink_tokens", TransformConfig.sink_tokens)
         shape = ModelShape.of(model_config)
         reserve = min(reserve_tokens, fields["block_size"])  # as the cache budgets it (:meth:`code`)
         tokens += reserve
         fixed = dense_bytes(model_config, tokens,
                             [l for g in shape.layer_groups(group_size, fields["start_layer"]) for l in g],
-                            fields["residual_length"] + tc.sink_tokens + reserve,
+                            fields["residual_length"] + sink_tokens + reserve,
                             fields.get("dense_dtype", CompressionConfig.dense_dtype))
         dense16 = accounting.dense16_bytes(model_config, tokens)
         if fixed >= dense16 / ratio:
@@ -531,23 +538,24 @@ class Transform(Method):
                              f"uncompressed layers and reserved tokens alone hold {fixed:.0f} of the "
                              f"{dense16 / ratio:.0f} bytes it allows; accepted: ratio < {dense16 / fixed:.2f}, or fewer "
                              "sink_tokens / residual_length")
-        full = group_size * shape.features
-        return {"layer_group_size": group_size, "rank_k": full, "rank_v": full, "transform": tc, **fields}
+        return {"layer_group_size": group_size, **fields}
 
     def prepare(self, cache: LowRankCache, groups: list[list[int]]) -> Calibrated:
         """What the cache holds once per model: the calibrated basis of each group (by first layer) and kind
         (batch 1), and with ``weighting="output"`` each one's feature weights."""
         from ..calibrate import Calibration
-        cfg, tc = cache.config, cache.config.transform
+        tc = cache.config.params
         state = Calibrated()
         if not uses_calibration(tc):
             return state
-        calibration = Calibration.load(cfg.calibration_path, cache.model_config, cfg.rank_k, cfg.rank_v, groups,
-                                       weights=tc.weighting == "output")
+        widest = max(len(g) for g in groups) * cache.shape.features
+        calibration = Calibration.load(tc.calibration_path, cache.model_config, tc.rank("k", widest),
+                                       tc.rank("v", widest), groups, weights=tc.weighting == "output")
         for group in groups:
-            for kind, rank in (("k", cfg.rank_k), ("v", cfg.rank_v)):
+            for kind in "kv":
                 if tc.basis == "calibrated":
                     mean, rows = calibration.basis(group[0], kind)
+                    rank = tc.rank(kind, len(group) * cache.shape.features)
                     state.stores[group[0], kind] = calibration_store(mean, rows[:, :rank], cache.shape.features,
                                                                      tc.basis_dtype)
                 if tc.weighting == "output":
@@ -562,7 +570,7 @@ class Transform(Method):
         ``sink_tokens`` of the timeline become dense segments. ``whole_cache``: the budget is what leaves the
         whole cache at 1/ratio of its 16-bit bytes (every other tensor held counted as it is); otherwise
         1/ratio of these tokens', coded on the basis of the group's first coded segment."""
-        cfg, tc = cache.config, cache.config.transform
+        cfg, tc = cache.config, cache.config.params
         live = [layer for layer in cache.layers if layer.is_initialized]
         tokens = max((layer.get_seq_length() for layer in live), default=0)
         matrices, weights, owners = [], [], []
@@ -573,8 +581,10 @@ class Transform(Method):
                 group.add_segment(sinks, DenseStore.build(k, cfg.dense_dtype), DenseStore.build(v, cfg.dense_dtype))
             if n > sinks:
                 k, v = group.take_oldest(n - sinks)
-                matrices += [(x, rank, kind, group.layers, self._shared_basis(cache, group, kind, whole_cache, x.device))
-                             for x, rank, kind in ((k, cfg.rank_k, "k"), (v, cfg.rank_v, "v"))]
+                features = len(group.layers) * cache.shape.features
+                matrices += [(x, tc.rank(kind, features), kind, group.layers,
+                              self._shared_basis(cache, group, kind, whole_cache, x.device))
+                             for x, kind in ((k, "k"), (v, "v"))]
                 weights += [cache.calibration.weights.get((group.layers[0], kind)) for kind in "kv"]
                 owners.append((group, n - sinks))
         if not owners:
@@ -637,28 +647,23 @@ class Transform(Method):
     def label_parts(self, spec: dict, field: Callable[[str], Any]) -> list[str]:
         from ..config import CompressionConfig
 
-        def own(name: str):
-            value = field(name)
-            return getattr(TransformConfig, name) if value is None else value
-
         window = {k: int(spec[k]) if present(spec.get(k)) else v for k, v in default_window(spec.get("ratio")).items()}
         basis = "calibrated basis" if self.basis_of(spec) == "calibrated" else "basis"
-        parts = [own("key_space"), f"{basis} {own('basis_dtype')}", f"sinks {int(own('sink_tokens'))}",
+        parts = [field("key_space"), f"{basis} {field('basis_dtype')}", f"sinks {int(field('sink_tokens'))}",
                  f"window {window['residual_length']}"]
         if window["block_size"] != CompressionConfig.block_size:
             parts.append(f"new blocks {window['block_size']}")
-        if own("block_tokens") != TransformConfig.block_tokens:
-            parts.append(f"block {int(own('block_tokens'))}")
-        if own("value_weight") != TransformConfig.value_weight:
-            parts.append(f"V weight {own('value_weight'):g}")
-        if own("block_scale") != TransformConfig.block_scale:
-            parts.append(f"{own('block_scale')}-scaled blocks")
-        if own("weighting") != TransformConfig.weighting:
-            parts.append(f"{own('weighting')}-weighted")
+        if field("block_tokens") != TransformConfig.block_tokens:
+            parts.append(f"block {int(field('block_tokens'))}")
+        if field("value_weight") != TransformConfig.value_weight:
+            parts.append(f"V weight {field('value_weight'):g}")
+        if field("block_scale") != TransformConfig.block_scale:
+            parts.append(f"{field('block_scale')}-scaled blocks")
+        if field("weighting") != TransformConfig.weighting:
+            parts.append(f"{field('weighting')}-weighted")
         return parts
 
 
 # groups of 5 layers: from the frontier grid (SmolLM2: 2.7-8x scored best with groups of 5)
-TRANSFORM = Transform("transform", "kvsvd transform", group_size=5,
-                      fields=("rank_k", "rank_v", *SVD_FIELDS, "calibration_path", "transform"), joint=True, ranked=False,
-                      params=TransformConfig)
+TRANSFORM = Transform("transform", "kvsvd transform", group_size=5, params=TransformConfig, joint=True, ranked=False,
+                      needs_ratio=True)
