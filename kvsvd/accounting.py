@@ -79,12 +79,17 @@ class ModelShape:
         """K (or V) entries per token and layer: kv_heads · head_dim."""
         return self.kv_heads * self.head_dim
 
-    def layer_groups(self, group_size: int, start_layer: int = 0, end_layer: int = -1) -> list[list[int]]:
+    def layer_groups(self, group_size: int, start_layer: int = 0, end_layer: int = -1,
+                     sliding: bool = False) -> list[list[int]]:
         """Groups of ``group_size`` consecutive full-attention layers of [start_layer, end_layer] (every layer
-        of a model without sliding layers), the last one smaller when the count does not divide."""
+        of a model without sliding layers), the last one smaller when the count does not divide; with
+        ``sliding``, then the sliding-window layers' groups, formed the same way among themselves."""
         end = self.layers - 1 if end_layer == -1 else end_layer
-        full = [l for l in range(start_layer, end + 1) if self.layer_types[l] == "full_attention"]
-        return [full[i:i + group_size] for i in range(0, len(full), group_size)]
+        groups = []
+        for kind in ("full_attention", "sliding_attention") if sliding else ("full_attention",):
+            layers = [l for l in range(start_layer, end + 1) if self.layer_types[l] == kind]
+            groups += [layers[i:i + group_size] for i in range(0, len(layers), group_size)]
+        return groups
 
     def tokens_held(self, tokens: int) -> list[int]:
         """Tokens each layer of a dense cache holds after ``tokens``: all of them, or on a sliding layer at

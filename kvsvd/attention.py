@@ -94,7 +94,7 @@ def _segment_operands(layer, seg) -> tuple[Tensor | Factors, Tensor | Factors]:
     def dense(store, values: bool) -> Tensor:
         x = store.layer(layer.j, torch.float32).unflatten(-1, (H, d)).transpose(1, 2)   # (B, H, T, d)
         if not values and cache.config.key_space == "pre_rope":
-            x = apply_rope(x, *cache.rope.span(seg.start, seg.start + seg.length))
+            x = apply_rope(x, *layer.group.rope.span(seg.start, seg.start + seg.length))
         return x
 
     k = seg.keys.latent(layer.j, H) if cache.config.key_space == "post_rope" else None
@@ -105,17 +105,19 @@ def _segment_operands(layer, seg) -> tuple[Tensor | Factors, Tensor | Factors]:
 def low_rank_attention(layer, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                        scaling: float) -> Tensor:
     """query (B, Hq, n, d) of the newest n tokens; key/value (B, H, R, d) the layer's dense residual
-    (ending with those n tokens); attention_mask bool (B, 1, n, compressed + R) or None.
+    (ending with those n tokens); attention_mask bool (B, 1, n, held + R) or None, its first column the group's
+    first held position (``held_from``: a sliding group drops what left its window).
     Returns (B, n, Hq, d) in query's dtype."""
     B, Hq, n, d = query.shape
     H, R = key.shape[1], key.shape[2]
     q = query.float().unflatten(1, (H, Hq // H)) * scaling                                # (B, H, g, n, d)
     mask = None if attention_mask is None else attention_mask.bool()[:, :, None]          # (B, 1, 1, n, T)
-    parts = []
+    parts, first = [], layer.group.held_from
     for seg in layer.group.segments:
         k, v = _segment_operands(layer, seg)
-        parts.append(attend(q, k, v, None if mask is None else mask[..., seg.start:seg.start + seg.length]))
-    c = layer.group.compressed_length
+        a = seg.start - first
+        parts.append(attend(q, k, v, None if mask is None else mask[..., a:a + seg.length]))
+    c = layer.group.compressed_length - first
     if mask is not None:
         res_mask = mask[..., c:c + R]
     elif n > 1:  # causal among the new tokens; everything before them is visible

@@ -1,10 +1,17 @@
 """LowRankCache: a transformers Cache that really stores low-rank (or merged) K/V.
 
 Layout, as in transformers' cache_utils: a list of per-layer objects with one ``update``
-contract. Layers outside [start_layer, end_layer] are plain ``DynamicLayer``s. Compressed
-layers belong to a :class:`LayerGroup` (G adjacent layers; G=1 for per-layer methods) that
+contract. Layers outside [start_layer, end_layer] are dense (``kvsvd.dense.StoredLayer``). Compressed
+layers belong to a :class:`LayerGroup` (G consecutive layers of one type; G=1 for per-layer methods) that
 owns the compressed *segments* of the token timeline; each layer keeps its own dense
 *residual* (the newest tokens, post-RoPE, exactly as the model produced them).
+
+On a hybrid model the groups form over the full-attention layers; the sliding-window layers stay dense and
+capped at their window as transformers keeps them, unless the method codes them (``Method.codes_windows``:
+``transform``): they then form groups of their own, which drop every segment whose tokens have all left the
+window (a segment straddling its edge stays, and the model's sliding mask, built from ``get_mask_sizes``, hides
+its older tokens). Each layer type has its own RoPE table (Gemma 3 rotates local and global layers with
+different bases).
 
 Timeline of one group:
 - the first forward (prefill) stores K/V densely and attends with them uncompressed;
@@ -168,21 +175,67 @@ class RopeTable:
 
 
 class LayerGroup:
-    """G adjacent compressed layers sharing a token timeline and its segments."""
+    """G compressed layers of one type sharing a token timeline and its segments. Positions on the timeline are
+    absolute: a sliding-window group drops the segments that left its window (:meth:`leave_window`), so that
+    its segments start at ``held_from``, not at 0."""
 
     def __init__(self, cache: "LowRankCache", layers: list[int]):
         self.cache, self.layers = cache, layers
+        self.layer_type = cache.shape.layer_types[layers[0]]
+        self.window = cache.shape.sliding_window if self.layer_type == "sliding_attention" else None
         self.members: list[LowRankLayer] = []
         self.segments: list[Segment] = []
-        self.compressed_length = 0      # tokens held in segments
+        self.retained: list[Segment] = []  # what dropped segments leave held for later ones (a shared basis)
+        self.compressed_length = 0      # the timeline's tokens before the dense residual (coded or dropped)
         self.prefill_pending = False    # the first forward's tokens wait for compression
         self.rebuilt: dict[tuple[int, bool, torch.dtype], tuple[int, Tensor]] = {}  # memoize_reads: n_segments, read
+
+    @property
+    def rope(self) -> RopeTable:
+        """The RoPE rotation of this group's layer type."""
+        return self.cache.ropes[self.layer_type]
+
+    @property
+    def held_from(self) -> int:
+        """The timeline position of the first token held."""
+        return self.segments[0].start if self.segments else self.compressed_length
+
+    def window_start(self, end: int) -> int:
+        """The first position held once a sliding group has dropped what a query after ``end`` tokens cannot
+        see (positions before end − window + 1): whole segments, and the residual's oldest tokens when no
+        segment is left; a segment that straddles the window's edge stays (the model's mask hides its older
+        tokens). A full-attention group drops nothing."""
+        if self.window is None:
+            return self.held_from
+        oldest = end - self.window + 1
+        seg = next((seg for seg in self.segments if seg.start + seg.length > oldest), None)
+        return seg.start if seg is not None else max(self.compressed_length, oldest)
+
+    def leave_window(self) -> None:
+        """Drop what :meth:`window_start` says no later query sees. A dropped store whose parts later stores share
+        leaves them held (``Method.kept_when_dropped``), in :attr:`retained`."""
+        if self.window is None or not self.members[0].is_initialized:
+            return
+        first = self.window_start(self.members[0].get_seq_length())
+        gone = [seg for seg in self.segments if seg.start + seg.length <= first]
+        for seg in gone:
+            kept = [self.cache.method.kept_when_dropped(store) for store in (seg.keys, seg.values)]
+            if None not in kept:
+                self.retained.append(Segment(seg.start, 0, *kept))
+        if gone:
+            self.segments = self.segments[len(gone):]
+            self.rebuilt.clear()
+        if first > self.compressed_length:  # no segment left: the residual's oldest tokens go
+            for m in self.members:
+                m.pop_oldest(first - self.compressed_length)
+            self.compressed_length = first
 
     def compress_pending(self) -> None:
         """Compress the stored prefill (all but the last residual_length tokens); a joint method
         (``transform``) codes every group's prefill at once (one allocation)."""
         if not self.prefill_pending:
             return
+        self.leave_window()
         if self.cache.method.joint:
             self.cache.compress_pending()
             return
@@ -207,13 +260,13 @@ class LayerGroup:
     def take_oldest(self, n: int) -> tuple[Tensor, Tensor]:
         """Remove the n oldest residual tokens of every member: K (un-rotated for pre_rope) and V as
         (B, n, G, H·d) in the model dtype; the caller adds them back as the next segment."""
-        cfg, cache = self.cache.config, self.cache
+        cfg = self.cache.config
         start = self.compressed_length
         if cfg.key_space == "pre_rope":
-            if cache.rope.length < start + n or any(m.evicted for m in self.members):
+            if self.rope.length < start + n or any(m.evicted for m in self.members):
                 raise ValueError("key_space='pre_rope' needs the cos/sin of every stored token, but tokens "
                                  "were evicted (a kvpress press?): use key_space='post_rope'")
-            rotation = cache.rope.span(start, start + n)  # the same for every member
+            rotation = self.rope.span(start, start + n)  # the same for every member
         ks, vs = [], []
         for m in self.members:
             k, v = (t.to(m.dtype) for t in m.pop_oldest(n))   # (B, H, n, d) post-RoPE, (B, H, n, d)
@@ -251,8 +304,15 @@ class LayerGroup:
         x = (seg.values if values else seg.keys).layer(j, dtype)            # (B, T, H·d)
         x = x.unflatten(-1, (cache.shape.kv_heads, cache.shape.head_dim)).transpose(1, 2)
         if not values and cache.config.key_space == "pre_rope":
-            x = apply_rope(x, *cache.rope.span(seg.start, seg.start + seg.length))
+            x = apply_rope(x, *self.rope.span(seg.start, seg.start + seg.length))
         return x
+
+    def check_crop(self, keep: int) -> None:
+        """Refuse a cut at ``keep`` tokens whose window reaches positions a sliding group has dropped."""
+        if self.window is not None and self.held_from > max(0, keep - self.window + 1):
+            raise ValueError(f"max_length={keep} needs positions from {max(0, keep - self.window + 1)} in the "
+                             f"sliding layers {self.layers}, which hold positions from {self.held_from} only (the "
+                             f"rest left their window); accepted: >= {self.held_from + self.window - 1}")
 
     def crop(self, keep: int) -> None:
         """Keep the first ``keep`` tokens of the group's timeline: segments from ``keep`` on are dropped,
@@ -276,8 +336,6 @@ class LayerGroup:
 class LowRankLayer(compat.GrowingLayer):
     """One compressed layer: a view on its group's segments plus its own dense residual."""
 
-    is_sliding = False
-
     def __init__(self, group: LayerGroup, j: int):
         self.group, self.j = group, j
         self.storage = STORAGE_DTYPES[group.cache.config.dense_dtype]
@@ -286,7 +344,19 @@ class LowRankLayer(compat.GrowingLayer):
         self.evicted = False
         super().__init__()
 
+    @property
+    def is_sliding(self) -> bool:
+        """A sliding-window layer (transformers builds its mask from the first such layer's ``get_mask_sizes``)."""
+        return self.group.window is not None
+
     # -- the transformers layer contract ------------------------------------------------
+    def get_mask_sizes(self, cache_position_or_length: Tensor | int) -> tuple[int, int]:
+        """(tokens the step attends: those held once the group has left its window, plus the new ones; the
+        position of the first): what transformers' mask functions take as (kv_length, kv_offset)."""
+        end = self.get_seq_length()
+        first = self.group.window_start(end)
+        return end - first + compat.query_length(cache_position_or_length), first
+
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         self.dtype, self.device, self.batch = key_states.dtype, key_states.device, key_states.shape[0]
         self.is_initialized = True
@@ -299,14 +369,15 @@ class LowRankLayer(compat.GrowingLayer):
             self.lazy_initialization(key_states, value_states)
             group.prefill_pending = True
         elif self.j == 0:
+            group.leave_window()
             group.compress_pending()
-        if self.j == 0 and group.layers[0] == cache.first_compressed_layer and cache.config.key_space == "pre_rope":
+        if self.j == 0 and group is cache.rope_keepers[group.layer_type] and cache.config.key_space == "pre_rope":
             extras = compat.update_extras(args, kwargs)
-            rope = compat.rope_of_update(extras, cache.text_config, key_states.dtype, cache.rope.layer_type)
+            rope = compat.rope_of_update(extras, cache.text_config, key_states.dtype, group.layer_type)
             if rope is None:
                 raise ValueError("key_space='pre_rope' needs the model to pass cos/sin or position_ids to "
                                  "cache.update (RoPE models do); use key_space='post_rope'")
-            cache.rope.append(*rope, compat.positions_of_update(extras))
+            group.rope.append(*rope, compat.positions_of_update(extras))
         self._append(key_states, value_states)
         if self.j == len(group.members) - 1 and not group.prefill_pending:
             group.maybe_compress_block()
@@ -352,12 +423,13 @@ class LowRankLayer(compat.GrowingLayer):
         return res if old is None else torch.cat([old, res], dim=-2)
 
     def _assign(self, value: Tensor | None, values: bool) -> None:
-        if value is not None and not self.group.prefill_pending and value.shape[-2] < self.get_seq_length():
+        group = self.group
+        if value is not None and not group.prefill_pending and value.shape[-2] < self.get_seq_length() - group.held_from:
             # kvpress drops a question and its answer: the whole cache is cut there (codes, residuals and the
             # RoPE table; kvpress then assigns every layer its cut timeline in turn)
-            self.group.cache.crop(value.shape[-2])
-        if value is not None and self.group.compressed_length:
-            value = value[..., self.group.compressed_length:, :]
+            group.cache.crop(group.held_from + value.shape[-2])
+        if value is not None and group.compressed_length:
+            value = value[..., group.compressed_length - group.held_from:, :]
         if value is not None:  # a copy in the storage dtype: the rebuilt timeline is freed
             value = value.to(self.storage, copy=True)
         old = self._res_v if values else self._res_k
@@ -417,7 +489,14 @@ class LowRankCache(Cache):
         if config.start_layer > end:
             raise ValueError(f"start_layer={config.start_layer} > end_layer={end}")
         G = config.layer_group_size
-        groups = shape.layer_groups(G, config.start_layer, end)  # over the full-attention layers of the range
+        # over the full-attention layers of the range, and the sliding ones where the method codes them
+        groups = shape.layer_groups(G, config.start_layer, end, sliding=self.method.codes_windows)
+        left = [l for l, kind in enumerate(shape.layer_types) if kind == "sliding_attention"
+                and not config.start_layer <= l <= end]
+        if self.method.codes_windows and left:
+            raise ValueError(f"method={config.method!r} codes the sliding-window layers, and transformers masks them "
+                             f"all alike: start_layer={config.start_layer}, end_layer={config.end_layer} leave "
+                             f"sliding layers {left} out; accepted: a range holding every sliding layer")
         n = sum(map(len, groups))
         if not n:
             raise ValueError(f"start_layer={config.start_layer}, end_layer={config.end_layer} hold no full-attention "
@@ -434,15 +513,17 @@ class LowRankCache(Cache):
                                      f"group ({G} layers × {shape.kv_heads} heads × {shape.head_dim}); accepted: "
                                      f"[1, {features}]")
         self.calibration = self.method.prepare(self, groups)  # what the method holds once per model, or None
-        self.first_compressed_layer = groups[0][0]
-        self.rope = RopeTable(text, shape.layer_types[self.first_compressed_layer])
         self.compression_log: list[dict] = []
         self.groups: list[LayerGroup] = []
+        self.ropes: dict[str, RopeTable] = {}  # by layer type (a hybrid model rotates with two sets of parameters)
+        self.rope_keepers: dict[str, LayerGroup] = {}  # the group whose first layer appends each table
         members: dict[int, LowRankLayer] = {}
-        for layer_ids in groups:  # the last may be smaller
+        for layer_ids in groups:  # the last of each type may be smaller
             group = LayerGroup(self, layer_ids)
             group.members = [LowRankLayer(group, j) for j in range(len(group.layers))]
             self.groups.append(group)
+            self.ropes.setdefault(group.layer_type, RopeTable(text, group.layer_type))
+            self.rope_keepers.setdefault(group.layer_type, group)
             members.update(zip(layer_ids, group.members))
         # the rest dense in dense_dtype: a sliding layer as transformers keeps it (its window), a full one whole
         super().__init__(layers=[members.get(l) or (
@@ -470,6 +551,8 @@ class LowRankCache(Cache):
             return
         jobs = []
         for group in self.groups:
+            group.leave_window()
+        for group in self.groups:
             if group.prefill_pending:
                 group.prefill_pending = False
                 jobs.append((group, group.pending_tokens()))
@@ -488,12 +571,15 @@ class LowRankCache(Cache):
             raise ValueError(f"max_length={max_length} is out of range; accepted: [-{n}, ∞)")
         if keep >= n:
             return
+        for group in self.groups:  # every refusal before any cut
+            group.check_crop(keep)
         for group in self.groups:
             group.crop(keep)
         for layer in self.layers:
             if not isinstance(layer, LowRankLayer) and layer.get_seq_length() > keep:
                 layer.crop(keep - layer.get_seq_length())  # a negative count: every supported release takes it
-        self.rope.crop(keep)
+        for rope in self.ropes.values():
+            rope.crop(keep)
 
     def held_tensors(self) -> dict[str, list[Tensor]]:
         """Every tensor the cache holds, by kind of ``kvsvd.accounting.KINDS`` (see memory_report)."""
@@ -505,11 +591,11 @@ class LowRankCache(Cache):
                 for kind, ts in accounting.layer_tensors(layer).items():
                     out[kind] += ts
         for group in self.groups:
-            for seg in group.segments:
+            for seg in group.retained + group.segments:
                 for store in (seg.keys, seg.values):
                     for kind, ts in store.held().items():
                         out[kind] += ts
-        out["rope"] += self.rope.tensors()
+        out["rope"] += [t for rope in self.ropes.values() for t in rope.tensors()]
         out["calibration"] += self.method.held_once(self.calibration)
         out[accounting.REBUILT] = [t for g in self.groups for _, t in g.rebuilt.values()]
         return out

@@ -93,7 +93,8 @@ def sensitivity(model, q_energy: list[torch.Tensor]) -> tuple[list[torch.Tensor]
 @torch.no_grad()
 def calibrate(model, tokenizer, texts: list[str], rank_k: int | None, rank_v: int | None, path: str | Path,
               max_tokens: int = CALIBRATION_CONTEXT, *, layer_group_size: int = 1, start_layer: int = 0) -> Path:
-    """Per group of ``layer_group_size`` layers from ``start_layer`` on (the last group smaller when the
+    """Per group of ``layer_group_size`` layers from ``start_layer`` on (``ModelShape.layer_groups``: the
+    full-attention layers' groups, then a hybrid model's sliding-window layers'; the last of each smaller when the
     count does not divide), the mean and the top ``rank_k`` / ``rank_v`` principal directions (None:
     all G·F of the group) of pre-RoPE K and of V over ``texts`` (each cut at ``max_tokens`` tokens), and each
     feature's :func:`sensitivity` (from the same texts' queries)."""
@@ -103,7 +104,7 @@ def calibrate(model, tokenizer, texts: list[str], rank_k: int | None, rank_v: in
         raise ValueError(f"layer_group_size={layer_group_size!r} is out of range; accepted: an int in [1, {L}]")
     if not 0 <= start_layer < L:
         raise ValueError(f"start_layer={start_layer} is out of range; accepted: [0, {L - 1}]")
-    groups = ModelShape.of(model.config).layer_groups(layer_group_size, start_layer)
+    groups = ModelShape.of(model.config).layer_groups(layer_group_size, start_layer, sliding=True)
     smallest = min(len(g) for g in groups) * F
     ranks = {"k": rank_k, "v": rank_v}
     for name, r in (("rank_k", rank_k), ("rank_v", rank_v)):

@@ -108,13 +108,14 @@ def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "
       the widths of ``factor_dtype`` and ``dense_dtype`` budgeted), ``k_share`` of the rank to keys; the
       first (layers mod G) layers stay dense and the rest splits into whole groups unless ``start_layer``
       is given;
-    - ``transform`` (``kvsvd.methods.transform.Transform.for_ratio``): every layer coded, the last group
-      holding the remainder; 4 sink tokens, blocks of 256 tokens per coefficient scale; below 8× a
-      32-token dense window and new blocks of 512 tokens, from 8× an 8-token window and new blocks of 32
+    - ``transform`` (``kvsvd.methods.transform.Transform.for_ratio``): every layer coded (a hybrid model's
+      sliding-window layers in groups of their own), the last group of each kind holding the remainder; 4 sink
+      tokens, blocks of 256 tokens per coefficient scale; below 8× a 32-token dense window and new blocks of 512
+      tokens, from 8× an 8-token window and new blocks of 32
       (the question and the answer are then coded as they arrive); the basis calibrated once per model
       where ``calibration_path`` is given (``kvsvd calibrate``), else each prompt's own.
 
-    Any field named overrides the default.
+    Any field named (a common field or one of the method's params) overrides the default.
     """
     choice("method", method, tuple(METHODS))
     spec = METHODS[method]

@@ -774,6 +774,6 @@ def frontier_grid(R: Path):
         df["m_basis"].eq("calibrated").any() if "m_basis" in df else False) else ""
     return fig, ("Each line is one method over its budgets, at the ratio it measured (context, question and answer "
                  "tokens all counted); the paired difference to the FP32 dense cache on the same samples, averaged "
-                 "over the needle tasks. " + calibrated + "Best per family within 15% of each target ratio — "
-                 + " ".join(caps))
+                 "over the needle tasks. " + calibrated + "Best per family at each target ratio (at most 15% more "
+                 "bytes, or up to 30% fewer) — " + " ".join(caps))
 

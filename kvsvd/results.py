@@ -23,7 +23,7 @@ import gzip
 import json
 from pathlib import Path
 
-from .gridspec import Grid, cell_key, cells, label, load_grid, runs_svd
+from .gridspec import Grid, cell_key, cells, entry, label, load_grid, runs_svd
 
 
 def read_rows(path: Path, config_hash: str | None = None) -> list[dict]:
@@ -162,6 +162,16 @@ def pin_method_field(path: Path, method: str, name: str, value, where=lambda met
     return changed
 
 
+def earlier_variant(method: dict) -> bool:
+    """Whether a row's recorded method is an earlier variant: one that records keys no grid runs any more
+    (``rope_tables``, ``fp32_ratio``), which :func:`~kvsvd.gridspec.entry` refuses."""
+    try:
+        entry(method)
+    except ValueError:
+        return True
+    return False
+
+
 def load_results(path: str | Path):
     """A tidy pandas DataFrame: one row per cell of results file ``path`` and its sealed parts, the
     method's fields as ``m_*`` columns, ``svd_ran`` (the SVD paths its K/V matrices ran, over all rows
@@ -178,6 +188,7 @@ def load_results(path: str | Path):
         rec["paths"] = ", ".join(f"{p} ×{n}" for p, n in sorted(r.get("paths", {}).items()))
         rec["svd_kinds"] = "+".join(sorted({p.split()[0] for p in r.get("paths", {})} - {"dense"})) or None
         rec["label"] = label(r["method"])
+        rec["earlier_variant"] = earlier_variant(r["method"])
         rec["asked_rsvd"] = runs_svd(r["method"]) and r["method"].get("svd", "rsvd") == "rsvd"
         records.append(rec)
     df = pd.DataFrame.from_records(records)

@@ -137,7 +137,7 @@ def test_kvpress_pipeline_with_the_transform_defaults_at_8x_and_16x(smollm2, smo
     answer = pipe(CONTEXT, question=QUESTION, max_new_tokens=10, cache=cache)["answer"]
     assert "4417" in answer or ratio == 16
     context = cache.get_seq_length()
-    assert context < n and cache.rope.length == context
+    assert context < n and cache.ropes["full_attention"].length == context
     assert all(g.compressed_length <= context for g in cache.groups)
     assert cache.memory_report()["ratio"] == pytest.approx(ratio, rel=0.05)
 

@@ -1,5 +1,6 @@
-"""LowRankCache on a hybrid-attention model (a tiny random Gemma 3): sliding layers dense and capped at
-their window as transformers keeps them, full-attention layers compressed, every byte counted."""
+"""LowRankCache on a hybrid-attention model (a tiny random Gemma 3): full-attention layers compressed; sliding
+layers dense and capped at their window as transformers keeps them, or, for the transform coder, coded in groups
+of their own whose segments are dropped as they leave the window; every byte counted."""
 
 import pytest
 import torch
@@ -37,27 +38,95 @@ def test_full_rank_on_the_full_attention_layers_gives_the_dense_cache_tokens(tin
     assert cache.memory_report()["rope_bytes"] == 0  # the full layers' RoPE, rebuilt from contiguous positions
 
 
-def test_the_transform_coder_holds_its_ratio_of_the_models_own_16_bit_cache(tiny_gemma3):
-    """At 4×, against what a 16-bit cache of this model holds (sliding layers at their window): the ratio
-    asked for, every byte counted, the sliding windows counted as uncompressed."""
-    ids = torch.randint(0, 128, (1, 400), generator=torch.Generator().manual_seed(1))
-    cfg = config_for_ratio(4, 400, tiny_gemma3.config, method="transform", layer_group_size=2, residual_length=8)
+@pytest.mark.parametrize("tokens", [400, 100])
+def test_the_transform_coder_holds_its_ratio_of_the_models_own_16_bit_cache(tiny_gemma3, tokens):
+    """At 4×, against what a 16-bit cache of this model holds (sliding layers at their window): the ratio asked
+    for, every byte counted. The sliding windows are coded too (groups [0, 1] and [3, 4] beside the full layers'
+    [2, 5]), which makes 4× reachable at 100 tokens, where the dense windows alone would cap it at 4.3×."""
+    ids = torch.randint(0, 128, (1, tokens), generator=torch.Generator().manual_seed(1))
+    cfg = config_for_ratio(4, tokens, tiny_gemma3.config, method="transform", layer_group_size=2, residual_length=4)
     cache = LowRankCache(cfg, tiny_gemma3.config)
+    assert [g.layers for g in cache.groups] == [[2, 5], [0, 1], [3, 4]]
     with torch.no_grad():
         tiny_gemma3(ids, **with_cache(cache))
     cache.compress_pending()
     rep = cache.memory_report()
-    assert rep["dense16_bytes"] == 2 * (4 * 15 + 2 * 400) * 32 * 2
+    assert rep["dense16_bytes"] == 2 * (4 * 15 + 2 * tokens) * 32 * 2
     assert rep["ratio"] == pytest.approx(4, rel=0.03)
-    # every byte, but the sliding layers' window length (an int64 transformers keeps for masks) is no K/V
-    assert rep["total_bytes"] == held_storage_bytes(cache) - 4 * 8
-    assert rep["uncompressed_bytes"] >= 4 * 2 * 15 * 32 * 2  # the four sliding windows, bf16
-    assert cache.path_counts()["gram transform int8"] == 2
+    assert rep["total_bytes"] == held_storage_bytes(cache)
+    for group in cache.groups[1:]:  # the window's 15 tokens: 11 coded (no sinks: they left the window), 4 dense
+        assert group.held_from == tokens - 15 and [s.length for s in group.segments] == [11]
+        assert all(m.residual_length() == 4 for m in group.members)
+
+
+def teacher_forced(model, seq: torch.Tensor, prompt: int, cache) -> torch.Tensor:
+    """Next-token logits (steps, vocab) of the prefill of ``seq[:, :prompt]`` and of each later token fed one at
+    a time: both caches see the same tokens, so their logits differ only by what the cache holds."""
+    out = [model(seq[:, :prompt], **with_cache(cache)).logits[0, -1]]
+    out += [model(seq[:, t:t + 1], **with_cache(cache)).logits[0, -1] for t in range(prompt, seq.shape[1] - 1)]
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def test_coded_windows_attend_what_the_dense_cache_attends(tiny_gemma3):
+    """40 tokens past a 60-token prompt (window 16, no new block coded): the prefill's coded window segment
+    straddles the window's edge, the model's mask hiding its older tokens, until it has left the window and is
+    dropped (its basis kept). At a ratio that leaves most columns 8 bits the logits stay within a few % of the
+    logits' spread of DynamicCache's on the same tokens, and as the coded tokens leave the windows the
+    difference falls to the full layers' share."""
+    seq = torch.randint(3, 128, (1, 100), generator=torch.Generator().manual_seed(4))
+    dense = teacher_forced(tiny_gemma3, seq, 60, DynamicCache(config=tiny_gemma3.config))
+    cfg = config_for_ratio(1.1, 60, tiny_gemma3.config, method="transform", layer_group_size=2, residual_length=4,
+                           block_size=64, basis_dtype="bf16")
+    cache = LowRankCache(cfg, tiny_gemma3.config)
+    err = (teacher_forced(tiny_gemma3, seq, 60, cache) - dense).abs().amax(-1)
+    assert [len(g.retained) for g in cache.groups] == [0, 1, 1] and not cache.groups[1].segments
+    assert float(err.max()) < 0.2 * float(dense.std()) and float(err[-10:].max()) < 0.05 * float(dense.std())
+
+
+@torch.no_grad()
+def test_coded_windows_drop_what_leaves_them_on_both_attention_paths(tiny_gemma3):
+    """New blocks of 4 coded as the window moves: a sliding group drops each segment that has left its window,
+    keeps the prefill's basis for the blocks coded on it, never holds more than the window and a block, counts
+    every byte it holds, and the kvsvd attention (the segments' latent forms, masked from ``held_from``) gives
+    the logits of reading the same cache through SDPA."""
+    from test_attention import attn
+    seq = torch.randint(3, 128, (1, 100), generator=torch.Generator().manual_seed(4))
+    cfg = config_for_ratio(1.5, 60, tiny_gemma3.config, method="transform", layer_group_size=2, residual_length=4,
+                           block_size=4)
+    runs = []
+    for impl in ("sdpa", "kvsvd"):
+        with attn(tiny_gemma3, impl):
+            cache = LowRankCache(cfg, tiny_gemma3.config)
+            runs.append(teacher_forced(tiny_gemma3, seq, 60, cache))
+        for group in cache.groups[1:]:
+            held = group.members[0].get_seq_length() - group.held_from
+            assert 15 <= held <= 15 + 4 and group.held_from > 60 and len(group.retained) == 1
+            end = group.members[0].get_seq_length()  # the next step's mask: from a held token, every one in its window
+            length, first = group.members[0].get_mask_sizes(1)
+            assert group.held_from <= first <= end - 15 and length == end - first + 1
+        assert cache.memory_report()["total_bytes"] == held_storage_bytes(cache)
+    assert (runs[0] - runs[1]).abs().max() < 1e-4
+    first = cache.groups[1].held_from
+    with pytest.raises(ValueError, match=rf"max_length=60 needs positions from 45 in the sliding layers \[0, 1\], "
+                                         rf"which hold positions from {first} only .* accepted: >= {first + 15}"):
+        cache.crop(60)
+    assert cache.get_seq_length() == 99  # nothing was cut
+    cache.crop(first + 15)
+    assert cache.get_seq_length() == first + 15 and cache.memory_report()["total_bytes"] == held_storage_bytes(cache)
+
+
+def test_a_method_that_codes_the_windows_codes_all_of_them(tiny_gemma3):
+    with pytest.raises(ValueError, match=r"method='transform' codes the sliding-window layers.* leave sliding layers "
+                                         r"\[0, 1\] out; accepted: a range holding every sliding layer"):
+        LowRankCache(CompressionConfig.of(method="transform", layer_group_size=2, start_layer=2), tiny_gemma3.config)
 
 
 def test_groups_form_over_full_attention_layers_and_other_layer_types_are_refused(tiny_gemma3):
     shape = ModelShape.of(tiny_gemma3.config)
     assert shape.layer_groups(2) == [[2, 5]] and shape.layer_groups(1, start_layer=3) == [[5]]
+    assert shape.layer_groups(2, sliding=True) == [[2, 5], [0, 1], [3, 4]]
+    assert shape.layer_groups(3, start_layer=1, sliding=True) == [[2, 5], [1, 3, 4]]
     assert config_for_ratio(2, 400, tiny_gemma3.config, method="xkv", layer_group_size=1).start_layer == 0
     cfg = tiny_gemma3.config.__class__(**{**tiny_gemma3.config.to_dict(),
                                            "layer_types": ["chunked_attention"] + ["full_attention"] * 5})

@@ -94,6 +94,24 @@ def test_headline_takes_the_best_method_of_each_family_at_matched_ratios(results
     assert h.loc[(8, "kvpress"), "method"] == "snapkv 8x" and (2, "kvsvd") not in h.index
 
 
+def test_a_target_ratio_takes_up_to_15_percent_more_bytes_or_30_percent_fewer():
+    table = pd.DataFrame({"ratio": [13.8, 14.0, 16.0, 18.8, 20.9]}, index=list("abcde"))
+    assert list(report.at_ratio(table, 16)) == ["b", "c", "d"]
+
+
+def test_earlier_variants_short_of_samples_are_left_out_so_every_row_shares_them():
+    """A row of settings no grid runs any more (``rope_tables``) never finishes: short of any sample, it is left
+    out instead of cutting every method down to its samples; a current method is left out only below half."""
+    from kvsvd.results import earlier_variant
+    assert earlier_variant({"method": "xkv", "ratio": 4, "rope_tables": True})
+    assert earlier_variant({"method": "press", "press": "tova", "fp32_ratio": 4})
+    assert not earlier_variant({"method": "transform", "ratio": 8, "basis": "calibrated"})
+    rows = [{"label": lbl, "task": "niah_single_1", "index": i, "context_length": 2048, "earlier_variant": old}
+            for lbl, n, old in (("dense", 10, False), ("old", 9, True), ("running", 6, False), ("begun", 4, False))
+            for i in range(n)]
+    assert dict(report.unfinished(pd.DataFrame(rows), 2048)) == {"begun": 4, "old": 9}
+
+
 def test_report_command_prints_the_tables(results, capsys):
     assert main(["report", str(results)]) == 0
     out = capsys.readouterr().out
@@ -132,5 +150,6 @@ def test_a_method_a_grid_has_only_begun_is_left_out_not_cutting_the_others_down(
     table = report.score_table(df, 2048)
     assert label not in table.index and list(table["n"].unique()) == [3]
     assert main(["report", str(path)]) == 0
-    assert f"Left out until more of their samples finish (pairs of task and sample finished, of 7): {label} (1)" \
+    assert ("Left out, so that every row is on the same samples: methods short of samples (pairs of task and sample "
+            f"finished, of 7; an earlier variant no grid runs any more, or a method still running): {label} (1)") \
         in capsys.readouterr().out

@@ -297,7 +297,7 @@ def test_crop_below_the_coded_length_drops_later_blocks_and_decodes_the_one_it_c
     before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
     held = cache.memory_report()["total_bytes"]
     cache.crop(-(240 - 215))  # into the second decoded block: [208, 224)
-    assert [s.length for s in group.segments] == [4, 188, 16] and cache.rope.length == 215
+    assert [s.length for s in group.segments] == [4, 188, 16] and cache.ropes["full_attention"].length == 215
     for layer, (k, v) in zip(cache.layers, before):
         assert layer.get_seq_length() == 215 and layer.residual_length() == 7
         assert torch.equal(layer.keys[..., :208, :], k[..., :208, :])
@@ -307,7 +307,7 @@ def test_crop_below_the_coded_length_drops_later_blocks_and_decodes_the_one_it_c
     assert rep["total_bytes"] + rep["rebuilt_bytes"] == held_storage_bytes(cache) and rep["total_bytes"] < held
     with torch.no_grad():
         tiny_llama(torch.randint(0, 128, (1, 30), generator=g), **with_cache(cache))
-    assert cache.get_seq_length() == cache.rope.length == 245
+    assert cache.get_seq_length() == cache.ropes["full_attention"].length == 245
     cache.crop(100)  # into the prefill's coded segment [4, 192)
     assert [s.length for s in group.segments] == [4] and cache.layers[0].residual_length() == 96
     assert torch.allclose(cache.layers[0].values, before[0][1][..., :100, :], atol=0.02)

@@ -90,6 +90,8 @@ class Method:
         joint: every group's prefill is coded in one call (:meth:`code`), not group by group.
         ranked: a ratio sets its ranks (``kvsvd.budget.ranks_for_ratio``, the grid's ``k_share`` splits them).
         needs_ratio: its budget is a ratio of its own params; a grid entry must name one.
+        codes_windows: it codes a hybrid model's sliding-window layers too (in groups of their own, the segments
+            that leave the window dropped); otherwise they stay dense, capped at their window.
     """
     name: str
     family: str
@@ -100,6 +102,7 @@ class Method:
     joint: bool = False
     ranked: bool = True
     needs_ratio: bool = False
+    codes_windows: bool = False
 
     def param_names(self) -> tuple[str, ...]:
         """The fields of its params dataclass."""
@@ -138,6 +141,10 @@ class Method:
 
     def prepare(self, cache: LowRankCache, groups: list[list[int]]) -> Any:
         """What the cache holds once per model for this method (a calibration), or None."""
+        return None
+
+    def kept_when_dropped(self, store: Any) -> Any:
+        """What of a store whose tokens left a sliding window stays held, because later stores share it, or None."""
         return None
 
     def held_once(self, state: Any) -> list[torch.Tensor]:

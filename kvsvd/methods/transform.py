@@ -515,7 +515,8 @@ class Transform(Method):
                   k_share: float, fields: dict) -> dict:
         """The ratio goes to the allocator; the basis may use every latent column (rank G·F) unless rank_k /
         rank_v cap it. Defaults (each from the frontier grid, SmolLM2 at 2048 tokens, needle tasks): every
-        layer coded (the last group holds the remainder), 4 sink tokens, blocks of 256 tokens per coefficient
+        layer coded (a hybrid model's sliding-window layers in groups of their own; the last group of each kind
+        holds the remainder), 4 sink tokens, blocks of 256 tokens per coefficient
         scale; below 8× a 32-token window and new blocks of 512, from 8× an 8-token window and new blocks of 32
         (the question and the answer are then coded as they arrive); the calibrated basis where
         ``calibration_path`` is given. Refuses a ratio whose budget the dense parts (sinks, window,
@@ -528,8 +529,8 @@ class Transform(Method):
         shape = ModelShape.of(model_config)
         reserve = min(reserve_tokens, fields["block_size"])  # as the cache budgets it (:meth:`code`)
         tokens += reserve
-        fixed = dense_bytes(model_config, tokens,
-                            [l for g in shape.layer_groups(group_size, fields["start_layer"]) for l in g],
+        groups = shape.layer_groups(group_size, fields["start_layer"], sliding=self.codes_windows)
+        fixed = dense_bytes(model_config, tokens, [l for g in groups for l in g],
                             fields["residual_length"] + sink_tokens + reserve,
                             fields.get("dense_dtype", CompressionConfig.dense_dtype))
         dense16 = accounting.dense16_bytes(model_config, tokens)
@@ -629,8 +630,16 @@ class Transform(Method):
             return stores[key]
         if prefill:
             return None
-        first = next((seg for seg in group.segments if isinstance(seg.keys, TransformStore)), None)
+        first = next((seg for seg in group.retained + group.segments if isinstance(seg.keys, TransformStore)), None)
         return None if first is None else (first.keys if kind == "k" else first.values)
+
+    def kept_when_dropped(self, store: Any) -> TransformStore | None:
+        """A per-prompt basis that later blocks are coded on stays held, without the codes, once its own tokens
+        have left a sliding window."""
+        if not isinstance(store, TransformStore) or store.rows is not None or store.calibration:
+            return None
+        return TransformStore((), [], store.stats[:, :0], store.basis, store.basis_scale, store.mean, 0,
+                              store.features, store.block, store.path, {})
 
     @staticmethod
     def basis_of(spec: dict) -> str:
@@ -666,4 +675,4 @@ class Transform(Method):
 
 # groups of 5 layers: from the frontier grid (SmolLM2: 2.7-8x scored best with groups of 5)
 TRANSFORM = Transform("transform", "kvsvd transform", group_size=5, params=TransformConfig, joint=True, ranked=False,
-                      needs_ratio=True)
+                      needs_ratio=True, codes_windows=True)
