@@ -67,6 +67,24 @@ def teacher_forced(model, seq: torch.Tensor, prompt: int, cache) -> torch.Tensor
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("ratio, block_size", [(3, 512), (2.5, 2)])
+@torch.no_grad()
+def test_the_ratio_holds_at_the_end_of_the_timeline_though_the_16_bit_windows_stop_growing(tiny_gemma3, ratio,
+                                                                                        block_size):
+    """A 100-token prompt and 6 reserved tokens (a question and its answer): a 16-bit cache's sliding layers hold
+    no more once their window is full, while every coded layer holds the reserved tokens (dense up to a block,
+    coded beyond it in blocks at 1/ratio of their 16-bit bytes); the allocation budgets them, so the ratio is met
+    at the end of the timeline."""
+    ids = torch.randint(3, 128, (1, 100), generator=torch.Generator().manual_seed(5))
+    cfg = config_for_ratio(ratio, 100, tiny_gemma3.config, method="transform", layer_group_size=2, reserve_tokens=6,
+                           residual_length=2, block_size=block_size)
+    cache = LowRankCache(cfg, tiny_gemma3.config)
+    greedy(tiny_gemma3, ids, cache, n=7)
+    rep = cache.memory_report()
+    assert cache.get_seq_length() == 106 and rep["dense16_bytes"] == 2 * (4 * 15 + 2 * 106) * 32 * 2
+    assert rep["ratio"] == pytest.approx(ratio, rel=0.05)
+
+
 @torch.no_grad()
 def test_coded_windows_attend_what_the_dense_cache_attends(tiny_gemma3):
     """40 tokens past a 60-token prompt (window 16, no new block coded): the prefill's coded window segment

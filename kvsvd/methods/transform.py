@@ -590,18 +590,23 @@ class Transform(Method):
                 owners.append((group, n - sinks))
         if not owners:
             return
-        if whole_cache:  # up to block_size reserved tokens will wait dense (a sliding layer up to its window);
-            reserve = min(tc.reserve_tokens, cfg.block_size)  # later ones are coded in blocks at 1/ratio of theirs
-            grown = (dense_bytes(cache.model_config, tokens + reserve, [], 0, cfg.dense_dtype)
-                     - dense_bytes(cache.model_config, tokens, [], 0, cfg.dense_dtype))
-            tokens += reserve
-            dense16 = accounting.dense16_bytes(cache.model_config, tokens, live[0].batch)
+        if whole_cache:  # the reserved tokens to come: up to block_size wait dense in every layer, the rest are
+            # coded in blocks at 1/ratio of their 16-bit bytes, in every coded layer (a sliding one too, though a
+            # 16-bit cache's sliding layer holds no more once its window is full); the ratio is met at the end
+            reserve = min(tc.reserve_tokens, cfg.block_size)
+            coded = [layer for g in cache.groups for layer in g.layers]
+            end = tokens + tc.reserve_tokens
+            grown = (dense_bytes(cache.model_config, end, coded, reserve, cfg.dense_dtype)
+                     - dense_bytes(cache.model_config, tokens, coded, 0, cfg.dense_dtype)
+                     + (tc.reserve_tokens - reserve) * len(coded) * 2 * cache.shape.features
+                     * accounting.DENSE_ENTRY_BYTES / tc.ratio)
+            dense16 = accounting.dense16_bytes(cache.model_config, end, live[0].batch)
             held = accounting.report(cache.held_tensors(), dense16)["total_bytes"] + live[0].batch * grown
             budget = dense16 / tc.ratio - held
             if budget <= 0:
                 raise ValueError(f"ratio={tc.ratio} is out of reach: the sinks, residual windows, RoPE positions, "
                                  f"uncompressed layers and reserved tokens alone hold {held:.0f} of the "
-                                 f"{dense16 / tc.ratio:.0f} bytes it allows at {tokens} tokens; accepted: ratio < "
+                                 f"{dense16 / tc.ratio:.0f} bytes it allows at {end} tokens; accepted: ratio < "
                                  f"{dense16 / held:.2f}, or fewer sink_tokens / residual_length")
         else:
             budget = sum(x.numel() * accounting.DENSE_ENTRY_BYTES for x, *_ in matrices) / tc.ratio
