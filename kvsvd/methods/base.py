@@ -18,6 +18,7 @@ import torch
 
 from ..budget import ranks_for_ratio
 from ..checks import choice, integer
+from ..svd import QR_METHODS, SVD_METHODS
 from ..timing import StageTimer
 
 if TYPE_CHECKING:
@@ -47,7 +48,6 @@ class SvdCall:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from ..svd import QR_METHODS, SVD_METHODS
         for name in ("n_iter", "oversample", "seed"):
             integer(name, getattr(self, name), 0)
         choice("qr", self.qr, QR_METHODS)

@@ -643,7 +643,7 @@ class Transform(Method):
         have left a sliding window."""
         if not isinstance(store, TransformStore) or store.rows is not None or store.calibration:
             return None
-        return TransformStore((), [], store.stats[:, :0], store.basis, store.basis_scale, store.mean, 0,
+        return TransformStore((), [], store.stats[:, :0].clone(), store.basis, store.basis_scale, store.mean, 0,
                               store.features, store.block, store.path, {})
 
     @staticmethod
