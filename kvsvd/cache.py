@@ -235,7 +235,6 @@ class LayerGroup:
         (``transform``) codes every group's prefill at once (one allocation)."""
         if not self.prefill_pending:
             return
-        self.leave_window()
         if self.cache.method.joint:
             self.cache.compress_pending()
             return
@@ -544,14 +543,15 @@ class LowRankCache(Cache):
         return getattr(self.model_config, "_attn_implementation", None) == "kvsvd"
 
     def compress_pending(self) -> None:
-        """Compress every group's stored prefill now (otherwise the next forward does it)."""
+        """Compress every group's stored prefill now (otherwise the next forward does it), after every sliding
+        group has dropped what left its window."""
+        for group in self.groups:
+            group.leave_window()
         if not self.method.joint:
             for group in self.groups:
                 group.compress_pending()
             return
         jobs = []
-        for group in self.groups:
-            group.leave_window()
         for group in self.groups:
             if group.prefill_pending:
                 group.prefill_pending = False

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ..checks import choice
+from ..checks import choice, number
 from ..store import FLOAT_DTYPES, DenseStore, MergedStore
 from .base import Method
 
@@ -33,10 +33,8 @@ class MiniCacheParams:
 
     def __post_init__(self) -> None:
         choice("factor_dtype", self.factor_dtype, tuple(FLOAT_DTYPES))
-        if isinstance(self.t, bool) or not isinstance(self.t, (int, float)) or not 0.0 < self.t < 1.0:
-            raise ValueError(f"t={self.t!r} is out of range; accepted: a number in (0, 1)")
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not 0.0 <= self.gamma <= 1.0:
-            raise ValueError(f"gamma={self.gamma!r} is out of range; accepted: a number in [0, 1]")
+        number("t", self.t, "a number in (0, 1)", lambda t: 0 < t < 1)
+        number("gamma", self.gamma, "a number in [0, 1]", lambda g: 0 <= g <= 1)
 
 
 def compress(x: torch.Tensor, config: CompressionConfig, *, kind: str, layers: list[int], heads: int,

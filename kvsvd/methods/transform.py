@@ -34,7 +34,7 @@ from ..budget import dense_bytes
 from ..store import DenseStore, Factors, dequantize_rows, quantize_rows
 from ..svd import get_svd, gram_matrix, svd_path
 from ..timing import StageTimer, maybe_stage
-from ..checks import choice, integer
+from ..checks import choice, integer, number
 from .base import COMMON_FIELDS, Method, SvdCall, present
 
 if TYPE_CHECKING:
@@ -112,10 +112,8 @@ class TransformConfig(SvdCall):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name, lo in (("ratio", 1), ("value_weight", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > lo:
-                raise ValueError(f"{name}={value!r} is out of range; accepted: a number > {lo}")
+        number("ratio", self.ratio, "a number > 1", lambda r: r > 1)
+        number("value_weight", self.value_weight, "a number > 0", lambda w: w > 0)
         for name in ("rank_k", "rank_v"):
             if getattr(self, name) is not None:
                 integer(name, getattr(self, name), 1)
