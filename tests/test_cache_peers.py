@@ -1,5 +1,7 @@
 """LowRankCache with calibrated PCA, MiniCache merging, and inside kvpress's pipeline."""
 
+import shutil
+
 import pytest
 import torch
 from transformers import DynamicCache, pipeline
@@ -130,7 +132,7 @@ def test_kvpress_pipeline_with_the_transform_defaults_at_8x_and_16x(smollm2, smo
     model, tok = smollm2
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
     n = len(tok(tok.apply_chat_template([{"role": "user", "content": CONTEXT}], tokenize=False)).input_ids)
-    extra = {"calibration_path": str(smollm2_calibration)} if basis == "calibrated" else {}
+    extra = {"calibration_path": str(smollm2_calibration)} if basis == "calibrated" else {"basis": "prompt"}
     cfg = config_for_ratio(ratio, n, model.config, method="transform", **extra)
     assert (cfg.residual_length, cfg.block_size, cfg.params.basis) == (8, 32, basis)
     cache = LowRankCache(cfg, model.config)
@@ -152,19 +154,26 @@ def prefill_2048(smollm2):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("basis", ["prompt", "calibrated"])
+@pytest.mark.parametrize("named", [False, True])
 def test_the_transform_defaults_hold_their_bytes_at_every_headline_ratio(smollm2, smollm2_calibration, prefill_2048,
-                                                                          basis):
-    """config_for_ratio(r, 2048, model.config, method="transform") with nothing else (and the calibration,
-    for the calibrated basis): groups of 5, the window of its ratio, the bytes asked for, every byte counted,
-    no RoPE bytes (contiguous positions), the calibration beside the ratio."""
+                                                                          named, monkeypatch, tmp_path):
+    """config_for_ratio(r, 2048, model.config, method="transform") with nothing else: groups of 5, the window and
+    the basis of its ratio (each prompt's own below 8×, from 8× the calibration in the model's default file), the
+    bytes asked for, every byte counted, no RoPE bytes (contiguous positions), the calibration beside the ratio;
+    ``named``: the other basis, named, at every ratio."""
+    from kvsvd.calibrate import default_path
     from kvsvd.config import config_for_ratio
     from kvsvd.evaluate import replay_prefill
     model, _ = smollm2
-    extra = {"calibration_path": str(smollm2_calibration)} if basis == "calibrated" else {}
+    monkeypatch.setenv("KVSVD_MODEL_CACHE", str(tmp_path))
+    default = default_path(model.config, 5)
+    default.parent.mkdir(parents=True)
+    shutil.copy(smollm2_calibration, default)
     for ratio in (2, 2.7, 4, 8, 16):
-        cfg = config_for_ratio(ratio, 2048, model.config, method="transform", **extra)
+        basis = "calibrated" if (ratio >= 8) != named else "prompt"
+        cfg = config_for_ratio(ratio, 2048, model.config, method="transform", **({"basis": basis} if named else {}))
         assert cfg.layer_group_size == 5 and cfg.params.basis == basis
+        assert cfg.params.calibration_path == (str(default) if basis == "calibrated" else None)
         assert (cfg.residual_length, cfg.block_size) == ((8, 32) if ratio >= 8 else (32, 512))
         cache = LowRankCache(cfg, model.config)
         with torch.no_grad():

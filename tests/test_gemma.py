@@ -21,6 +21,8 @@ def test_gemma3_loads_offline_as_a_hybrid_model_and_its_prompts_start_with_bos(g
     assert type(model).__name__ == "Gemma3ForCausalLM"
     assert (c.num_hidden_layers, c.num_key_value_heads, c.head_dim, c.sliding_window) == (18, 1, 256, 512)
     assert c.layer_types.count("full_attention") == 3 and set(c.layer_types) == {"full_attention", "sliding_attention"}
+    from kvsvd.calibrate import default_path  # its files are named after the model, whatever the cache folder
+    assert default_path(c, 5).name == "gemma3-270m-L18-G5-s0.safetensors"
     ids = tok("The secret access code is 4417.", return_tensors="pt").input_ids
     assert ids[0, 0].item() == tok.bos_token_id and (ids == tok.bos_token_id).sum() == 1
 

@@ -68,8 +68,11 @@ def test_a_field_the_method_does_not_read_is_refused_by_name(name):
 
 
 def test_grid_entries_that_read_the_calibration_name_its_default_file():
-    """The grid makes (and passes) kvsvd calibrate's default file for a calibrated basis or output weighting."""
-    assert entry({"method": "transform", "ratio": 8}).calibration is None
+    """The grid makes (and passes) kvsvd calibrate's default file for a calibrated basis (named, or the default
+    from 8×) or output weighting."""
+    assert entry({"method": "transform", "ratio": 4}).calibration is None
+    assert entry({"method": "transform", "ratio": 8, "basis": "prompt"}).calibration is None
+    assert entry({"method": "transform", "ratio": 8}).calibration == (5, 0)  # the default basis from 8x
     assert entry({"method": "transform", "ratio": 8, "basis": "calibrated"}).calibration == (5, 0)
     assert entry({"method": "transform", "ratio": 8, "weighting": "output", "layer_group_size": 3}).calibration == (3, 0)
     assert entry({"method": "xkv", "ratio": 4}).calibration is None

@@ -25,7 +25,7 @@ METHODS = {  # name -> (method, score on every sample, measured ratio, paths)
     "snapkv8": ({"method": "press", "press": "snapkv", "ratio": 8}, 30.0, 7.9, {"snapkv eviction, dense bf16": 60}),
     "int4": ({"method": "quantized", "nbits": 4}, 85.0, 2.7, {"quanto int4": 60}),
     "int2": ({"method": "quantized", "nbits": 2}, 10.0, 4.2, {"quanto int2": 60}),
-    "transform8": ({"method": "transform", "layer_group_size": 5, "ratio": 8}, 35.0, 8.1,
+    "transform8": ({"method": "transform", "basis": "prompt", "layer_group_size": 5, "ratio": 8}, 35.0, 8.1,
                    {"gram transform int8": 12, "dense bf16": 12}),
     "calibrated16": ({"method": "transform", "basis": "calibrated", "ratio": 16}, 40.0, 16.2,
                      {"calibrated basis transform int8": 12, "dense bf16": 12}),

@@ -15,7 +15,7 @@ from kvsvd.methods import transform
 from kvsvd.methods.transform import BITS, GAUSS_STEP, TransformConfig, pack_bits, unpack_bits
 from conftest import ByteTokenizer, held_storage_bytes
 import kvsvd
-from kvsvd.calibrate import Calibration
+from kvsvd.calibrate import Calibration, default_path
 from transformers import LlamaConfig
 
 pytestmark = pytest.mark.core  # also run in the current environment
@@ -270,10 +270,10 @@ def test_grid_label_says_what_was_asked():
         "transform G5 4x pre_rope basis int8 sinks 4 window 32 output-weighted q2"
     assert label({**spec, "rope_tables": True}) == \
         "transform G5 4x pre_rope basis int8 sinks 4 window 32 cos/sin tables q2"
-    # config_for_ratio's window and block size at 8x, unless the entry names its own
+    # config_for_ratio's window, block size and basis at 8x, unless the entry names its own
     default8 = {"method": "transform", "ratio": 8}
-    assert label(default8) == "transform G5 8x pre_rope basis int8 sinks 4 window 8 new blocks 32 q2"
-    assert label({**default8, "residual_length": 32, "block_size": 512}) == \
+    assert label(default8) == "transform G5 8x pre_rope calibrated basis int8 sinks 4 window 8 new blocks 32"
+    assert label({**default8, "residual_length": 32, "block_size": 512, "basis": "prompt"}) == \
         "transform G5 8x pre_rope basis int8 sinks 4 window 32 q2"
 
 
@@ -350,6 +350,29 @@ def calibrated(model, tmp_path, G, **fields):
                                   basis="calibrated", calibration_path=str(path), **fields)
 
 
+def test_from_8x_the_default_basis_is_the_models_calibration_in_its_default_file(tiny_llama, tmp_path, monkeypatch):
+    """Below 8× each prompt's own basis; from 8× (or with output weighting) the calibrated one, read from
+    ``kvsvd.calibrate.default_path``; a missing file is refused before anything runs, naming the command."""
+    monkeypatch.setenv("KVSVD_MODEL_CACHE", str(tmp_path))
+    for_ratio = lambda ratio, **kw: config_for_ratio(ratio, 800, tiny_llama.config, method="transform",  # noqa: E731
+                                                     layer_group_size=2, **kw).params
+    assert (for_ratio(4).basis, for_ratio(4).calibration_path) == ("prompt", None)
+    assert (for_ratio(8, basis="prompt").basis, for_ratio(16, basis="prompt").calibration_path) == ("prompt", None)
+    assert for_ratio(8, key_space="post_rope").basis == "prompt"  # a calibration holds pre-RoPE keys
+    with pytest.raises(FileNotFoundError, match="the default basis from 8x is the calibrated one.*--layer-group-size 2"):
+        for_ratio(8)
+    with pytest.raises(FileNotFoundError, match="weighting='output' reads the model's calibration"):
+        for_ratio(4, basis="prompt", weighting="output")
+    path = kvsvd.calibrate(tiny_llama, ByteTokenizer(), CALIBRATION_TEXTS, None, None,
+                           default_path(tiny_llama.config, 2), layer_group_size=2)
+    for ratio in (8, 16):
+        assert (for_ratio(ratio).basis, for_ratio(ratio).calibration_path) == ("calibrated", str(path))
+    assert for_ratio(4, basis="prompt", weighting="output").calibration_path == str(path)
+    cache, _ = prefilled(tiny_llama, config_for_ratio(8, 200, tiny_llama.config, method="transform",
+                                                      layer_group_size=2, residual_length=8, block_tokens=64))
+    assert cache.memory_report()["calibration_bytes"] > 0
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_a_calibrated_basis_is_held_once_per_model_and_reported_beside_the_ratio(tiny_llama, tmp_path, batch):
     """Groups of 3 over 4 layers (a last group of 1): the prompt holds codes, block statistics and an int16
@@ -388,7 +411,8 @@ def test_a_calibrated_basis_at_a_generous_budget_is_close_to_lossless_and_codes_
     assert cache.path_counts()["calibrated basis transform int8"] == 2 * 2 * (len(cache.groups[0].segments) - 1)
 
 
-def test_a_calibration_is_refused_for_another_model_grouping_or_a_missing_file(tiny_llama, tmp_path):
+def test_a_calibration_is_refused_for_another_model_grouping_or_a_missing_file(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVSVD_MODEL_CACHE", str(tmp_path / "empty"))
     path, cfg = calibrated(tiny_llama, tmp_path, 3)
     other = LlamaConfig(**{**tiny_llama.config.to_dict(), "num_hidden_layers": 2})
     with pytest.raises(ValueError, match="was made for another model: .*num_hidden_layers=4 \\(model: 2\\)"):
@@ -401,8 +425,14 @@ def test_a_calibration_is_refused_for_another_model_grouping_or_a_missing_file(t
                                                 "`python -m kvsvd calibrate MODEL`"):
         LowRankCache(config_for_ratio(2, 200, tiny_llama.config, method="transform", basis="calibrated",
                                       calibration_path="/nowhere.safetensors"), tiny_llama.config)
-    with pytest.raises(ValueError, match="basis='calibrated' needs calibration_path"):
+    with pytest.raises(FileNotFoundError, match=r"basis='calibrated', weighting='mse' reads the model's calibration "
+                                                r"\(the default basis from 8x is the calibrated one\), and .*empty/"
+                                                r"calibration/llama-L4-G4-s0.safetensors does not exist; accepted: write it "
+                                                "with `python -m kvsvd calibrate MODEL --layer-group-size 4 "
+                                                "--start-layer 0`, pass calibration_path, or basis='prompt'"):
         config_for_ratio(2, 200, tiny_llama.config, method="transform", basis="calibrated")
+    with pytest.raises(ValueError, match="basis='calibrated' needs calibration_path"):
+        CompressionConfig.of(method="transform", basis="calibrated")
     with pytest.raises(ValueError, match="calibration_path=.* does not apply to method='xkv'; it takes: "):
         CompressionConfig.of(method="xkv", calibration_path=str(path))
     with pytest.raises(ValueError, match="calibration_path applies to method='transform' with basis='calibrated' or "

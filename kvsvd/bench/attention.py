@@ -56,7 +56,8 @@ def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0,
         device: str = "cpu", dtype: torch.dtype = torch.float32, method: str = "lowrank") -> dict:
     """One measurement (returned, and written as JSON); an existing file is returned unless ``force``.
     ``method``: ``lowrank`` (per-layer SVD for ``layer_group_size`` 1, else xKV, factors in the model's
-    dtype) or ``transform`` (``config_for_ratio``'s transform defaults, ``layer_group_size`` ignored)."""
+    dtype) or ``transform`` (``config_for_ratio``'s transform defaults on each prompt's own basis,
+    ``layer_group_size`` ignored)."""
     if method not in ("lowrank", "transform"):
         raise ValueError(f"method={method!r} is unknown; accepted: lowrank, transform")
     tag = "" if method == "lowrank" else f"_{method}"
@@ -91,7 +92,8 @@ def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0,
         tokens.append(int(nxt[0, -1].argmax()))
     crop_to(dense, context_tokens)  # back to the bare context
     if method == "transform":
-        cfg = config_for_ratio(ratio, context_tokens, model.config, method="transform", key_space=key_space)
+        cfg = config_for_ratio(ratio, context_tokens, model.config, method="transform", key_space=key_space,
+                               basis="prompt")
     else:
         factor_dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[model.dtype]
         cfg = config_for_ratio(ratio, context_tokens, model.config, method="svd" if layer_group_size == 1 else "xkv",

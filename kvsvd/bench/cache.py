@@ -61,7 +61,8 @@ def configs_for(context_tokens: int, model_config, ratios=(4.0, 8.0), groups=(1,
                 n_iters=(0, 1, 4), sweep_group: int = 5, transform_group: int = 5) -> dict[str, CompressionConfig | None]:
     """``dense``, then ``svd_G1_4x`` / ``xkv_G<G>_<ratio>x`` for every ratio × group, then the
     n_iter sweep ``xkv_G<sweep_group>_<ratios[0]>x_q<n>`` (the others run at the default n_iter=2),
-    then ``transform_G<transform_group>_<ratio>x`` for every ratio (decoded from its codes)."""
+    then ``transform_G<transform_group>_<ratio>x`` for every ratio (decoded from its codes, each prompt's own
+    basis: a bench needs no calibration)."""
     configs: dict[str, CompressionConfig | None] = {"dense": None}
     for ratio in ratios:
         for G in groups:
@@ -72,7 +73,7 @@ def configs_for(context_tokens: int, model_config, ratios=(4.0, 8.0), groups=(1,
             ratios[0], context_tokens, model_config, method="xkv", layer_group_size=sweep_group, n_iter=q)
     for ratio in ratios:
         configs[f"transform_G{transform_group}_{ratio:g}x"] = config_for_ratio(
-            ratio, context_tokens, model_config, method="transform", layer_group_size=transform_group)
+            ratio, context_tokens, model_config, method="transform", layer_group_size=transform_group, basis="prompt")
     return configs
 
 

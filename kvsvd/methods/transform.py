@@ -57,7 +57,7 @@ OVERLOAD_8 = (1 << 7) * GAUSS_STEP[8]  # an 8-bit code's reach, in steps of the 
 BASIS_BITS = {"int8": 8, "int4": 4}  # quantised basis rows: int8, or two 4-bit values per uint8
 STAT_BYTES = 2 * ENTRY_BYTES["bf16"]  # per block and kept column: std and mean in bf16
 MEASURE_EVERY = 8  # the recorded reconstruction error is measured on every 8th token
-SMALL_WINDOW_FROM = 8  # ratios from which the defaults keep an 8-token window and code new blocks of 32
+LOW_RATE_FROM = 8  # ratios from which the defaults keep an 8-token window, code new blocks of 32, calibrated basis
 
 
 @dataclass(frozen=True)
@@ -488,9 +488,20 @@ class Calibrated:
     weights: dict[tuple[int, str], Tensor] = field(default_factory=dict)
 
 
+def default_basis(ratio: float, fields: dict) -> str:
+    """The basis :meth:`Transform.for_ratio` picks when ``fields`` name none: the calibrated one from
+    :data:`LOW_RATE_FROM` for pre-RoPE keys (where the frontier grid scored it ahead; a calibration holds
+    pre-RoPE keys) or wherever the fields read a calibration (``calibration_path``, ``weighting="output"``);
+    else each prompt's own."""
+    from ..config import CompressionConfig
+    low_rate = (isinstance(ratio, (int, float)) and ratio >= LOW_RATE_FROM
+                and fields.get("key_space", CompressionConfig.key_space) == "pre_rope")
+    return "calibrated" if low_rate or fields.get("calibration_path") or uses_calibration(fields) else "prompt"
+
+
 def default_window(ratio: float) -> dict[str, int]:
     """The default dense window and new-block size at ``ratio`` (see :meth:`Transform.for_ratio`)."""
-    small = isinstance(ratio, (int, float)) and ratio >= SMALL_WINDOW_FROM
+    small = isinstance(ratio, (int, float)) and ratio >= LOW_RATE_FROM
     return {"residual_length": 8 if small else 32, "block_size": 32 if small else 512}
 
 
@@ -516,12 +527,15 @@ class Transform(Method):
         layer coded (a hybrid model's sliding-window layers in groups of their own; the last group of each kind
         holds the remainder), 4 sink tokens, blocks of 256 tokens per coefficient
         scale; below 8× a 32-token window and new blocks of 512, from 8× an 8-token window and new blocks of 32
-        (the question and the answer are then coded as they arrive); the calibrated basis where
-        ``calibration_path`` is given. Refuses a ratio whose budget the dense parts (sinks, window,
+        (the question and the answer are then coded as they arrive); each prompt's own basis below 8×, the
+        calibrated one from 8× or where a calibration is read (:func:`default_basis`), from ``calibration_path``
+        or else the model's default file (``kvsvd.calibrate.default_path``; refused, with the command that
+        writes it, when missing). Refuses a ratio whose budget the dense parts (sinks, window,
         uncompressed layers, reserved tokens) fill on their own, naming the highest it can reach."""
+        from ..calibrate import default_path
         from ..config import CompressionConfig
         fields = {**default_window(ratio), **fields}
-        fields.setdefault("basis", "calibrated" if fields.get("calibration_path") else "prompt")
+        fields.setdefault("basis", default_basis(ratio, fields))
         fields.update(ratio=ratio, reserve_tokens=reserve_tokens)
         sink_tokens = fields.get("sink_tokens", TransformConfig.sink_tokens)
         shape = ModelShape.of(model_config)
@@ -537,6 +551,15 @@ class Transform(Method):
                              f"uncompressed layers and reserved tokens alone hold {fixed:.0f} of the "
                              f"{dense16 / ratio:.0f} bytes it allows; accepted: ratio < {dense16 / fixed:.2f}, or fewer "
                              "sink_tokens / residual_length")
+        if uses_calibration(fields) and not fields.get("calibration_path"):
+            path = default_path(model_config, group_size, fields["start_layer"])
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"basis={fields['basis']!r}, weighting={fields.get('weighting', 'mse')!r} reads the model's "
+                    f"calibration (the default basis from {LOW_RATE_FROM}x is the calibrated one), and {path} does "
+                    f"not exist; accepted: write it with `python -m kvsvd calibrate MODEL --layer-group-size "
+                    f"{group_size} --start-layer {fields['start_layer']}`, pass calibration_path, or basis='prompt'")
+            fields["calibration_path"] = str(path)
         return {"layer_group_size": group_size, **fields}
 
     def prepare(self, cache: LowRankCache, groups: list[list[int]]) -> Calibrated:
@@ -646,15 +669,15 @@ class Transform(Method):
 
     @staticmethod
     def basis_of(spec: dict) -> str:
-        """The basis a grid entry runs: the one it names, else (as :meth:`for_ratio` defaults it) the calibrated
-        one when the entry reads the calibration file anyway (``weighting: output``)."""
-        return spec.get("basis") or ("calibrated" if uses_calibration(spec) else "prompt")
+        """The basis a grid entry runs: the one it names, else the one :meth:`for_ratio` picks
+        (:func:`default_basis`)."""
+        return spec.get("basis") or default_basis(spec.get("ratio"), spec)
 
     def runs_svd(self, spec: dict) -> bool:
         return self.basis_of(spec) != "calibrated"
 
     def reads_calibration(self, spec: dict) -> bool:
-        return uses_calibration(spec)
+        return uses_calibration({**spec, "basis": self.basis_of(spec)})
 
     def label_parts(self, spec: dict, field: Callable[[str], Any]) -> list[str]:
         from ..config import CompressionConfig
