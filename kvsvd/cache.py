@@ -213,13 +213,17 @@ class LayerGroup:
 
     def leave_window(self) -> None:
         """Drop what :meth:`window_start` says no later query sees. A dropped store whose parts later stores share
-        leaves them held (``Method.kept_when_dropped``), in :attr:`retained`."""
+        leaves them held (``Method.kept_when_dropped``), in :attr:`retained`, while the window can still code a
+        new block (``residual_length + block_size`` below it; otherwise the residual never reaches a block)."""
         if self.window is None or not self.members[0].is_initialized:
             return
         first = self.window_start(self.members[0].get_seq_length())
         gone = [seg for seg in self.segments if seg.start + seg.length <= first]
+        cfg = self.cache.config
+        codes_blocks = cfg.residual_length + cfg.block_size < self.window
         for seg in gone:
-            kept = [self.cache.method.kept_when_dropped(store) for store in (seg.keys, seg.values)]
+            kept = [self.cache.method.kept_when_dropped(store) if codes_blocks else None
+                    for store in (seg.keys, seg.values)]
             if None not in kept:
                 self.retained.append(Segment(seg.start, 0, *kept))
         if gone:

@@ -554,8 +554,9 @@ class Transform(Method):
         if uses_calibration(fields) and not fields.get("calibration_path"):
             path = default_path(model_config, group_size, fields["start_layer"])
             if not path.is_file():
+                weighting = fields.get("weighting", TransformConfig.weighting)
                 raise FileNotFoundError(
-                    f"basis={fields['basis']!r}, weighting={fields.get('weighting', 'mse')!r} reads the model's "
+                    f"basis={fields['basis']!r}, weighting={weighting!r} reads the model's "
                     f"calibration (the default basis from {LOW_RATE_FROM}x is the calibrated one), and {path} does "
                     f"not exist; accepted: write it with `python -m kvsvd calibrate MODEL --layer-group-size "
                     f"{group_size} --start-layer {fields['start_layer']}`, pass calibration_path, or basis='prompt'")
