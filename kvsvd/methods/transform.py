@@ -494,14 +494,18 @@ def default_basis(ratio: float, fields: dict) -> str:
     pre-RoPE keys) or wherever the fields read a calibration (``calibration_path``, ``weighting="output"``);
     else each prompt's own."""
     from ..config import CompressionConfig
-    low_rate = (isinstance(ratio, (int, float)) and ratio >= LOW_RATE_FROM
-                and fields.get("key_space", CompressionConfig.key_space) == "pre_rope")
+    low_rate = low_rate_ratio(ratio) and fields.get("key_space", CompressionConfig.key_space) == "pre_rope"
     return "calibrated" if low_rate or fields.get("calibration_path") or uses_calibration(fields) else "prompt"
+
+
+def low_rate_ratio(ratio: Any) -> bool:
+    """Whether ``ratio`` (a number, or a grid entry's unexpanded value) is at or above :data:`LOW_RATE_FROM`."""
+    return isinstance(ratio, (int, float)) and ratio >= LOW_RATE_FROM
 
 
 def default_window(ratio: float) -> dict[str, int]:
     """The default dense window and new-block size at ``ratio`` (see :meth:`Transform.for_ratio`)."""
-    small = isinstance(ratio, (int, float)) and ratio >= LOW_RATE_FROM
+    small = low_rate_ratio(ratio)
     return {"residual_length": 8 if small else 32, "block_size": 32 if small else 512}
 
 
