@@ -3,14 +3,16 @@ store has a latent form.
 
 A store's latent read (``store.latent``, :class:`kvsvd.store.Factors`) gives a layer's keys or values as
 x ≈ U·W (+ mean): for low-rank stores U (T × r) is the token factor shared by the G layers of its group
-and W (r × H·d) this layer's slice of the right factor; for the transform coder U is the dequantised
-coefficients Ĉ (T × kept) and W the layer's basis rows. For a query q of head h (KV head h' = h // (Hq/H)):
+and W (r × H·d) this layer's slice of the right factor; for the transform coder U is the coefficients
+Ĉ (T × kept), read from their integer codes with each block's quantiser folded into q·W and the
+softmax weights (``kvsvd.store.CodedColumns``), and W the layer's basis rows. For a query q of head h
+(KV head h' = h // (Hq/H)):
 
     scores = (q · W[:, h']ᵀ) · Uᵀ        O(r·d) then O(T·r): U is read once for all heads
     output = (softmax · U_v) · W_v[:, h']  O(T·r_v) then O(r_v·d)
 
 so a decode step reads T·r entries instead of T·H·d dense ones and never rebuilds K or V; the
-transform coder dequantises Ĉ once per step for the G layers of its group. The segments, the dense
+transform coder unpacks its codes once per step for the G layers of its group. The segments, the dense
 residual window and the new tokens are attended part by part, each giving (output, log-sum-exp), and
 merged exactly: o = Σᵢ exp(lseᵢ − lse)·oᵢ.
 
@@ -44,10 +46,10 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def kernel_applies(q: Tensor, k, v, mask: Tensor | None) -> bool:
-    """The Triton kernel serves decode steps (one query token, no mask) over K and V factors, on CUDA
-    (or anywhere under TRITON_INTERPRET=1, as the tests run it)."""
+    """The Triton kernel serves decode steps (one query token, no mask) over K and V factors whose token
+    factors are tensors (not codes), on CUDA (or anywhere under TRITON_INTERPRET=1, as the tests run it)."""
     return (HAS_TRITON and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") and q.shape[3] == 1
-            and mask is None and isinstance(k, Factors) and isinstance(v, Factors))
+            and mask is None and all(isinstance(x, Factors) and isinstance(x.u, Tensor) for x in (k, v)))
 
 
 def attend_with_kernel(q: Tensor, k: Factors, v: Factors) -> tuple[Tensor, Tensor]:

@@ -112,7 +112,8 @@ def config_for_ratio(ratio: float, tokens: int, model_config, *, method: str = "
       sliding-window layers in groups of their own), the last group of each kind holding the remainder; 4 sink
       tokens, blocks of 256 tokens per coefficient scale; below 8× a 32-token dense window and new blocks of 512
       tokens, from 8× an 8-token window and new blocks of 32
-      (the question and the answer are then coded as they arrive); each prompt's own basis below 8×, from 8×
+      (the question and the answer are then coded as they arrive), and below 8× too where the large window's
+      dense parts would hold more than 40% of the budget; each prompt's own basis below 8×, from 8×
       the basis calibrated once per model (``python -m kvsvd calibrate MODEL`` writes it where
       ``kvsvd.calibrate.default_path`` looks; a missing file is refused with that command, ``basis="prompt"``
       keeps the per-prompt basis).

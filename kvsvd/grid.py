@@ -148,9 +148,11 @@ def run_cell(model, tok, sample: dict, method: dict, task: str, max_new_tokens: 
         row["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
     if held["rebuilt_bytes"]:  # dense read copies kept between steps (memoized reads, TurboQuant's view)
         row["kv_bytes_rebuilt"] = held["rebuilt_bytes"]
-    if isinstance(cache, LowRankCache):
-        ranks = cache.config.to_dict()
-        row["rank_k"], row["rank_v"] = ranks.get("rank_k"), ranks.get("rank_v")
+    if isinstance(cache, LowRankCache):  # the config the cell ran, its defaults resolved for this model and context
+        row["config"] = cache.config.to_dict()
+        if row["config"].get("calibration_path"):  # its file name: the folder is this machine's model cache
+            row["config"]["calibration_path"] = Path(row["config"]["calibration_path"]).name
+        row["rank_k"], row["rank_v"] = row["config"].get("rank_k"), row["config"].get("rank_v")
         if memoize_reads:
             row.update(reads_memoized=True, decode_ms_per_token_memoized=row.pop("decode_ms_per_token"))
     return row

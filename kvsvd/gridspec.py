@@ -105,9 +105,11 @@ def entry(spec: dict) -> Peer | Compressed:
     return Compressed(METHODS[name], dict(spec))
 
 
-def label(spec: dict) -> str:
+def label(spec: dict, ran: dict | None = None) -> str:
     """What a method dict (a grid entry, or a row's recorded method) asked for: ``dense``, ``dense bf16``,
     ``tova 4x``, ``quantized quanto int4``, ``xkv G2 4x pre_rope bf16 q2``. A ratio is against a 16-bit cache.
+    ``ran``: a row's recorded config, for the fields whose defaults depend on the model and context
+    (``Method.resolved_in_label``: the transform coder's window).
     Rows of earlier variants record keys that no grid runs any more, and their labels say so: a budget against
     an FP32 cache (``fp32_ratio``: ``Nx of fp32``), pre-RoPE keys that held the model's cos/sin tables
     (``rope_tables``: ``cos/sin tables``)."""
@@ -119,7 +121,7 @@ def label(spec: dict) -> str:
     if name in PEERS:
         peer = PEERS[name]
         return peer.of({k: v for k, v in spec.items() if k in peer.keys()}).label(budget)
-    return METHODS[name].label(spec, budget)
+    return METHODS[name].label(spec, budget, ran)
 
 
 def family(name: str) -> str:

@@ -181,13 +181,14 @@ def load_results(path: str | Path):
     records = []
     for r in rows:
         validate_row(r)
-        rec = {k: v for k, v in r.items() if k not in ("method", "compression_breakdown_ms", "paths", "kv_bytes_by_kind")}
+        rec = {k: v for k, v in r.items() if k not in ("method", "config", "compression_breakdown_ms", "paths",
+                                                   "kv_bytes_by_kind")}
         rec.update({f"m_{k}": v for k, v in r["method"].items()})
         rec.update({f"stage_{k}": v for k, v in r.get("compression_breakdown_ms", {}).items()})
         rec.update({f"bytes_{k}": v for k, v in r.get("kv_bytes_by_kind", {}).items()})
         rec["paths"] = ", ".join(f"{p} ×{n}" for p, n in sorted(r.get("paths", {}).items()))
         rec["svd_kinds"] = "+".join(sorted({p.split()[0] for p in r.get("paths", {})} - {"dense"})) or None
-        rec["label"] = label(r["method"])
+        rec["label"] = label(r["method"], r.get("config"))
         rec["earlier_variant"] = earlier_variant(r["method"])
         rec["asked_rsvd"] = runs_svd(r["method"]) and r["method"].get("svd", "rsvd") == "rsvd"
         records.append(rec)

@@ -49,18 +49,88 @@ def dequantize_rows(q: Tensor, scale: Tensor, bits: int, r: int, dtype: torch.dt
 
 
 @dataclass
+class CodedColumns:
+    """Columns of a token factor held as integer codes, read without dequantising them: in each block
+    of ``block`` tokens, u = q·step + mean. q float32 (B, T, n) holds the codes centred on zero (integers
+    or half-integers, exact in float32); step and mean float32 (B, ⌈T/block⌉, n) the blocks' per-column
+    quantiser step and offset.
+
+    Attention reads a·uᵀ and p·u with the quantiser folded into the small operand, block by block:
+    a·uᵀ = q·(step ⊙ aᵀ) + mean·aᵀ, so u itself is never written out (when the other operand has more
+    rows than a block has tokens, u is rebuilt instead: folding would cost more)."""
+    q: Tensor
+    step: Tensor
+    mean: Tensor
+    block: int
+
+    def _blocks(self):
+        """(codes, slice of blocks): whole blocks (B, k, block, n), then the partial last one (B, 1, ·, n)."""
+        B, T, n = self.q.shape
+        whole = T // self.block
+        if whole:
+            yield self.q[:, :whole * self.block].view(B, whole, self.block, n), slice(0, whole)
+        if T % self.block:
+            yield self.q[:, whole * self.block:].unsqueeze(1), slice(whole, whole + 1)
+
+    def dense(self) -> Tensor:
+        """u float32 (B, T, n)."""
+        return torch.cat([(x * self.step[:, sl, None] + self.mean[:, sl, None]).flatten(1, 2)
+                          for x, sl in self._blocks()], 1)
+
+    def scores(self, a: Tensor) -> Tensor:
+        """a (B, M, n) → a·uᵀ (B, M, T)."""
+        if a.shape[1] > self.block:
+            return a @ self.dense().mT
+        w = self.step[..., None] * a.mT[:, None]                                    # (B, blocks, n, M)
+        c = self.mean @ a.mT                                                       # (B, blocks, M)
+        return torch.cat([(x @ w[:, sl] + c[:, sl, None]).flatten(1, 2) for x, sl in self._blocks()], 1).mT
+
+    def sums(self, p: Tensor) -> Tensor:
+        """p (B, M, T) → p·u (B, M, n)."""
+        if p.shape[1] > self.block:
+            return p @ self.dense()
+        out, start = 0, 0
+        for x, sl in self._blocks():
+            k, L = x.shape[1:3]
+            pb = p[..., start:start + k * L].unflatten(-1, (k, L)).transpose(1, 2)   # (B, k, M, L)
+            out = out + ((pb @ x) * self.step[:, sl, None]).sum(1) + pb.sum(-1).mT @ self.mean[:, sl]
+            start += k * L
+        return out
+
+
+def _u_scores(u: "Tensor | list[CodedColumns]", a: Tensor) -> Tensor:
+    """a (B, M, r) · uᵀ → (B, M, T); coded u by its column runs."""
+    if isinstance(u, Tensor):
+        return a @ u.float().mT
+    splits = a.split([part.q.shape[-1] for part in u], -1)
+    return sum(part.scores(x) for part, x in zip(u, splits, strict=True))
+
+
+def _u_sums(u: "Tensor | list[CodedColumns]", p: Tensor) -> Tensor:
+    """p (B, M, T) · u → (B, M, r)."""
+    if isinstance(u, Tensor):
+        return p @ u.float()
+    return torch.cat([part.sums(p) for part in u], -1)
+
+
+@dataclass
 class Factors:
     """One layer's x ≈ u @ w (+ mean): u (B, T, r) as stored (float32/bfloat16/float16: the Triton
-    kernel reads it as is, the PyTorch path upcasts), w (B|1, r, H, d) and mean (B|1, H, d) or None float32."""
-    u: Tensor
+    kernel reads it as is, the PyTorch path upcasts) or as integer codes, its columns in runs of
+    :class:`CodedColumns`; w (B|1, r, H, d) and mean (B|1, H, d) or None float32."""
+    u: "Tensor | list[CodedColumns]"
     w: Tensor
     mean: Tensor | None = None
+
+    def token_factor(self) -> Tensor:
+        """u float32 (B, T, r), coded columns dequantised."""
+        return self.u.float() if isinstance(self.u, Tensor) else torch.cat([part.dense() for part in self.u], -1)
 
     def scores(self, q: Tensor) -> Tensor:
         """q (B, H, g, n, d) → q·xᵀ (B, H, g, n, T); u is read once for every head."""
         B, H, g, n, _ = q.shape
         qe = torch.einsum("bhgnd,brhd->bhgnr", q, self.w.expand(B, -1, -1, -1))       # (B, H, g, n, r)
-        s = (qe.reshape(B, H * g * n, -1) @ self.u.float().mT).reshape(B, H, g, n, -1)
+        s = _u_scores(self.u, qe.reshape(B, H * g * n, -1)).reshape(B, H, g, n, -1)
         if self.mean is not None:
             s = s + torch.einsum("bhgnd,bhd->bhgn", q, self.mean.expand(B, -1, -1))[..., None]
         return s
@@ -68,7 +138,7 @@ class Factors:
     def combine(self, p: Tensor) -> Tensor:
         """p (B, H, g, n, T) → p·x (B, H, g, n, d)."""
         B, H, g, n, _ = p.shape
-        pu = (p.reshape(B, H * g * n, -1) @ self.u.float()).reshape(B, H, g * n, -1)   # (B, H, g·n, r)
+        pu = _u_sums(self.u, p.reshape(B, H * g * n, -1)).reshape(B, H, g * n, -1)     # (B, H, g·n, r)
         o = torch.einsum("bhmr,brhd->bhmd", pu, self.w.expand(B, -1, -1, -1)).reshape(B, H, g, n, -1)
         if self.mean is not None:
             o = o + p.sum(-1, keepdim=True) * self.mean[:, :, None, None]

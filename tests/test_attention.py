@@ -50,6 +50,31 @@ def test_factor_scores_and_values_equal_the_reconstruction():
     torch.testing.assert_close(f.combine(p), p @ x.unsqueeze(2), atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tokens", [48, 45, 7])  # whole blocks of 16; a partial last block; one partial block
+@pytest.mark.parametrize("rows", [3, 40])       # folded into the blocks (≤ 16 rows); rebuilt (more rows than a block)
+def test_coded_columns_read_as_their_dequantised_values(tokens, rows):
+    """Scores and weighted sums read from integer codes, the quantiser folded in block by block, equal the
+    same products over the dequantised columns; Factors over codes equal Factors over those columns."""
+    from kvsvd.methods.transform import block_stats, coded_columns, quantize
+    g = torch.Generator().manual_seed(3)
+    c = torch.randn(2, tokens, 5, generator=g) * torch.tensor([4.0, 2.0, 1.0, 0.5, 0.1])
+    stats = block_stats(c, 16)
+    parts = [coded_columns(quantize(c[..., :2], stats[..., :2, :], 4, 16), stats[..., :2, :], 4, 16),
+             coded_columns(quantize(c[..., 2:], stats[..., 2:, :], 2, 16), stats[..., 2:, :], 2, 16)]
+    u = torch.cat([part.dense() for part in parts], -1)
+    assert (u - c).abs().max() < 1.5 * c.abs().amax((0, 1)).max()  # a coarse code of c, not something else
+    a, pw = torch.randn(2, rows, 5, generator=g), torch.rand(2, rows, tokens, generator=g)
+    for part, cols in zip(parts, (slice(0, 2), slice(2, 5))):
+        torch.testing.assert_close(part.scores(a[..., cols]), a[..., cols] @ u[..., cols].mT, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(part.sums(pw), pw @ u[..., cols], atol=1e-4, rtol=1e-4)
+    w, mean = torch.randn(1, 5, 3, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    coded, plain = Factors(parts, w, mean), Factors(u, w, mean)
+    torch.testing.assert_close(coded.token_factor(), u)
+    q, p = torch.randn(2, 3, 1, 1, 8, generator=g), torch.rand(2, 3, 1, 1, tokens, generator=g)
+    torch.testing.assert_close(coded.scores(q), plain.scores(q), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(coded.combine(p), plain.combine(p), atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("method, G", [("svd", 1), ("xkv", 2)])
 @pytest.mark.parametrize("key_space", ["post_rope", "pre_rope"])
 def test_full_rank_factor_path_matches_dense_attention(tiny_llama, method, G, key_space):
@@ -77,26 +102,32 @@ STORE_CONFIGS = [dict(method="xkv", layer_group_size=2, key_space="post_rope", *
 
 
 @pytest.mark.parametrize("kw", STORE_CONFIGS)
-def test_every_store_meets_the_protocol_and_its_latent_form_is_its_layer(tiny_llama, kw):
+def test_every_store_meets_the_protocol_and_its_latent_form_is_its_layer(tiny_llama, kw, monkeypatch):
     """Every segment's K and V store (dense sinks, low-rank factors, MiniCache merges, transform codes) has
-    path, layer, latent and held; where latent gives Factors, u·w + mean is the layer it rebuilds."""
+    path, layer, latent and held; where latent gives Factors, u·w + mean is the layer it rebuilds (transform
+    codes: u as coded columns, read without dequantising them, from FOLD_FROM coefficients; these stores are
+    short, so it is lowered to 1)."""
+    from kvsvd.methods import transform
     from kvsvd.store import Store
+    monkeypatch.setattr(transform, "FOLD_FROM", 1)
     cfg = CompressionConfig.of(residual_length=4, block_size=6, **kw)
     cache = LowRankCache(cfg, tiny_llama.config)
     greedy(tiny_llama, torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(8)), cache, n=8)
     stores = [s for g in cache.groups for seg in g.segments for s in (seg.keys, seg.values)]
     assert stores and all(isinstance(s, Store) and s.path and s.held() for s in stores)
-    latent = 0
+    latent = coded = 0
     for group in cache.groups:
         for seg in group.segments:
             for store in (seg.keys, seg.values):
                 for j in range(len(group.layers)):
                     f = store.latent(j, 2)
                     if f is not None:
-                        rebuilt = f.u.float() @ f.w.flatten(2) + (0 if f.mean is None else f.mean.flatten(1)[:, None])
+                        rebuilt = f.token_factor() @ f.w.flatten(2) + (0 if f.mean is None else f.mean.flatten(1)[:, None])
                         torch.testing.assert_close(rebuilt, store.layer(j, torch.float32), atol=1e-5, rtol=1e-5)
                         latent += 1
+                        coded += not isinstance(f.u, torch.Tensor) or f.u.shape[-1] == 0
     assert (latent > 0) == (kw["method"] != "minicache")
+    assert (0 < coded == latent) == (kw["method"] == "transform")
 
 
 @pytest.mark.parametrize("kw", STORE_CONFIGS)

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from kvsvd import accounting, grid, gridspec, results
+from kvsvd import CompressionConfig, accounting, grid, gridspec, results
 from kvsvd.__main__ import main
 from kvsvd.evaluate import fan_out_prefill
 from kvsvd.peers.press import PRESSES
@@ -240,6 +240,9 @@ def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path, monkeypat
     assert all(sum(r["kv_bytes_by_kind"].values()) == r["kv_bytes_held"] for r in rows)
     assert {p for r in xkv for p in r["paths"]} <= {"gram bf16", "randomized q2 p8 bf16"}
     assert all(r["agreement_with_dense"] in (0.0, 1.0) for r in xkv)
+    # each kvsvd row records the config it ran, its defaults resolved for this model and context
+    assert all(CompressionConfig.of(**r["config"]).params.rank_k == r["rank_k"] > 0 for r in xkv)
+    assert all("config" not in r for r in rows if r["method"]["method"] != "xkv")
     before = out.read_text()
     grid.run(cfg(tmp_path), model, tok)            # nothing left to do
     assert out.read_text() == before

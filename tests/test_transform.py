@@ -275,6 +275,39 @@ def test_grid_label_says_what_was_asked():
     assert label(default8) == "transform G5 8x pre_rope calibrated basis int8 sinks 4 window 8 new blocks 32"
     assert label({**default8, "residual_length": 32, "block_size": 512, "basis": "prompt"}) == \
         "transform G5 8x pre_rope basis int8 sinks 4 window 32 q2"
+    # a row's label reads the window its config resolved (the default depends on the model and context)
+    default4 = {"method": "transform", "ratio": 4, "basis": "prompt"}
+    assert label(default4) == "transform G5 4x pre_rope basis int8 sinks 4 window 32 q2"
+    assert label(default4, {"residual_length": 8, "block_size": 32, "rank_k": 7}) == \
+        "transform G5 4x pre_rope basis int8 sinks 4 window 8 new blocks 32 q2"
+
+
+def test_the_default_window_is_small_where_the_large_ones_dense_parts_would_fill_the_budget(tiny_llama, tiny_gemma3):
+    """Below 8x the defaults keep a 32-token window and new blocks of 512, unless those dense parts (sinks, window,
+    reserved tokens) would hold more than DENSE_SHARE of the budget: then an 8-token window and new blocks of 32,
+    as from 8x. A window the caller names is kept."""
+    from kvsvd.accounting import dense16_bytes
+    from kvsvd.budget import dense_bytes
+    from kvsvd.methods.transform import DENSE_SHARE, LARGE_WINDOW, SMALL_WINDOW
+
+    def share(model_config, tokens, reserve, ratio):  # the large window's dense parts against the budget
+        layers = list(range(model_config.num_hidden_layers))
+        return dense_bytes(model_config, tokens + reserve, layers, 32 + 4 + reserve, "bf16") / \
+            (dense16_bytes(model_config, tokens + reserve) / ratio)
+
+    window = lambda c: {"residual_length": c.residual_length, "block_size": c.block_size}  # noqa: E731
+    # the hybrid model: its sliding layers hold at most 16 tokens, so a 32-token window is most of a 4x budget
+    assert share(tiny_gemma3.config, 400, 20, 4) > DENSE_SHARE
+    assert window(config_for_ratio(4, 400, tiny_gemma3.config, method="transform", reserve_tokens=20)) == SMALL_WINDOW
+    named = config_for_ratio(4, 400, tiny_gemma3.config, method="transform", reserve_tokens=20, residual_length=12)
+    assert window(named) == {**SMALL_WINDOW, "residual_length": 12}
+    # the dense model (512 positions): the large window is a small share of a 2x or 2.7x budget at 500 tokens, too
+    # large a share at 4x; from 8x (the low rate) the small window whatever its share
+    assert share(tiny_llama.config, 500, 20, 2.7) < DENSE_SHARE < share(tiny_llama.config, 500, 20, 4)
+    for ratio, expect in ((2, LARGE_WINDOW), (2.7, LARGE_WINDOW), (4, SMALL_WINDOW), (8, SMALL_WINDOW)):
+        cfg = config_for_ratio(ratio, 500, tiny_llama.config, method="transform", layer_group_size=2, reserve_tokens=20,
+                               basis="prompt")
+        assert window(cfg) == expect
 
 
 @pytest.mark.parametrize("memoize", [False, True])

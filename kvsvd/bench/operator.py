@@ -23,9 +23,10 @@ Paths at each length (the same q, K, V):
 
 Reported per path: median ms per step over ``repeats`` steps; bytes read per step, as held (dense: K
 and V in bf16; codes: codes, block statistics, basis rows and means, ``kvsvd.accounting``), which is
-what a fused kernel reads (the PyTorch path also writes and reads the dequantised Ĉ in float32, and
-its time includes that); the roofline time, bytes ÷ the machine's read bandwidth measured in the same
-run (``torch.sum`` over a 512 MiB float32 tensor); and the attention output's relative error against
+what a fused kernel reads (the PyTorch path also writes and reads the unpacked codes in float32, each
+block's quantiser folded into the query and softmax sides, and its time includes that); the roofline
+time, bytes ÷ the machine's read bandwidth measured in the same run (``torch.sum`` over a 512 MiB
+float32 tensor); and the attention output's relative error against
 FP32 attention over the uncoded K and V. Writes ``results/operator/cpu.json``.
 """
 
@@ -177,7 +178,7 @@ def run(context_lengths=(8192, 32768, 65536), ratios=(4.0, 8.0, 16.0), repeats: 
         rows += run_length(n, ratios, repeats, spectra_csv, bandwidth)["rows"]
     payload = {"shape": {"query_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "batch": 1,
                          "query_tokens": 1},
-               "dtypes": {"dense": "bfloat16", "codes_compute": "float32"}, "device": "cpu",
+               "dtypes": {"dense": "bfloat16", "codes_compute": "float32 (unpacked codes)"}, "device": "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
                "bandwidth_gb_s": bandwidth, "spectra": str(spectra_csv), "rows": rows}
     path.parent.mkdir(parents=True, exist_ok=True)

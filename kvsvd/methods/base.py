@@ -103,6 +103,9 @@ class Method:
     ranked: bool = True
     needs_ratio: bool = False
     codes_windows: bool = False
+    # fields whose default depends on the model and the context (not on the entry alone): a row's label reads
+    # them from the config the cell ran (its ``config``)
+    resolved_in_label: tuple[str, ...] = ()
 
     def param_names(self) -> tuple[str, ...]:
         """The fields of its params dataclass."""
@@ -183,10 +186,14 @@ class Method:
         of its params or of ``CompressionConfig``, else None."""
         return [field("key_space"), field("factor_dtype")]
 
-    def label(self, spec: dict, budget: str) -> str:
-        """What an entry asked for: ``xkv G2 4x pre_rope bf16 q2``; ``budget`` is its ratio's words (`` 4x``).
-        Recorded variants say so (``cos/sin tables``: pre-RoPE keys that held the model's cos/sin)."""
+    def label(self, spec: dict, budget: str, ran: dict | None = None) -> str:
+        """What an entry asked for: ``xkv G2 4x pre_rope bf16 q2``; ``budget`` is its ratio's words (`` 4x``);
+        ``ran``, a row's config (``CompressionConfig.to_dict``), gives the :attr:`resolved_in_label` fields the
+        entry left to the defaults. Recorded variants say so (``cos/sin tables``: pre-RoPE keys that held the
+        model's cos/sin)."""
         from ..config import CompressionConfig
+
+        spec = {**{k: ran[k] for k in self.resolved_in_label if ran and k in ran}, **spec}
 
         def field(name: str):
             value = spec.get(name)

@@ -31,7 +31,7 @@ import torch
 from .. import accounting
 from ..accounting import ENTRY_BYTES, SCALE_BYTES, ModelShape
 from ..budget import dense_bytes
-from ..store import DenseStore, Factors, dequantize_rows, quantize_rows
+from ..store import CodedColumns, DenseStore, Factors, dequantize_rows, quantize_rows
 from ..svd import get_svd, gram_matrix, svd_path
 from ..timing import StageTimer, maybe_stage
 from ..checks import choice, integer, number
@@ -57,7 +57,19 @@ OVERLOAD_8 = (1 << 7) * GAUSS_STEP[8]  # an 8-bit code's reach, in steps of the 
 BASIS_BITS = {"int8": 8, "int4": 4}  # quantised basis rows: int8, or two 4-bit values per uint8
 STAT_BYTES = 2 * ENTRY_BYTES["bf16"]  # per block and kept column: std and mean in bf16
 MEASURE_EVERY = 8  # the recorded reconstruction error is measured on every 8th token
+# attention reads a store's codes without dequantising them (CodedColumns) from this many coefficients (tokens ×
+# kept columns) on; below it, dequantising once for the group's layers costs less than folding per layer
+# (SmolLM2-shaped groups on a 2-core CPU: equal near 3000 tokens × 400 columns)
+FOLD_FROM = 1 << 20
 LOW_RATE_FROM = 8  # ratios from which the defaults keep an 8-token window, code new blocks of 32, calibrated basis
+# below LOW_RATE_FROM, the defaults keep the small window too where the large one's dense parts (sinks, window,
+# the reserved question and answer) would hold more than this share of the budget: a short context, or a
+# hybrid model whose sliding layers hold few tokens. Between the frontier grid's two measured cases: SmolLM2
+# at 2048 tokens, 4x (shares 0.20-0.37), where the large window scored 3.5 points higher (not significant),
+# and Gemma 3 270M at 4096 tokens, 4x (0.47-0.51), where the small one scored 22.8 points higher.
+DENSE_SHARE = 0.4
+SMALL_WINDOW = {"residual_length": 8, "block_size": 32}
+LARGE_WINDOW = {"residual_length": 32, "block_size": 512}
 
 
 @dataclass(frozen=True)
@@ -200,20 +212,17 @@ def quantize(c: Tensor, stats: Tensor, bits: int, block: int) -> Tensor:
     return q.flatten(1, 2)[:, :c.shape[1]]
 
 
-def dequantize(q: Tensor, stats: Tensor, bits: int, block: int, out: Tensor | None = None) -> Tensor:
-    """Inverse of :func:`quantize` → float32 (B, T, r): (q − 2^(bits−1) + ½)·step + mean, in place on one
-    float32 copy of the codes (``out``, a (B, T, r) float32 view, or a new tensor; whole blocks as a view,
-    a partial last block apart)."""
+def coded_columns(q: Tensor, stats: Tensor, bits: int, block: int) -> CodedColumns:
+    """Codes q uint8 (B, T, r) of :func:`quantize` with their blocks' ``stats`` as :class:`CodedColumns`:
+    Ĉ = (q − 2^(bits−1) + ½)·step + mean per block, step = the Gaussian step × the block's std (the codes
+    centred on zero, so that a·Ĉᵀ sums no large terms that cancel)."""
     std, mean = stats.float().unbind(-1)                                       # (B, blocks, r)
-    step = GAUSS_STEP[bits] * std
-    B, T, r = q.shape
-    x = q.float() if out is None else out.copy_(q)
-    whole = T // block * block
-    for part, sl in ((x[:, :whole].view(B, -1, block, r), slice(None, T // block)),
-                     (x[:, whole:].unsqueeze(1), slice(T // block, None))):
-        if part.numel():
-            part.sub_((1 << (bits - 1)) - 0.5).mul_(step[:, sl, None]).add_(mean[:, sl, None])
-    return x
+    return CodedColumns(q.float().sub_((1 << (bits - 1)) - 0.5), GAUSS_STEP[bits] * std, mean, block)
+
+
+def dequantize(q: Tensor, stats: Tensor, bits: int, block: int) -> Tensor:
+    """Inverse of :func:`quantize` → float32 (B, T, r)."""
+    return coded_columns(q, stats, bits, block).dense()
 
 
 # -- analysis, allocation, encoding -----------------------------------------------------------
@@ -344,17 +353,23 @@ class TransformStore:
     allocation: dict
     rows: Tensor | None = None
     calibration: bool = False
-    decoded: Tensor | None = field(default=None, repr=False)  # Ĉ while a forward reads the group's layers
+    decoded: "Tensor | list[CodedColumns] | None" = field(default=None, repr=False)  # Ĉ while a forward reads the group
+
+    def columns(self) -> list[CodedColumns]:
+        """Ĉ's columns by width, unpacked from the codes but not dequantised."""
+        out, col = [], 0
+        for (bits, n), packed in zip(self.widths, self.codes):
+            q = unpack_bits(packed, bits, self.tokens * n).reshape(-1, self.tokens, n)
+            out.append(coded_columns(q, self.stats[:, :, col:col + n], bits, self.block))
+            col += n
+        return out
 
     def coefficients(self) -> Tensor:
         """Ĉ float32 (B, T, kept) dequantised from the codes."""
-        out = torch.empty(self.stats.shape[0], self.tokens, self.stats.shape[2], device=self.mean.device)
-        col = 0
-        for (bits, n), packed in zip(self.widths, self.codes):
-            q = unpack_bits(packed, bits, self.tokens * n).reshape(-1, self.tokens, n)
-            dequantize(q, self.stats[:, :, col:col + n], bits, self.block, out[..., col:col + n])
-            col += n
-        return out
+        parts = [c.dense() for c in self.columns()]
+        if not parts:
+            return torch.zeros(self.stats.shape[0], self.tokens, 0, device=self.mean.device)
+        return torch.cat(parts, -1)
 
     def basis_rows(self, cols: slice) -> Tensor:
         """The basis rows of this store's columns, restricted to features ``cols``: (B, kept, ·) float32."""
@@ -369,24 +384,31 @@ class TransformStore:
             return basis.float()
         return dequantize_rows(basis, scale, 4 if packed else 8, stop - start, torch.float32)
 
-    def _read(self, j: int) -> Tensor:
-        """Ĉ for layer j's read. The group's layers are read in turn within a forward: the dequantised
-        coefficients are kept from one layer to the next and dropped after the last one."""
-        c = self.decoded if self.decoded is not None else self.coefficients()
-        self.decoded = c if j < self.mean.shape[-1] // self.features - 1 else None
+    def _read(self, j: int, coded: bool) -> "Tensor | list[CodedColumns]":
+        """Ĉ for layer j's read, dequantised or as its :meth:`columns` (``coded``). The group's layers are
+        read in turn within a forward: what the first read decoded is kept from one layer to the next
+        and dropped after the last one. A store with fewer than :data:`FOLD_FROM` coefficients (none kept,
+        or a short segment) gives Ĉ either way."""
+        coded = coded and self.tokens * self.stats.shape[2] >= max(FOLD_FROM, 1)
+        if self.decoded is None or isinstance(self.decoded, Tensor) == coded:
+            self.decoded = self.columns() if coded else self.coefficients()
+        c = self.decoded
+        if j == self.mean.shape[-1] // self.features - 1:
+            self.decoded = None
         return c
 
     def layer(self, j: int, dtype: torch.dtype) -> Tensor:
         """Layer j's (B, T, F) rebuilt: Ĉ·Vⱼᵀ + μⱼ."""
         cols = slice(j * self.features, (j + 1) * self.features)
-        return (self._read(j) @ self.basis_rows(cols) + self.mean[..., cols].float()).to(dtype)
+        return (self._read(j, coded=False) @ self.basis_rows(cols) + self.mean[..., cols].float()).to(dtype)
 
     def latent(self, j: int, heads: int) -> Factors:
-        """Layer j as Factors: u = Ĉ (B, T, kept) float32, w its basis rows (B|1, kept, heads, d), mean
-        (B|1, heads, d): attention reads p·Ĉ and q·Vⱼ, never x."""
+        """Layer j as Factors: u = Ĉ, as its coded columns (never dequantised) from :data:`FOLD_FROM`
+        coefficients, w its basis rows (B|1, kept, heads, d), mean (B|1, heads, d): attention reads p·Ĉ and
+        q·Vⱼ, never x."""
         cols = slice(j * self.features, (j + 1) * self.features)
         w = self.basis_rows(cols).unflatten(-1, (heads, self.features // heads))
-        return Factors(self._read(j), w, self.mean[:, 0, cols].float().unflatten(-1, (heads, -1)))
+        return Factors(self._read(j, coded=True), w, self.mean[:, 0, cols].float().unflatten(-1, (heads, -1)))
 
     def held(self) -> dict[str, list[Tensor]]:
         """The tensors this store holds by kind of ``kvsvd.accounting``; a store on another's basis
@@ -503,10 +525,11 @@ def low_rate_ratio(ratio: Any) -> bool:
     return isinstance(ratio, (int, float)) and ratio >= LOW_RATE_FROM
 
 
-def default_window(ratio: float) -> dict[str, int]:
-    """The default dense window and new-block size at ``ratio`` (see :meth:`Transform.for_ratio`)."""
-    small = low_rate_ratio(ratio)
-    return {"residual_length": 8 if small else 32, "block_size": 32 if small else 512}
+def default_window(ratio: float, dense_share: float = 0.0) -> dict[str, int]:
+    """The default dense window and new-block size: :data:`SMALL_WINDOW` from :data:`LOW_RATE_FROM`, or where
+    the large window's dense parts would hold ``dense_share`` > :data:`DENSE_SHARE` of the budget; else
+    :data:`LARGE_WINDOW` (see :meth:`Transform.for_ratio`)."""
+    return dict(SMALL_WINDOW if low_rate_ratio(ratio) or dense_share > DENSE_SHARE else LARGE_WINDOW)
 
 
 @dataclass(frozen=True)
@@ -531,30 +554,37 @@ class Transform(Method):
         layer coded (a hybrid model's sliding-window layers in groups of their own; the last group of each kind
         holds the remainder), 4 sink tokens, blocks of 256 tokens per coefficient
         scale; below 8× a 32-token window and new blocks of 512, from 8× an 8-token window and new blocks of 32
-        (the question and the answer are then coded as they arrive); each prompt's own basis below 8×, the
+        (the question and the answer are then coded as they arrive), and below 8× too where the large window's
+        dense parts would hold more than 40% of the budget (:data:`DENSE_SHARE`: a short context, or a hybrid
+        model's few sliding-window tokens); each prompt's own basis below 8×, the
         calibrated one from 8× or where a calibration is read (:func:`default_basis`), from ``calibration_path``
         or else the model's default file (``kvsvd.calibrate.default_path``; refused, with the command that
         writes it, when missing). Refuses a ratio whose budget the dense parts (sinks, window,
         uncompressed layers, reserved tokens) fill on their own, naming the highest it can reach."""
         from ..calibrate import default_path
         from ..config import CompressionConfig
-        fields = {**default_window(ratio), **fields}
+        sink_tokens = fields.get("sink_tokens", TransformConfig.sink_tokens)
+        groups = ModelShape.of(model_config).layer_groups(group_size, fields["start_layer"], sliding=self.codes_windows)
+
+        def dense_parts(window: dict) -> tuple[float, float]:
+            """The dense parts' bytes with ``window`` and the budget, at the tokens the cache budgets."""
+            reserve = min(reserve_tokens, window["block_size"])  # as the cache budgets it (:meth:`code`)
+            fixed = dense_bytes(model_config, tokens + reserve, [l for g in groups for l in g],
+                                window["residual_length"] + sink_tokens + reserve,
+                                fields.get("dense_dtype", CompressionConfig.dense_dtype))
+            return fixed, accounting.dense16_bytes(model_config, tokens + reserve) / ratio
+
+        named = {k: fields[k] for k in LARGE_WINDOW if k in fields}
+        fixed, budget = dense_parts({**LARGE_WINDOW, **named})
+        fields = {**default_window(ratio, fixed / budget), **fields}
+        fixed, budget = dense_parts(fields)
         fields.setdefault("basis", default_basis(ratio, fields))
         fields.update(ratio=ratio, reserve_tokens=reserve_tokens)
-        sink_tokens = fields.get("sink_tokens", TransformConfig.sink_tokens)
-        shape = ModelShape.of(model_config)
-        reserve = min(reserve_tokens, fields["block_size"])  # as the cache budgets it (:meth:`code`)
-        tokens += reserve
-        groups = shape.layer_groups(group_size, fields["start_layer"], sliding=self.codes_windows)
-        fixed = dense_bytes(model_config, tokens, [l for g in groups for l in g],
-                            fields["residual_length"] + sink_tokens + reserve,
-                            fields.get("dense_dtype", CompressionConfig.dense_dtype))
-        dense16 = accounting.dense16_bytes(model_config, tokens)
-        if fixed >= dense16 / ratio:
-            raise ValueError(f"ratio={ratio} is out of reach at {tokens} tokens: the sinks, residual window, "
-                             f"uncompressed layers and reserved tokens alone hold {fixed:.0f} of the "
-                             f"{dense16 / ratio:.0f} bytes it allows; accepted: ratio < {dense16 / fixed:.2f}, or fewer "
-                             "sink_tokens / residual_length")
+        if fixed >= budget:
+            raise ValueError(f"ratio={ratio} is out of reach at {tokens + min(reserve_tokens, fields['block_size'])} "
+                             "tokens: the sinks, residual window, uncompressed layers and reserved tokens alone hold "
+                             f"{fixed:.0f} of the {budget:.0f} bytes it allows; accepted: ratio < "
+                             f"{budget * ratio / fixed:.2f}, or fewer sink_tokens / residual_length")
         if uses_calibration(fields) and not fields.get("calibration_path"):
             path = default_path(model_config, group_size, fields["start_layer"])
             if not path.is_file():
@@ -706,4 +736,4 @@ class Transform(Method):
 
 # groups of 5 layers: from the frontier grid (SmolLM2: 2.7-8x scored best with groups of 5)
 TRANSFORM = Transform("transform", "kvsvd transform", group_size=5, params=TransformConfig, joint=True, ranked=False,
-                      needs_ratio=True, codes_windows=True)
+                      needs_ratio=True, codes_windows=True, resolved_in_label=tuple(LARGE_WINDOW))
