@@ -12,7 +12,7 @@ A *store* covers one token segment of one layer group for keys or values. Every 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -57,11 +57,13 @@ class CodedColumns:
 
     Attention reads a·uᵀ and p·u with the quantiser folded into the small operand, block by block:
     a·uᵀ = q·(step ⊙ aᵀ) + mean·aᵀ, so u itself is never written out (when the other operand has more
-    rows than a block has tokens, u is rebuilt instead: folding would cost more)."""
+    rows than a block has tokens, u is rebuilt instead, once for every layer that reads these columns:
+    folding would cost more)."""
     q: Tensor
     step: Tensor
     mean: Tensor
     block: int
+    rebuilt: Tensor | None = field(default=None, repr=False)  # u, kept once a read with many rows rebuilt it
 
     def _blocks(self):
         """(codes, slice of blocks): whole blocks (B, k, block, n), then the partial last one (B, 1, ·, n)."""
@@ -77,10 +79,15 @@ class CodedColumns:
         return torch.cat([(x * self.step[:, sl, None] + self.mean[:, sl, None]).flatten(1, 2)
                           for x, sl in self._blocks()], 1)
 
+    def _rebuilt(self) -> Tensor:
+        if self.rebuilt is None:
+            self.rebuilt = self.dense()
+        return self.rebuilt
+
     def scores(self, a: Tensor) -> Tensor:
         """a (B, M, n) → a·uᵀ (B, M, T)."""
         if a.shape[1] > self.block:
-            return a @ self.dense().mT
+            return a @ self._rebuilt().mT
         w = self.step[..., None] * a.mT[:, None]                                    # (B, blocks, n, M)
         c = self.mean @ a.mT                                                       # (B, blocks, M)
         return torch.cat([(x @ w[:, sl] + c[:, sl, None]).flatten(1, 2) for x, sl in self._blocks()], 1).mT
@@ -88,7 +95,7 @@ class CodedColumns:
     def sums(self, p: Tensor) -> Tensor:
         """p (B, M, T) → p·u (B, M, n)."""
         if p.shape[1] > self.block:
-            return p @ self.dense()
+            return p @ self._rebuilt()
         out, start = 0, 0
         for x, sl in self._blocks():
             k, L = x.shape[1:3]
