@@ -3,11 +3,12 @@
     python -m kvsvd bench kernels [--profile cpu|gpu|smoke] [--device ...] [--out ...]
     python -m kvsvd bench cache [--contexts 1024 2048 4096] | attention [--context 8160 ...] [--model M --device D]
                                 [--method lowrank|transform] | operator [--contexts 8192 32768 65536] | niah
+    python -m kvsvd bench decode [--contexts 1024 2048 4096] [--decode 8 --rounds 3]
     python -m kvsvd figures [--results results]
     python -m kvsvd eval CONFIG.yaml [--minutes N] [--dry-run]
                                             (torchrun --nproc_per_node N -m kvsvd eval CONFIG.yaml)
     python -m kvsvd seal CONFIG.yaml LENGTH (move a finished context length into RESULTS.LENGTH.jsonl.gz)
-    python -m kvsvd report RESULTS.jsonl    (score tables and the issue-4 goal checks, markdown)
+    python -m kvsvd report RESULTS.jsonl    (score tables, the headline and its goal checks, markdown)
     python -m kvsvd calibrate MODEL [--layer-group-size G] [--tokens N] [--out FILE]
                                             (the transform coder's calibrated basis, once per model)
 """
@@ -52,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lowrank: svd (--group 1) or xkv; transform: config_for_ratio's transform defaults")
     att.add_argument("--out", default="results/attention")
     att.add_argument("--force", action="store_true", help="remeasure even if the result file exists")
+    dec = bench_sub.add_parser("decode", help="decode speed of every method (kvsvd's and the peers') against dense, "
+                                              "by context length and ratio")
+    dec.add_argument("--contexts", type=int, nargs="+", default=[1024, 2048, 4096], help="context lengths (tokens)")
+    dec.add_argument("--decode", type=int, default=8, help="decode tokens per round")
+    dec.add_argument("--rounds", type=int, default=3, help="rounds (method order rotated each round)")
+    dec.add_argument("--out", default="results/decode")
+    dec.add_argument("--force", action="store_true", help="remeasure context lengths already on disk")
     op = bench_sub.add_parser("operator", help="one decode step of Llama-3.1-8B-shaped attention: dense 16-bit "
                                                "against attention from transform codes, with the roofline")
     op.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 65536])
@@ -147,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
         from .bench import operator as operator_bench
         print(operator_bench.table(operator_bench.run(tuple(args.contexts), tuple(args.ratios), args.repeats,
                                                       out=args.out, force=args.force)))
+        return 0
+    if args.which == "decode":
+        from .bench import decode as decode_bench
+        for payload in decode_bench.run(args.contexts, args.decode, args.rounds, out=args.out, force=args.force):
+            print(decode_bench.table(payload))
         return 0
     if args.which == "cache":
         from .bench import cache as cache_bench

@@ -265,25 +265,26 @@ def compressibility(sample: KVSample, *, kinds=KINDS, groups=(1, 2, 4, 8), ratio
 # ------------------------------------------------------------------ rate-distortion (notebook 03)
 
 RD_METHODS = ("truncation", "per-token int", "per-channel int", "transform, σ-scaled blocks", "transform",
-              "transform, calibrated basis", "Gaussian bound")
+              "transform, calibrated basis", "transform, calibrated basis, prompt mean",
+              "transform, the prompt's own basis uncounted", "Gaussian bound")
 RD_BLOCK_SCALES = {"unclipped": "transform", "std": "transform, σ-scaled blocks"}  # the coder's block scale → method
 
 
-def calibrated_store(calibration: KVSample, kind: str, group: range):
-    """The transform coder's calibrated basis of one group (int8 rows, bf16 mean, as a cache holds it), fitted
-    on a calibration sample as ``kvsvd calibrate`` fits it."""
+def calibrated_store(calibration: KVSample, kind: str, group: range, basis_dtype: str = "int8"):
+    """The transform coder's calibrated basis of one group (``basis_dtype`` rows, bf16 mean, as a cache holds it),
+    fitted on a calibration sample as ``kvsvd calibrate`` fits it."""
     from .calibrate import principal_directions
     from .methods import transform
     X = torch.cat([calibration.matrix(kind, l) for l in group], -1).double()   # (T, G·F)
     mean, basis = principal_directions(X.sum(0), X.mT @ X, len(X))
-    return transform.calibration_store(mean, basis, calibration.kv_heads * calibration.head_dim, "int8")
+    return transform.calibration_store(mean, basis, calibration.kv_heads * calibration.head_dim, basis_dtype)
 
 
 @torch.no_grad()
 def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | None = None,
                     bits=(0.5, 1, 2, 3, 4), calibration: KVSample | None = None) -> pd.DataFrame:
     """Relative error ‖X̂−X‖/‖X‖ against bits per entry for one group of layers (default the 5 from
-    the middle), K pre-RoPE and V as one (T × G·F) matrix, by five ways of spending bytes:
+    the middle), K pre-RoPE and V as one (T × G·F) matrix, by these ways of spending bytes:
 
     - ``truncation``: the exact rank-r SVD with bf16 factors, r the largest the budget holds;
     - ``per-token int`` / ``per-channel int``: symmetric 4- and 8-bit quantisation with one bf16
@@ -292,7 +293,11 @@ def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | No
       ``transform, σ-scaled blocks`` the same with ``block_scale="std"`` (8-bit codes clip a block's
       outlying tokens); with a ``calibration`` sample (other text), ``transform, calibrated basis``: the
       coder on that text's basis and mean (held once per model, so not in the bits per entry; the int16
-      index of the kept columns is);
+      index of the kept columns is), and ``transform, calibrated basis, prompt mean``: on that basis around the
+      prompt's own mean (``mean="prompt"``: G·F bf16 in the bits per entry);
+    - ``transform, the prompt's own basis uncounted``: the coder on the prompt's own principal directions and
+      mean (bf16 rows) held as if they were free: an ideal that separates what the quantiser, the block
+      statistics and the allocation lose from what a basis costs or misses;
     - ``Gaussian bound``: reverse water-filling over the centred covariance's eigenvalues λᵢ,
       D(θ) = Σ min(θ, λᵢ), R(θ) = Σ max(0, ½·log₂(λᵢ/θ)) bits per token: the least error any code
       can reach on Gaussian data with this spectrum (the mean taken as known).
@@ -311,6 +316,7 @@ def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | No
                      "rel_error": _rel(x_hat, x), "tokens": T, "layers": f"{group.start}-{group.stop - 1}"})
 
     calibrated = {kind: calibrated_store(calibration, kind, group) for kind in kinds} if calibration is not None else {}
+    own = {kind: calibrated_store(sample, kind, group, "bf16") for kind in kinds}
     for kind in kinds:
         x = torch.stack([sample.matrix(kind, l) for l in group], 1)  # (T, G, F)
         X = x.reshape(T, -1)
@@ -322,12 +328,14 @@ def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | No
                 u, w = U[:, :rank].to(torch.bfloat16), (S[:rank, None] * Vh[:rank]).to(torch.bfloat16)
                 add(kind, "truncation", accounting.report({"factors": [u, w]}, 0)["total_bytes"],
                     u.float() @ w.float(), X)
-            coders = [(method, scale, None) for scale, method in RD_BLOCK_SCALES.items()]
+            coders = [(method, scale, None, "basis") for scale, method in RD_BLOCK_SCALES.items()]
+            coders.append(("transform, the prompt's own basis uncounted", "unclipped", own[kind], "basis"))
             if calibration is not None:
-                coders.append(("transform, calibrated basis", "unclipped", calibrated[kind]))
-            for method, scale, shared in coders:
+                coders += [("transform, calibrated basis", "unclipped", calibrated[kind], "basis"),
+                           ("transform, calibrated basis, prompt mean", "unclipped", calibrated[kind], "prompt")]
+            for method, scale, shared, mean in coders:
                 cfg = CompressionConfig(method="transform", layer_group_size=len(group), params=transform.TransformConfig(
-                    ratio=16 / b, sink_tokens=0, block_scale=scale))
+                    ratio=16 / b, sink_tokens=0, block_scale=scale, mean=mean))
                 (store,), _ = transform.compress([(x[None], n, kind[0], list(group), shared)], cfg, b / 8 * T * n)
                 rebuilt = torch.cat([store.layer(j, torch.float32)[0] for j in range(len(group))], -1)
                 add(kind, method, accounting.report(store.held(), 0)["total_bytes"], rebuilt, X)

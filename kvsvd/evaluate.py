@@ -50,7 +50,9 @@ def _forward(model, ids: torch.Tensor, cache, start: int) -> torch.Tensor:
                             position_ids=_positions(start + j, 1, ids.device)).logits for j in range(ids.shape[1])], 1)
 
 
-def _prefill(model, ctx: torch.Tensor, cache, press) -> None:
+def prefill_context(model, ctx: torch.Tensor, cache, press) -> None:
+    """Fill ``cache`` with the context ``ctx`` (1, T) in one forward of the base model (no logits), under ``press``
+    (its hooks prune as the forward goes) when given."""
     with press(model) if press is not None else contextlib.nullcontext():
         model.model(input_ids=ctx.to(model.device), **with_cache(cache))
 
@@ -88,7 +90,7 @@ def record_prefill(model, ctx: torch.Tensor) -> Prefill:
     hooks = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
     try:
         t0 = time.perf_counter()
-        _prefill(model, ctx, DynamicCache(), None)
+        prefill_context(model, ctx, DynamicCache(), None)
         ms = (time.perf_counter() - t0) * 1e3
     finally:
         for h in hooks:
@@ -132,7 +134,7 @@ def fan_out_prefill(model, ctx: torch.Tensor, targets: list[tuple[object, object
     hooks = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
     try:  # registered before the press enters: they run before its hooks prune the forward's cache
         t0 = time.perf_counter()
-        _prefill(model, ctx.to(model.device), first, press)
+        prefill_context(model, ctx.to(model.device), first, press)
         ms = (time.perf_counter() - t0) * 1e3
     finally:
         for h in hooks:
@@ -164,7 +166,7 @@ def answer(model, tokenizer, sample: dict, cache, max_new_tokens: int = 32, pres
 
     def fill(target) -> None:
         if prefill is None:
-            _prefill(model, ctx, target, press)
+            prefill_context(model, ctx, target, press)
         elif isinstance(prefill, Filled):
             if target is not cache:
                 raise ValueError("a cache filled by fan_out_prefill cannot be filled again: it must be deep-copyable")

@@ -436,14 +436,20 @@ def rate_distortion(R: Path):
                ylabel="relative error ‖X̂−X‖/‖X‖", title=KIND_LABELS[kind], xlim=(0.3, 12))
         ax.set_xticks([0.5, 1, 2, 4, 8], ["0.5", "1", "2", "4", "8"])
         ax.minorticks_off()
-        ax.legend(fontsize=8, loc="lower left")
+    axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     two = at_budget(df, 2)
+
+    def variants(k: str) -> str:  # the other bases' errors, where they were measured
+        on = [f"{name} {two.at[method, k]:.3f}" for method, name in (
+            ("transform, calibrated basis", "calibrated basis"),
+            ("transform, calibrated basis, prompt mean", "calibrated basis around the prompt's mean"),
+            ("transform, the prompt's own basis uncounted", "the prompt's own basis uncounted"))
+            if two.at[method, k] == two.at[method, k]]
+        return f" ({', '.join(on)})" if on else ""
     cap = (f"One group of layers {df['layers'].iloc[0]} ({int(df['tokens'].iloc[0])} tokens of prose), K pre-RoPE and "
            "V each as one matrix; bits per entry from the bytes each code holds (a calibrated basis is held once per "
            "model, outside them). Within 2 bits per entry (8× fewer bytes than 16-bit) the error is " + "; ".join(
-               f"{KIND_LABELS[k]}: transform {two.at['transform', k]:.3f}"
-               + (f" (calibrated basis {two.at['transform, calibrated basis', k]:.3f})"
-                  if two.at['transform, calibrated basis', k] == two.at['transform, calibrated basis', k] else "")
+               f"{KIND_LABELS[k]}: transform {two.at['transform', k]:.3f}" + variants(k)
                + f", truncation {two.at['truncation', k]:.3f}, Gaussian bound {two.at['Gaussian bound', k]:.3f}"
                for k in kinds)
            + ". Per-token and per-channel int quantisation have points at 4 and 8 bits only.")
@@ -695,6 +701,44 @@ def attention_paths(R: Path):
                     f"reconstruct-on-read, at {df[(df['where'] == w) & (df['path'] == 'factors')]['ratio'].iloc[0]:.1f}× "
                     "fewer KV bytes" for w, r in ms.iterrows()) + "."
     return fig, "Same tokens, same compressed cache, three attention paths. " + cap
+
+
+@figure("04_decode_speed", "decode/*.json")
+def decode_speed(R: Path):
+    from .gridspec import family
+    rows = []
+    for path in sorted((R / "decode").glob("*.json")):
+        p = json.loads(path.read_text())
+        for name, r in p["results"].items():
+            ratio = r["method"].get("ratio")
+            rows.append({"label": name, "context": p["context_tokens"], "tok_s": r["tokens_per_s"],
+                         "vs_dense": r["vs_dense"], "kv_ratio": r["kv_ratio"], "family": family(r["method"]["method"]),
+                         "panel": f"{ratio:g}× asked" if ratio else "no ratio asked (dense, 4-bit quantisation)",
+                         "rebuilt": name.endswith("rebuilt K/V"), "device": p["device"], "threads": p["threads"]})
+    df = pd.DataFrame(rows)
+    panels = sorted(set(df["panel"]), key=lambda x: (not x.startswith("no"), float(x.split("×")[0]) if "×" in x else 0))
+    dense = df[df["label"] == "dense"].sort_values("context")
+    colors = dict(zip(sorted(set(df["family"])), sns.color_palette(n_colors=df["family"].nunique())))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), sharex=True, squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        ax.plot(dense["context"], dense["tok_s"], "k-o", lw=2, label="dense (FP32 DynamicCache)")
+        for name, g in df[(df["panel"] == panel) & (df["label"] != "dense")].groupby("label", sort=False):
+            g = g.sort_values("context")
+            ax.plot(g["context"], g["tok_s"], "--" if g["rebuilt"].iloc[0] else "-", marker="o", ms=4,
+                    color=colors[g["family"].iloc[0]], label=f"{name} ({g['kv_ratio'].iloc[-1]:.1f}×)")
+        ax.set(xscale="log", xlabel="context tokens", ylabel="decode tokens / s (batch 1)", title=panel, ylim=(0, None))
+        ax.set_xticks(sorted(set(df["context"])), [str(c) for c in sorted(set(df["context"]))])
+        ax.minorticks_off()
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    longest = df["context"].max()
+    at = df[(df["context"] == longest) & (df["label"] != "dense")].sort_values("vs_dense", ascending=False)
+    cap = (f"Decode speed of every method against the dense cache of the same run (median step of teacher-forced "
+           f"tokens, SmolLM2-135M FP32, batch 1, {df['device'].iloc[0]}, {df['threads'].iloc[0]} threads); a kvsvd "
+           "cache decodes from its factors or codes (kvsvd attention, solid) and from K/V rebuilt each step (dashed); "
+           f"the legend gives the measured ratio of 16-bit bytes to bytes held. At {longest} tokens dense runs "
+           f"{dense['tok_s'].iloc[-1]:.1f} tok/s; " + ", ".join(
+               f"{r.label} {r.vs_dense:.2f}× dense at {r.kv_ratio:.1f}×" for r in at.itertuples()) + ".")
+    return fig, cap
 
 
 @figure("04_target_grid", "eval_targets/*.jsonl")

@@ -48,19 +48,23 @@ SETTINGS: dict[str, dict[str, dict]] = {
                       frontier=dict(config="configs/smoke_frontier.yaml", run=True),
                       contexts=(256,), decode_tokens=4,
                       latency=dict(ratios=(4.0,), groups=(1, 2), n_iters=(0,), sweep_group=2),
-                      attention=dict(contexts=(512,), key_spaces=("post_rope",), decode_tokens=2, rounds=2)),
+                      attention=dict(contexts=(512,), key_spaces=("post_rope",), decode_tokens=2, rounds=2),
+                      decode=dict(context_lengths=(256,), decode_tokens=2, rounds=2,
+                                  methods=({"method": "none"}, {"method": "transform", "ratio": 4, "basis": "prompt"}))),
         "cpu": dict(grids=("configs/cpu.yaml", "configs/cpu_sweeps.yaml", "configs/cpu_peers.yaml"),
                     targets=dict(config="configs/cpu_targets.yaml", run=False),
                     frontier=dict(config="configs/cpu_frontier.yaml", run=False), contexts=(1024, 2048, 4096),
                     decode_tokens=24, latency=dict(ratios=(4.0,), groups=(1, 2, 4), n_iters=(0, 4)),
                     attention=dict(contexts=(8160,), key_spaces=("post_rope", "pre_rope"), decode_tokens=16,
-                                   rounds=2)),
+                                   rounds=2),
+                    decode=dict(context_lengths=(1024, 2048, 4096), decode_tokens=8, rounds=3)),
         "gpu": dict(grids=("configs/gpu.yaml",), targets=dict(config="configs/cpu_targets.yaml", run=False),
                     frontier=dict(config="configs/cpu_frontier.yaml", run=False),
                     contexts=(4096, 8192), decode_tokens=64,
                     latency=dict(ratios=(4.0, 8.0), groups=(1, 2, 4, 8), n_iters=(0, 1, 4)),
                     attention=dict(contexts=(4096, 8160), key_spaces=("post_rope", "pre_rope"), decode_tokens=64,
-                                   rounds=2)),
+                                   rounds=2),
+                    decode=dict(context_lengths=(2048, 4096, 8000), decode_tokens=32, rounds=3)),
     },
 }
 
@@ -74,7 +78,7 @@ OUTPUTS: dict[str, tuple[str, ...]] = {
     "03_kv_compressibility": ("analysis/pca_calibration.safetensors", "analysis/compressibility.csv",
                               "analysis/rate_distortion.csv", "analysis/basis_by_context.csv", "figures/03_*"),
     "04_ruler_accuracy_and_latency": ("eval/*", "eval_targets/*", "eval_frontier/*", "cache/*", "attention/*",
-                                      "figures/04_*"),
+                                      "decode/*", "figures/04_*"),
 }
 PROFILE_SIZE = {"smoke": 0, "cpu": 1, "gpu": 2}
 MANIFEST = "profiles.json"  # {output glob: profile of the run that last wrote it}, one per results folder

@@ -206,3 +206,50 @@ def test_operator_bench_attends_from_the_codes_exactly_as_over_the_rebuilt_cache
         operator.measured_spectrum("/nowhere.csv", "v")
     spectrum = operator.measured_spectrum(kvsvd.__path__[0] + "/../results/analysis/spectra.csv", "v")
     assert spectrum.shape == (128,) and spectrum[0] == 1 and bool((spectrum.diff() <= 1e-6).all())
+
+
+def test_decode_bench_times_every_method_on_the_same_tokens_against_dense(tiny_llama, tmp_path):
+    """Every method decodes the same teacher-forced tokens; a kvsvd cache through both of its paths from one
+    compressed cache; speeds are against the dense cache of the same run; a finished length is not remeasured."""
+    from kvsvd.bench import decode
+    from conftest import ByteTokenizer
+    methods = ({"method": "none"}, {"method": "dense16"},
+               {"method": "transform", "ratio": 4, "basis": "prompt", "layer_group_size": 2},
+               {"method": "xkv", "layer_group_size": 2, "ratio": 4, "key_space": "pre_rope"})
+    kw = dict(decode_tokens=2, rounds=3, methods=methods, out=tmp_path, model=tiny_llama, tokenizer=ByteTokenizer(),
+              model_name="tiny")
+    (p,) = decode.run([200], **kw)
+    res = p["results"]
+    assert list(res) == ["dense", "dense bf16", *(f"{m} · {path}" for m in (
+        "transform G2 4x pre_rope basis int8 sinks 4 window 32 q2", "xkv G2 4x pre_rope bf16 q2")
+        for path in ("kvsvd attention", "rebuilt K/V"))]
+    assert all(len(r["step_ms"]) == 6 for r in res.values()) and res["dense"]["vs_dense"] == 1
+    for r in res.values():
+        assert r["tokens_per_s"] == pytest.approx(1e3 / r["ms_per_token_median"])
+        assert r["vs_dense"] == pytest.approx(res["dense"]["ms_per_token_median"] / r["ms_per_token_median"])
+    assert res["dense bf16"]["kv_ratio"] == pytest.approx(1) and res["dense"]["kv_ratio"] == pytest.approx(0.5)
+    xkv = [r for name, r in res.items() if name.startswith("xkv")]
+    assert [r["attention"] for r in xkv] == ["kvsvd", "sdpa"] and xkv[0]["kv_ratio"] == xkv[1]["kv_ratio"] > 2
+    assert tiny_llama.config._attn_implementation == "sdpa"  # restored
+    path = tmp_path / "tiny_200.json"
+    mtime = path.stat().st_mtime_ns
+    decode.run([200], **kw)
+    assert path.stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="methods must start with {'method': 'none'}"):
+        decode.run([200], **{**kw, "methods": methods[1:]})
+    with pytest.raises(ValueError, match=r"context_lengths \[600\] out of range; accepted: integers in \[1, 506\]"):
+        decode.run([600], **kw)
+
+
+@pytest.mark.peers
+def test_decode_bench_times_the_peers_caches_and_presses(tiny_llama, tmp_path):
+    from kvsvd.bench import decode
+    from conftest import ByteTokenizer
+    pytest.importorskip("kvpress")
+    peers = ({"method": "none"}, {"method": "press", "press": "tova", "ratio": 4},
+             {"method": "quantized", "backend": "quanto", "nbits": 4}, {"method": "turboquant", "nbits": 4})
+    (p,) = decode.run([200], decode_tokens=2, rounds=3, methods=peers, out=tmp_path, model=tiny_llama,
+                      tokenizer=ByteTokenizer(), model_name="tiny")
+    assert list(p["results"]) == ["dense", "tova 4x", "quantized quanto int4", "turboquant 4-bit"]
+    assert all(len(r["step_ms"]) == 6 and r["paths"] is None for r in p["results"].values())
+    assert p["results"]["tova 4x"]["kv_ratio"] > 3

@@ -186,10 +186,10 @@ def test_the_peers_that_run_on_a_hybrid_model_are_counted_against_its_own_16_bit
     """The dense reference keeps the sliding layers' window; QuantizedCache and TurboQuant run; their bytes are
     what they hold."""
     from kvsvd import accounting, grid
-    from kvsvd.evaluate import _prefill
+    from kvsvd.evaluate import prefill_context
     ids = torch.randint(3, 128, (1, 80), generator=torch.Generator().manual_seed(1))
     cache, press = grid.build(spec, tiny_gemma3, ids.shape[1])
-    _prefill(tiny_gemma3, ids, cache, press)
+    prefill_context(tiny_gemma3, ids, cache, press)
     tiny_gemma3(ids[:, -1:], position_ids=torch.tensor([[80]]), **with_cache(cache))
     held = accounting.cache_report(cache, tiny_gemma3.config, 81)
     assert held["dense16_bytes"] == 2 * (2 * 81 + 4 * 15) * 32 * 2  # K+V × (2 full layers × 81 + 4 sliding × 15)

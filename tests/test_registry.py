@@ -8,7 +8,7 @@ import torch
 import kvsvd
 from kvsvd import accounting, compat, grid
 from kvsvd.config import CompressionConfig
-from kvsvd.evaluate import _prefill
+from kvsvd.evaluate import prefill_context
 from kvsvd.gridspec import Compressed, entry, family, label
 from kvsvd.methods import METHODS
 from kvsvd.peers import PEERS
@@ -42,7 +42,7 @@ def test_every_grid_method_builds_runs_and_counts_its_bytes(tiny_llama, tmp_path
     assert label(spec) and family(name) == method.family
     ids = torch.randint(3, 128, (1, 160), generator=torch.Generator().manual_seed(1))
     cache, press = grid.build(spec, tiny_llama, ids.shape[1])
-    _prefill(tiny_llama, ids, cache, press)
+    prefill_context(tiny_llama, ids, cache, press)
     step = ids[:, -1:]
     for t in range(3):
         positions = torch.tensor([[ids.shape[1] + t]])

@@ -1,6 +1,7 @@
 """The transform-coded cache: bit packing, the quantiser, the allocator, bytes held, generate."""
 
 import copy
+from dataclasses import replace
 import json
 
 import pytest
@@ -12,7 +13,7 @@ from kvsvd.compat import with_cache
 from kvsvd.config import config_for_ratio
 from kvsvd.gridspec import label
 from kvsvd.methods import transform
-from kvsvd.methods.transform import BITS, GAUSS_STEP, TransformConfig, pack_bits, unpack_bits
+from kvsvd.methods.transform import BITS, GAUSS_STEP, MEANS, TransformConfig, pack_bits, unpack_bits
 from conftest import ByteTokenizer, held_storage_bytes
 import kvsvd
 from kvsvd.calibrate import Calibration, default_path
@@ -263,6 +264,9 @@ def test_grid_label_says_what_was_asked():
     assert label(spec) == "transform G5 4x pre_rope basis int8 sinks 4 window 32 q2"
     assert label({**spec, "value_weight": 4.0}) == "transform G5 4x pre_rope basis int8 sinks 4 window 32 V weight 4 q2"
     assert label({**spec, "basis": "calibrated"}) == "transform G5 4x pre_rope calibrated basis int8 sinks 4 window 32"
+    assert label({**spec, "basis": "calibrated", "mean": "prompt"}) == \
+        "transform G5 4x pre_rope calibrated basis int8 sinks 4 window 32 prompt mean"
+    assert label({**spec, "mean": "prompt"}) == label(spec)  # a prompt's own basis comes with its own mean
     # output weighting reads the calibration file, whose basis the entry then runs unless it names its own
     assert label({**spec, "weighting": "output"}) == \
         "transform G5 4x pre_rope calibrated basis int8 sinks 4 window 32 output-weighted"
@@ -442,6 +446,39 @@ def test_a_calibrated_basis_at_a_generous_budget_is_close_to_lossless_and_codes_
     last = cache.groups[0].segments[-1]
     assert last.length == 16 and last.keys.basis is cache.calibration.stores[0, "k"].basis
     assert cache.path_counts()["calibrated basis transform int8"] == 2 * 2 * (len(cache.groups[0].segments) - 1)
+
+
+def test_a_calibrated_basis_with_the_prompts_own_mean_holds_that_mean_and_its_later_blocks_share_it(tiny_llama,
+                                                                                                   tmp_path):
+    """``mean="prompt"``: the prefill's store of each group and kind holds its own bf16 mean (counted as factors),
+    at no other cost than those bytes; later blocks are coded on the calibrated basis around that same mean."""
+    path, cfg = calibrated(tiny_llama, tmp_path, 2, mean="prompt")
+    own, _ = prefilled(tiny_llama, cfg)
+    theirs, _ = prefilled(tiny_llama, replace(cfg, params=replace(cfg.params, mean="basis")))
+    rep = own.memory_report()
+    assert rep["factors_bytes"] == 2 * 2 * (2 * 32) * 2 and theirs.memory_report()["factors_bytes"] == 0  # 2 groups
+    assert rep["total_bytes"] + rep["calibration_bytes"] == held_storage_bytes(own)
+    assert rep["ratio"] == pytest.approx(3, rel=0.03)
+    first = own.groups[0].segments[1].keys
+    assert first.owns_mean and first.basis is own.calibration.stores[0, "k"].basis
+    assert not torch.equal(first.mean, own.calibration.stores[0, "k"].mean)
+    # on the calibrated basis, coefficients about the prompt's own mean hold the least energy (Σc² = |x − μ|²)
+    x = torch.randn(1, 64, 2, 32, generator=torch.Generator().manual_seed(3)) + 5
+    calib = own.calibration.stores[0, "k"]
+    energy = {mean: float(transform.analyse(x, 64, replace(cfg, params=replace(cfg.params, mean=mean)), kind="k",
+                                            layers=[0, 1], shared=calib).c.square().sum()) for mean in MEANS}
+    centred = float((x - x.mean(1, keepdim=True)).square().sum())  # the basis is complete: no energy lost
+    assert energy["prompt"] == pytest.approx(centred, rel=1e-3) and energy["prompt"] < 0.05 * energy["basis"]
+    cfg = replace(cfg, residual_length=4, block_size=16, params=replace(cfg.params, block_tokens=32))
+    cache = LowRankCache(cfg, tiny_llama.config)
+    ids = torch.randint(0, 128, (1, 200), generator=torch.Generator().manual_seed(2))
+    tiny_llama.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, **with_cache(cache), pad_token_id=0,
+                        attention_mask=torch.ones_like(ids))
+    first, last = cache.groups[0].segments[1].keys, cache.groups[0].segments[-1].keys
+    assert last.tokens == 16 and last.mean is first.mean and not last.owns_mean
+    assert last.basis is cache.calibration.stores[0, "k"].basis
+    rep = cache.memory_report()
+    assert rep["total_bytes"] + rep["calibration_bytes"] == held_storage_bytes(cache)
 
 
 def test_a_calibration_is_refused_for_another_model_grouping_or_a_missing_file(tiny_llama, tmp_path, monkeypatch):

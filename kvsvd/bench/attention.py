@@ -35,7 +35,7 @@ from ..config import config_for_ratio
 from .kernels import natural_text
 
 
-def _decode(model, cache, tokens: list[int], start: int) -> list[float]:
+def decode_steps(model, cache, tokens: list[int], start: int) -> list[float]:
     """Feed ``tokens`` one by one at positions start..; returns the ms of each step."""
     times = []
     for i, t in enumerate(tokens):
@@ -111,7 +111,7 @@ def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0,
             for name in order[r % 3:] + order[:r % 3]:
                 cache, impl = caches[name]
                 model.set_attn_implementation(impl)
-                steps[name] += _decode(model, cache, chunk, context_tokens + r * decode_tokens)
+                steps[name] += decode_steps(model, cache, chunk, context_tokens + r * decode_tokens)
     finally:
         model.set_attn_implementation(previous)
     res = {}

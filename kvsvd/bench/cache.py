@@ -9,7 +9,6 @@ rsvd stage breakdown) and memory_report(). A context length whose file exists is
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from ..cache import LowRankCache
 from ..compat import with_cache
 from .. import accounting
 from ..config import CompressionConfig, config_for_ratio
+from . import load_or_measure
 from .kernels import natural_text
 
 
@@ -88,18 +88,10 @@ def run(context_lengths=(1024, 2048, 4096), decode_tokens: int = 32, out: str | 
     if bad:
         raise ValueError(f"context_lengths {bad} out of range; accepted: integers in [1, {limit}] "
                          f"({model_name}: {model.config.max_position_embeddings} positions minus {decode_tokens} decoded)")
-    payloads = []
-    for n in tqdm(context_lengths, desc="latency (context lengths)"):
-        path = Path(out) / f"{model_name}_{n}.json"
-        if path.exists() and not force:
-            payloads.append(json.loads(path.read_text()))
-            continue
-        payloads.append(run_length(model, tokenizer, n, decode_tokens, configs_for(n, model.config, **grid), model_name))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(payloads[-1], indent=1))
-        tmp.replace(path)
-    return payloads
+    return [load_or_measure(Path(out) / f"{model_name}_{n}.json", force,
+                            lambda n=n: run_length(model, tokenizer, n, decode_tokens, configs_for(n, model.config, **grid),
+                                               model_name))
+            for n in tqdm(context_lengths, desc="latency (context lengths)")]
 
 
 def run_length(model, tok, context_tokens: int, decode_tokens: int, configs: dict, model_name: str) -> dict:

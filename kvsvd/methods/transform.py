@@ -23,7 +23,7 @@ b this is reverse water-filling, bᵢ = max(0, ½·log₂(σᵢ²/θ)).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -51,6 +51,7 @@ GAUSS_MSE = {1: 0.36338, 2: 0.11885, 3: 0.03744, 4: 0.01154, 8: GAUSS_STEP[8] **
 BASIS_DTYPES = ("bf16", "int8", "int4")
 BLOCK_SCALES = ("unclipped", "std")
 BASES = ("prompt", "calibrated")
+MEANS = ("basis", "prompt")
 WEIGHTINGS = ("mse", "output")
 INDEX_BYTES = 2  # a shared-basis store names each kept column's basis row in int16
 OVERLOAD_8 = (1 << 7) * GAUSS_STEP[8]  # an 8-bit code's reach, in steps of the Gaussian 8-bit quantiser: ±3.94 scales
@@ -99,6 +100,10 @@ class TransformConfig(SvdCall):
             by ``kvsvd calibrate``, read from ``calibration_path`` and held once per model in
             ``basis_dtype``: a prompt holds its codes, block statistics and an int16 index of its
             kept columns; no SVD runs).
+        mean: the offset coefficients are taken from: ``basis`` (the one fitted with the basis: the
+            calibration's for a calibrated basis, each prompt's own for its own) or ``prompt`` (each prompt's own
+            mean, also on a calibrated basis: G·F bf16 per group and kind, held by the prompt's first coded
+            segment and shared by its later blocks).
         weighting: what the allocator minimises: ``mse`` (every column's squared error in K or V) or
             ``output`` (each column's squared error weighted by what it costs downstream, calibrated once per
             model by ``kvsvd calibrate``: a key column by the queries' energy along it, a value column by
@@ -119,6 +124,7 @@ class TransformConfig(SvdCall):
     reserve_tokens: int = 0
     block_scale: str = "unclipped"
     basis: str = "prompt"
+    mean: str = "basis"
     weighting: str = "mse"
     calibration_path: str | None = None
 
@@ -131,6 +137,7 @@ class TransformConfig(SvdCall):
                 integer(name, getattr(self, name), 1)
         choice("basis_dtype", self.basis_dtype, BASIS_DTYPES)
         choice("basis", self.basis, BASES)
+        choice("mean", self.mean, MEANS)
         choice("weighting", self.weighting, WEIGHTINGS)
         choice("block_scale", self.block_scale, BLOCK_SCALES)
         integer("sink_tokens", self.sink_tokens, 0)
@@ -243,7 +250,12 @@ class Latents:
     distortion: Tensor
     cost: Tensor
     path: str
-    shared: "TransformStore | None" = None  # the store whose basis and mean the coefficients are on
+    shared: "TransformStore | None" = None  # the store whose basis (and mean, unless its own) the coefficients are on
+
+    @property
+    def owns_mean(self) -> bool:
+        """Whether this matrix's store holds its mean (not a shared store's)."""
+        return self.shared is None or self.mean is not self.shared.mean
 
 
 def basis(xc: Tensor, rank: int, config, timer: StageTimer | None = None) -> tuple[Tensor, str]:
@@ -268,7 +280,8 @@ def basis(xc: Tensor, rank: int, config, timer: StageTimer | None = None) -> tup
 def analyse(x: Tensor, rank: int, config, *, kind: str, layers: list[int], timer: StageTimer | None = None,
             shared: "TransformStore | None" = None, weight: Tensor | None = None) -> Latents:
     """Mean-centre and factorise x (B, T, G, F), or with ``shared`` project it on that store's basis
-    and mean (held once: a kept column then costs no basis row); model every column's error and bytes
+    and mean (held once: a kept column then costs no basis row; a calibration store with ``mean="prompt"``:
+    on x's own mean); model every column's error and bytes
     at every width: Dᵢ(0) = Σ cᵢ², Dᵢ(b) = Σ over blocks of tokens·σ²·MSE_b (the quantiser's MSE); with a
     feature ``weight`` (G·F,), column i's errors count wᵢ = Σ_f vᵢ_f²·weight_f times (its cost downstream)."""
     B, T, G, F = x.shape
@@ -281,7 +294,9 @@ def analyse(x: Tensor, rank: int, config, *, kind: str, layers: list[int], timer
         path = f"{path} transform {tc.basis_dtype}"
         row = B * G * F * ENTRY_BYTES[tc.basis_dtype] + (B * SCALE_BYTES if tc.basis_dtype in BASIS_BITS else 0)
     else:
-        mean, vh, row = shared.mean, shared.basis_rows(slice(None)), INDEX_BYTES
+        own = shared.calibration and tc.mean == "prompt"
+        mean = xf.mean(1, keepdim=True).to(torch.bfloat16) if own else shared.mean
+        vh, row = shared.basis_rows(slice(None)), INDEX_BYTES
         path = f"{'calibrated' if shared.calibration else 'shared'} basis transform {tc.basis_dtype}"
         xc = xf - mean.float()
     with maybe_stage(timer, "allocation", x.device):
@@ -305,7 +320,7 @@ def allocate(latents: list[Latents], budget: float, config) -> tuple[list[Tensor
     """Bits per column (index into BITS) for every matrix, the largest allocation whose bytes
     (plus each new mean) fit ``budget``, values' errors weighted by ``value_weight``; returns
     (choices, λ)."""
-    fixed = sum(lt.mean.numel() * lt.mean.element_size() for lt in latents if lt.shared is None)
+    fixed = sum(lt.mean.numel() * lt.mean.element_size() for lt in latents if lt.owns_mean)
     D = torch.cat([lt.distortion * (config.params.value_weight if lt.kind == "v" else 1.0) for lt in latents])
     R = torch.cat([lt.cost for lt in latents])
     room = budget - fixed
@@ -338,7 +353,8 @@ class TransformStore:
     per width; ``stats`` (B, blocks, kept, 2) bf16 std and mean; ``basis`` (B, rows, G·F) bf16,
     or int8 / packed int4 (uint8) with ``basis_scale`` (B, rows, 1) bf16; ``mean`` (B, 1, G·F) bf16. A store coded on an
     earlier store's basis shares its ``basis``, ``basis_scale`` and ``mean`` tensors and names its
-    kept columns' rows in ``rows`` (kept,) int16. A ``calibration`` store (:func:`calibration_store`) holds
+    kept columns' rows in ``rows`` (kept,) int16; one on a calibrated basis with its prompt's own mean holds
+    that mean (``owns_mean``). A ``calibration`` store (:func:`calibration_store`) holds
     no codes: the basis and mean of a calibrated group, batch 1, held once per model."""
     widths: tuple[tuple[int, int], ...]
     codes: list[Tensor]
@@ -353,6 +369,7 @@ class TransformStore:
     allocation: dict
     rows: Tensor | None = None
     calibration: bool = False
+    owns_mean: bool = False
     decoded: "Tensor | list[CodedColumns] | None" = field(default=None, repr=False)  # Ĉ while a forward reads the group
 
     def columns(self) -> list[CodedColumns]:
@@ -418,7 +435,7 @@ class TransformStore:
             return {"calibration": [self.basis, self.mean, *scale]}
         out = {"codes": list(self.codes), "scales": [self.stats]}
         if self.rows is not None:
-            return {**out, "index": [self.rows]}
+            return {**out, "index": [self.rows], **({"factors": [self.mean]} if self.owns_mean else {})}
         return {**out, "scales": [self.stats, *scale], "factors": [self.basis, self.mean]}
 
     def to(self, device: torch.device) -> "TransformStore":
@@ -428,7 +445,7 @@ class TransformStore:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return TransformStore(self.widths, [move(c) for c in self.codes], move(self.stats), move(self.basis),
                               move(self.basis_scale), move(self.mean), self.tokens, self.features, self.block,
-                              self.path, self.allocation, move(self.rows), self.calibration)
+                              self.path, self.allocation, move(self.rows), self.calibration, self.owns_mean)
 
 
 def calibration_store(mean: Tensor, basis: Tensor, features: int, basis_dtype: str) -> TransformStore:
@@ -469,7 +486,8 @@ def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
     predicted = float(lt.distortion.gather(1, choice[:, None]).sum()) / float(lt.x.square().sum())
     stats = torch.cat(stats, 2) if stats else lt.stats[:, :, :0].clone()
     store = TransformStore(tuple(widths), codes, stats, basis, basis_scale, lt.mean, T,
-                           G_F // len(lt.layers), tc.block_tokens, lt.path, {}, rows)
+                           G_F // len(lt.layers), tc.block_tokens, lt.path, {}, rows,
+                           owns_mean=rows is not None and lt.owns_mean)
     sample = slice(None, None, MEASURE_EVERY)  # the measured error, on every 8th token
     rebuilt = store.coefficients()[:, sample] @ store.basis_rows(slice(None)) + lt.mean.float()
     x = lt.x[:, sample]
@@ -682,25 +700,28 @@ class Transform(Method):
     @staticmethod
     def _shared_basis(cache: LowRankCache, group: LayerGroup, kind: str, prefill: bool,
                       device: torch.device) -> TransformStore | None:
-        """The store whose basis and mean a new segment of ``group`` is coded on: the calibrated one, else
-        (a later block) the group's first coded segment's; None: the segment fits a basis of its own."""
+        """The store whose basis and mean a new segment of ``group`` is coded on: the calibrated one (with
+        ``mean="prompt"``, a later block takes the group's first coded segment's mean), else (a later block) the
+        group's first coded segment's; None: the segment fits a basis of its own."""
         stores = cache.calibration.stores
+        first = next((seg for seg in group.retained + group.segments if isinstance(seg.keys, TransformStore)), None)
+        first = None if first is None else (first.keys if kind == "k" else first.values)
         if stores:
             key = group.layers[0], kind
             stores[key] = stores[key].to(device)
-            return stores[key]
-        if prefill:
-            return None
-        first = next((seg for seg in group.retained + group.segments if isinstance(seg.keys, TransformStore)), None)
-        return None if first is None else (first.keys if kind == "k" else first.values)
+            if first is None or cache.config.params.mean == "basis":
+                return stores[key]
+            return replace(stores[key], mean=first.mean, calibration=False)
+        return None if prefill else first
 
     def kept_when_dropped(self, store: Any) -> TransformStore | None:
-        """A per-prompt basis that later blocks are coded on stays held, without the codes, once its own tokens
-        have left a sliding window."""
-        if not isinstance(store, TransformStore) or store.rows is not None or store.calibration:
+        """A per-prompt basis (or a prompt's own mean on a calibrated basis) that later blocks are coded on stays
+        held, without the codes, once its own tokens have left a sliding window."""
+        if not isinstance(store, TransformStore) or store.calibration or (store.rows is not None and not store.owns_mean):
             return None
         return TransformStore((), [], store.stats[:, :0].clone(), store.basis, store.basis_scale, store.mean, 0,
-                              store.features, store.block, store.path, {})
+                              store.features, store.block, store.path, {}, None if store.rows is None else store.rows[:0],
+                              owns_mean=store.owns_mean)
 
     @staticmethod
     def basis_of(spec: dict) -> str:
@@ -729,6 +750,8 @@ class Transform(Method):
             parts.append(f"V weight {field('value_weight'):g}")
         if field("block_scale") != TransformConfig.block_scale:
             parts.append(f"{field('block_scale')}-scaled blocks")
+        if self.basis_of(spec) == "calibrated" and field("mean") == "prompt":
+            parts.append("prompt mean")
         if field("weighting") != TransformConfig.weighting:
             parts.append(f"{field('weighting')}-weighted")
         return parts
