@@ -26,6 +26,7 @@ from ..cache import LowRankCache
 from ..calibrate import ensure as ensure_calibration
 from ..compat import crop_to, with_cache
 from ..evaluate import prefill_context
+from ..grid import require_peers
 from ..gridspec import entry, label
 from . import load_or_measure
 from .attention import decode_steps
@@ -53,8 +54,7 @@ def run(context_lengths=(1024, 2048, 4096), decode_tokens: int = 8, rounds: int 
         raise ValueError("methods must start with {'method': 'none'}: the dense cache every speed is compared with")
     if not (isinstance(decode_tokens, int) and decode_tokens >= 1 and isinstance(rounds, int) and rounds >= 1):
         raise ValueError(f"decode_tokens={decode_tokens}, rounds={rounds} are out of range; accepted: integers >= 1")
-    for m in methods:
-        entry(m)  # an unknown method or key is refused before the model loads
+    require_peers(list(methods))  # an unknown method or key, or a peer not installed, is refused before the model loads
     if model is None:
         from ..models import load_model
         model, tokenizer = load_model(model_name)
