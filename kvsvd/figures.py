@@ -710,30 +710,31 @@ def decode_speed(R: Path):
     for path in sorted((R / "decode").glob("*.json")):
         p = json.loads(path.read_text())
         for name, r in p["results"].items():
-            ratio = r["method"].get("ratio")
             rows.append({"label": name, "context": p["context_tokens"], "tok_s": r["tokens_per_s"],
                          "vs_dense": r["vs_dense"], "kv_ratio": r["kv_ratio"], "family": family(r["method"]["method"]),
-                         "panel": f"{ratio:g}× asked" if ratio else "no ratio asked (dense, 4-bit quantisation)",
-                         "rebuilt": name.endswith("rebuilt K/V"), "device": p["device"], "threads": p["threads"]})
+                         "asked": r["method"].get("ratio", 0), "rebuilt": name.endswith("rebuilt K/V"),
+                         "where": f"{p['model']} {p['dtype'].removeprefix('torch.')}, batch 1, {p['device']}, "
+                                  f"{p['threads']} threads"})
     df = pd.DataFrame(rows)
-    panels = sorted(set(df["panel"]), key=lambda x: (not x.startswith("no"), float(x.split("×")[0]) if "×" in x else 0))
+    panels = sorted(set(df["asked"]))
     dense = df[df["label"] == "dense"].sort_values("context")
     colors = dict(zip(sorted(set(df["family"])), sns.color_palette(n_colors=df["family"].nunique())))
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), sharex=True, squeeze=False)
-    for ax, panel in zip(axes[:, 0], panels):
-        ax.plot(dense["context"], dense["tok_s"], "k-o", lw=2, label="dense (FP32 DynamicCache)")
-        for name, g in df[(df["panel"] == panel) & (df["label"] != "dense")].groupby("label", sort=False):
+    for ax, asked in zip(axes[:, 0], panels):
+        ax.plot(dense["context"], dense["tok_s"], "k-o", lw=2, label="dense (DynamicCache)")
+        for name, g in df[(df["asked"] == asked) & (df["label"] != "dense")].groupby("label", sort=False):
             g = g.sort_values("context")
             ax.plot(g["context"], g["tok_s"], "--" if g["rebuilt"].iloc[0] else "-", marker="o", ms=4,
                     color=colors[g["family"].iloc[0]], label=f"{name} ({g['kv_ratio'].iloc[-1]:.1f}×)")
-        ax.set(xscale="log", xlabel="context tokens", ylabel="decode tokens / s (batch 1)", title=panel, ylim=(0, None))
+        ax.set(xscale="log", xlabel="context tokens", ylabel="decode tokens / s (batch 1)", ylim=(0, None),
+               title=f"{asked:g}× asked" if asked else "no ratio asked (dense, 4-bit quantisation)")
         ax.set_xticks(sorted(set(df["context"])), [str(c) for c in sorted(set(df["context"]))])
         ax.minorticks_off()
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     longest = df["context"].max()
     at = df[(df["context"] == longest) & (df["label"] != "dense")].sort_values("vs_dense", ascending=False)
     cap = (f"Decode speed of every method against the dense cache of the same run (median step of teacher-forced "
-           f"tokens, SmolLM2-135M FP32, batch 1, {df['device'].iloc[0]}, {df['threads'].iloc[0]} threads); a kvsvd "
+           f"tokens, {df['where'].iloc[0]}); a kvsvd "
            "cache decodes from its factors or codes (kvsvd attention, solid) and from K/V rebuilt each step (dashed); "
            f"the legend gives the measured ratio of 16-bit bytes to bytes held. At {longest} tokens dense runs "
            f"{dense['tok_s'].iloc[-1]:.1f} tok/s; " + ", ".join(

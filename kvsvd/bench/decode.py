@@ -80,8 +80,9 @@ def run_length(model, tok, context_tokens: int, decode_tokens: int, rounds: int,
     runs: dict[str, dict] = {}  # label → cache, attention, method, prefill and compression ms
     try:
         for method in tqdm(methods, desc=f"{context_tokens} tokens: prefill", leave=False):
-            cache, press = entry(method).build(model, context_tokens)
-            model.set_attn_implementation("eager" if entry(method).eager else previous)
+            made = entry(method)
+            cache, press = made.build(model, context_tokens)
+            model.set_attn_implementation("eager" if made.eager else previous)
             t0 = time.perf_counter()
             prefill_context(model, ids, cache, press)
             t1 = time.perf_counter()
@@ -89,8 +90,9 @@ def run_length(model, tok, context_tokens: int, decode_tokens: int, rounds: int,
                 cache.compress_pending()
             timed = {"method": method, "prefill_ms": (t1 - t0) * 1e3, "compress_ms": (time.perf_counter() - t1) * 1e3}
             if isinstance(cache, LowRankCache):
-                for impl, path in PATHS.items():
-                    runs[f"{label(method)} · {path}"] = {**timed, "cache": copy.deepcopy(cache), "attention": impl}
+                for i, (impl, path) in enumerate(PATHS.items()):  # the last path decodes the cache itself
+                    runs[f"{label(method)} · {path}"] = {**timed, "attention": impl,
+                                                         "cache": cache if i == len(PATHS) - 1 else copy.deepcopy(cache)}
             else:
                 runs[label(method)] = {**timed, "cache": cache, "attention": model.config._attn_implementation}
         dense = runs[label(methods[0])]

@@ -704,15 +704,16 @@ class Transform(Method):
         ``mean="prompt"``, a later block takes the group's first coded segment's mean), else (a later block) the
         group's first coded segment's; None: the segment fits a basis of its own."""
         stores = cache.calibration.stores
-        first = next((seg for seg in group.retained + group.segments if isinstance(seg.keys, TransformStore)), None)
-        first = None if first is None else (first.keys if kind == "k" else first.values)
+        own_mean = bool(stores) and cache.config.params.mean == "prompt"
+        first = None
+        if own_mean or not (stores or prefill):  # a later block reads the group's first coded segment
+            seg = next((seg for seg in group.retained + group.segments if isinstance(seg.keys, TransformStore)), None)
+            first = None if seg is None else (seg.keys if kind == "k" else seg.values)
         if stores:
             key = group.layers[0], kind
             stores[key] = stores[key].to(device)
-            if first is None or cache.config.params.mean == "basis":
-                return stores[key]
-            return replace(stores[key], mean=first.mean, calibration=False)
-        return None if prefill else first
+            return stores[key] if first is None else replace(stores[key], mean=first.mean, calibration=False)
+        return first
 
     def kept_when_dropped(self, store: Any) -> TransformStore | None:
         """A per-prompt basis (or a prompt's own mean on a calibrated basis) that later blocks are coded on stays
