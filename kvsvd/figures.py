@@ -797,13 +797,19 @@ def frontier_grid(R: Path):
     df = tidy(pd.concat([load_results(p) for p in sorted((R / "eval_frontier").glob("*.jsonl"))], ignore_index=True))
     lengths = sorted(set(df["context_length"]))
     fig, axes = plt.subplots(1, len(lengths), figsize=(7.5 * len(lengths) + 3, 4.5), squeeze=False)
-    caps = []
+    tables = {L: score_table(df, L) for L in lengths}
+    names = sorted({_series(lbl) for t in tables.values() for lbl in t[t["family"] != "dense"].index})
+    style = {name: (color, marker) for name, color, marker in  # one colour and marker per method in every panel
+             zip(names, sns.color_palette("tab20", len(names)) * 2, ["o"] * 20 + ["s"] * 20)}
+    caps, handles = [], {}
     for ax, L in zip(axes[0], lengths):
-        t = score_table(df, L)
+        t = tables[L]
         t = t[t["family"] != "dense"].assign(series=[_series(lbl) for lbl in t[t["family"] != "dense"].index])
         for name, g in t.sort_values("ratio").groupby("series", sort=False):
-            ax.errorbar(g["ratio"], g["delta"], yerr=np.vstack([g["delta"] - g["delta_lo"], g["delta_hi"] - g["delta"]]),
-                        fmt="-o", ms=4, capsize=2, label=name)
+            color, marker = style[name]
+            handles[name] = ax.errorbar(g["ratio"], g["delta"], yerr=np.vstack([g["delta"] - g["delta_lo"],
+                                                                                g["delta_hi"] - g["delta"]]),
+                                        fmt="-" + marker, color=color, ms=4, capsize=2, label=name)
         ax.axhline(0, color="k", lw=0.8)
         ax.set(xscale="log", xlabel="measured × fewer bytes than a 16-bit cache",
                ylabel="average score minus dense (points), 95% CI",
@@ -813,7 +819,8 @@ def frontier_grid(R: Path):
         caps.append(f"{L} tokens: " + "; ".join(
             f"≈{r['target']:g}× {r['method'].split(' → ')[0]} {r['average']:.1f} "
             f"(Δ {r['delta']:+.1f} [{r['delta_lo']:+.1f}, {r['delta_hi']:+.1f}])" for _, r in h.iterrows()))
-    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    axes[0][-1].legend([handles[n] for n in names if n in handles], [n for n in names if n in handles], fontsize=7,
+                       loc="upper left", bbox_to_anchor=(1.02, 1))
     calibrated = ("A calibrated basis (held once per model, shared by every sequence) is not in a sequence's "
                   "ratio; the report gives its size and each row's all-in ratio. ") if (
         df["m_basis"].eq("calibrated").any() if "m_basis" in df else False) else ""
