@@ -799,8 +799,8 @@ def frontier_grid(R: Path):
     fig, axes = plt.subplots(1, len(lengths), figsize=(7.5 * len(lengths) + 3, 4.5), squeeze=False)
     tables = {L: score_table(df, L) for L in lengths}
     names = sorted({_series(lbl) for t in tables.values() for lbl in t[t["family"] != "dense"].index})
-    style = {name: (color, marker) for name, color, marker in  # one colour and marker per method in every panel
-             zip(names, sns.color_palette("tab20", len(names)) * 2, ["o"] * 20 + ["s"] * 20)}
+    palette = sns.color_palette("tab20")  # one colour and marker per method in every panel: 20 colours, then a new marker
+    style = {name: (palette[i % 20], "os^D"[i // 20 % 4]) for i, name in enumerate(names)}
     caps, handles = [], {}
     for ax, L in zip(axes[0], lengths):
         t = tables[L]
