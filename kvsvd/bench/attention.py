@@ -19,7 +19,6 @@ medians of all steps are compared. Writes ``results/attention/<model>_<tokens>_<
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from ..cache import LowRankCache
 from ..compat import crop_to, with_cache
 from .. import accounting
 from ..config import config_for_ratio
+from . import load_or_measure
 from .kernels import natural_text
 
 
@@ -62,8 +62,14 @@ def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0,
         raise ValueError(f"method={method!r} is unknown; accepted: lowrank, transform")
     tag = "" if method == "lowrank" else f"_{method}"
     path = Path(out) / f"{model_name}_{context_tokens}_{key_space}_{ratio:g}x{tag}.json"
-    if path.exists() and not force:
-        return json.loads(path.read_text())
+    return load_or_measure(path, force, lambda: _measure(context_tokens, decode_tokens, ratio, layer_group_size,
+                                                         key_space, rounds, model_name, model, tokenizer, device,
+                                                         dtype, method))
+
+
+def _measure(context_tokens: int, decode_tokens: int, ratio: float, layer_group_size: int, key_space: str,
+             rounds: int, model_name: str, model, tokenizer, device: str, dtype: torch.dtype, method: str) -> dict:
+    """:func:`run`'s measurement (its arguments, its payload)."""
     if model is None:
         from ..models import RANDOM_SHAPES, load_model, random_model
         if model_name in RANDOM_SHAPES:
@@ -128,8 +134,6 @@ def run(context_tokens: int = 8192, decode_tokens: int = 16, ratio: float = 4.0,
                "torch": torch.__version__, "dtype": str(model.dtype), "results": res,
                "factors_vs_dense": res["factors"]["tokens_per_s"] / res["dense"]["tokens_per_s"],
                "factors_vs_reconstruct": res["factors"]["tokens_per_s"] / res["reconstruct"]["tokens_per_s"]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1))
     return payload
 
 

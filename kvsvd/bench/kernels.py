@@ -13,11 +13,11 @@ GPU at [65536, 4096] that is one exact SVD per matrix instead of one per call.
 
 from __future__ import annotations
 
-import json
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from functools import partial
 from typing import Iterator
 
 import torch
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..svd import get_svd, singular_values, svd_path, truncation_error
 from ..timing import StageTimer
+from . import load_or_measure
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 # methods whose work is the same at every rank and n_iter: timed once per matrix
@@ -244,14 +245,11 @@ def run(profile_name: str = "cpu", device: str = "cpu", out: str | Path = "resul
     results = []
     cells = [(name, make, r, q) for name, make in _configs(profile, dev) for r in profile.ranks for q in profile.n_iters]
     current: dict = {"name": None}  # the matrix in hand, its FP64 spectrum, its shared timings
-    for name, make, rank, n_iter in tqdm(cells, desc="kernel bench"):
-        path = out / f"{name}_r{rank}_q{n_iter}_{profile.dtype}.json"
-        if path.exists() and not force:
-            results.append(json.loads(path.read_text()))
-            continue
+
+    def measure(name: str, make, rank: int, n_iter: int) -> dict:
         if current["name"] != name:
             A = make()
-            current = {"name": name, "A": A, "spectrum": singular_values(A), "shared": {}}
+            current.update(name=name, A=A, spectrum=singular_values(A), shared={})
         A = current["A"]
         m, n = A.shape
         opt = float(current["spectrum"][rank:].pow(2).sum().sqrt())  # Eckart–Young, as svd.optimal_error
@@ -263,10 +261,11 @@ def run(profile_name: str = "cpu", device: str = "cpu", out: str | Path = "resul
                "environment": env,
                "roofline_ms": roofline_ms(m, n, rank, profile.oversample, n_iter, A.element_size(), roof),
                "methods": methods}
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        tmp.replace(path)  # atomic: an interrupted run never leaves a half-written file
-        results.append(res)
+        return res
+
+    for name, make, rank, n_iter in tqdm(cells, desc="kernel bench"):
+        path = out / f"{name}_r{rank}_q{n_iter}_{profile.dtype}.json"
+        results.append(load_or_measure(path, force, partial(measure, name, make, rank, n_iter)))
     return results
 
 

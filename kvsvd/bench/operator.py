@@ -33,7 +33,6 @@ FP32 attention over the uncoded K and V. Writes ``results/operator/cpu.json``.
 from __future__ import annotations
 
 import csv
-import json
 import statistics
 import time
 from pathlib import Path
@@ -45,6 +44,7 @@ from .. import accounting
 from ..attention import attend
 from ..config import CompressionConfig
 from ..methods import transform
+from . import load_or_measure
 
 Tensor = torch.Tensor
 Q_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128  # Llama-3.1-8B
@@ -169,21 +169,18 @@ def run(context_lengths=(8192, 32768, 65536), ratios=(4.0, 8.0, 16.0), repeats: 
     bad = [n for n in context_lengths if isinstance(n, bool) or not isinstance(n, int) or n < 256]
     if bad:
         raise ValueError(f"context_lengths {bad} are out of range; accepted: integers >= 256")
-    path = Path(out) / "cpu.json"
-    if path.exists() and not force:
-        return json.loads(path.read_text())
-    bandwidth = read_bandwidth()
-    rows = []
-    for n in tqdm(context_lengths, desc="operator (context lengths)"):
-        rows += run_length(n, ratios, repeats, spectra_csv, bandwidth)["rows"]
-    payload = {"shape": {"query_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "batch": 1,
-                         "query_tokens": 1},
-               "dtypes": {"dense": "bfloat16", "codes_compute": "float32 (unpacked codes)"}, "device": "cpu",
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
-               "bandwidth_gb_s": bandwidth, "spectra": str(spectra_csv), "rows": rows}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=1))
-    return payload
+
+    def measure() -> dict:
+        bandwidth = read_bandwidth()
+        rows = []
+        for n in tqdm(context_lengths, desc="operator (context lengths)"):
+            rows += run_length(n, ratios, repeats, spectra_csv, bandwidth)["rows"]
+        return {"shape": {"query_heads": Q_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "batch": 1,
+                          "query_tokens": 1},
+                "dtypes": {"dense": "bfloat16", "codes_compute": "float32 (unpacked codes)"}, "device": "cpu",
+                "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": repeats,
+                "bandwidth_gb_s": bandwidth, "spectra": str(spectra_csv), "rows": rows}
+    return load_or_measure(Path(out) / "cpu.json", force, measure)
 
 
 def table(p: dict) -> str:
