@@ -22,6 +22,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Callable
 
 from .gridspec import Grid, cell_key, cells, entry, label, load_grid, runs_svd
 
@@ -142,24 +143,40 @@ def seal(source: str | Path | dict, context_length: int) -> Path:
     return part
 
 
-def pin_method_field(path: Path, method: str, name: str, value, where=lambda method: True) -> int:
-    """Name ``name: value`` in the method of every row of results file ``path`` (live, or a sealed ``.gz``
-    part) whose method is ``method``, does not name ``name`` and passes ``where`` (a predicate on the
-    method dict), and key the row anew: when a method's default changes, its earlier rows keep saying what
-    ran and are labelled as that variant, apart from the new default's cells. Returns how many rows
-    changed; a row whose new key another row already has is refused."""
+def rekey_methods(path: Path, change: Callable[[dict], dict | None]) -> int:
+    """Rewrite the method of every row of results file ``path`` (live, or a sealed ``.gz`` part) as
+    ``change(method)`` (None: unchanged) and key the row anew. Returns how many rows changed; a row whose new
+    key another row already has is refused."""
     rows = read_rows(path)
     keys = {r["key"] for r in rows}
     changed = 0
     for r in rows:
-        if r["method"]["method"] == method and name not in r["method"] and where(r["method"]):
-            r["method"] = {**r["method"], name: value}
-            r["key"] = cell_key(r["method"], r["task"], r["context_length"], r["index"])
+        if (method := change(r["method"])) is not None:
+            r["method"] = method
+            r["key"] = cell_key(method, r["task"], r["context_length"], r["index"])
             if r["key"] in keys:
-                raise ValueError(f"{path}: a row with {name}={value!r} already has key {r['key']}")
+                raise ValueError(f"{path}: a rewritten row's key is another row's: {r['key']}")
             changed += 1
     _replace(path, "".join(json.dumps(r) + "\n" for r in rows))
     return changed
+
+
+def pin_method_field(path: Path, method: str, name: str, value, where=lambda method: True) -> int:
+    """Name ``name: value`` in the method of every row of ``path`` whose method is ``method``, does not name
+    ``name`` and passes ``where`` (a predicate on the method dict) (:func:`rekey_methods`): when a method's
+    default changes, its earlier rows keep saying what ran and are labelled as that variant, apart from the
+    new default's cells."""
+    return rekey_methods(path, lambda m: {**m, name: value} if m["method"] == method and name not in m and where(m)
+                         else None)
+
+
+def fold_into_default(path: Path, method: str, fields: dict, where=lambda method: True) -> int:
+    """Drop ``fields`` from the method of every row of ``path`` whose method is ``method``, names exactly
+    those values and passes ``where`` (:func:`rekey_methods`): when a variant becomes the default, its rows
+    are the default's cells (each row's recorded config says what ran)."""
+    return rekey_methods(path, lambda m: {k: v for k, v in m.items() if k not in fields}
+                         if m["method"] == method and all(m.get(k) == v for k, v in fields.items()) and where(m)
+                         else None)
 
 
 def earlier_variant(method: dict) -> bool:

@@ -124,7 +124,7 @@ def test_pca_at_full_rank_reproduces_the_tiny_model(tiny_llama, tmp_path):
 @pytest.mark.parametrize("ratio", [8, 16])
 @pytest.mark.parametrize("basis", ["prompt", "calibrated"])
 def test_kvpress_pipeline_with_the_transform_defaults_at_8x_and_16x(smollm2, smollm2_calibration, ratio, basis):
-    """config_for_ratio's defaults from 8× on (8-token window, blocks of 32) code the question and the answer
+    """config_for_ratio's defaults from 8× on (an 8-token window and blocks of 32, from 16× 4 and 16) code the question and the answer
     into blocks; the pipeline then crops them away: the coded blocks after the context are dropped, the
     one that straddles it decoded, and the cache holds the context at its ratio. At 8× the answer is right."""
     import kvpress  # noqa: F401  (registers the pipeline)
@@ -134,7 +134,7 @@ def test_kvpress_pipeline_with_the_transform_defaults_at_8x_and_16x(smollm2, smo
     n = len(tok(tok.apply_chat_template([{"role": "user", "content": CONTEXT}], tokenize=False)).input_ids)
     extra = {"calibration_path": str(smollm2_calibration)} if basis == "calibrated" else {"basis": "prompt"}
     cfg = config_for_ratio(ratio, n, model.config, method="transform", **extra)
-    assert (cfg.residual_length, cfg.block_size, cfg.params.basis) == (8, 32, basis)
+    assert (cfg.residual_length, cfg.block_size, cfg.params.basis) == ((8, 32) if ratio == 8 else (4, 16)) + (basis,)
     cache = LowRankCache(cfg, model.config)
     answer = pipe(CONTEXT, question=QUESTION, max_new_tokens=10, cache=cache)["answer"]
     assert "4417" in answer or ratio == 16
@@ -158,7 +158,8 @@ def prefill_2048(smollm2):
 def test_the_transform_defaults_hold_their_bytes_at_every_headline_ratio(smollm2, smollm2_calibration, prefill_2048,
                                                                           named, monkeypatch, tmp_path):
     """config_for_ratio(r, 2048, model.config, method="transform") with nothing else: groups of 5, the window and
-    the basis of its ratio (each prompt's own below 8×, from 8× the calibration in the model's default file), the
+    the basis of its ratio (each prompt's own below 8×, from 8× the calibration in the model's default file; a
+    32-token window below 8×, 8 from 8×, 4 from 16×), the
     bytes asked for, every byte counted, no RoPE bytes (contiguous positions), the calibration beside the ratio;
     ``named``: the other basis, named, at every ratio."""
     from kvsvd.calibrate import default_path
@@ -174,7 +175,7 @@ def test_the_transform_defaults_hold_their_bytes_at_every_headline_ratio(smollm2
         cfg = config_for_ratio(ratio, 2048, model.config, method="transform", **({"basis": basis} if named else {}))
         assert cfg.layer_group_size == 5 and cfg.params.basis == basis
         assert cfg.params.calibration_path == (str(default) if basis == "calibrated" else None)
-        assert (cfg.residual_length, cfg.block_size) == ((8, 32) if ratio >= 8 else (32, 512))
+        assert (cfg.residual_length, cfg.block_size) == ((4, 16) if ratio >= 16 else (8, 32) if ratio >= 8 else (32, 512))
         cache = LowRankCache(cfg, model.config)
         with torch.no_grad():
             replay_prefill(model, prefill_2048, cache)

@@ -157,7 +157,7 @@ def test_pinning_a_changed_default_keeps_earlier_rows_as_a_labelled_variant(tmp_
     del pinned[0]["method"]["block_scale"]  # an unpinned row whose pinned twin exists
     pinned[0].update(task=pinned[1]["task"], index=pinned[1]["index"])
     (tmp_path / "c.jsonl").write_text(json.dumps(pinned[0]) + "\n" + json.dumps(pinned[1]) + "\n")
-    with pytest.raises(ValueError, match="a row with block_scale='std' already has key"):
+    with pytest.raises(ValueError, match="a rewritten row.s key is another row.s"):
         results.pin_method_field(tmp_path / "c.jsonl", "transform", "block_scale", "std")
     post_rope = lambda m: m.get("key_space", "pre_rope") == "post_rope"  # noqa: E731
     assert results.pin_method_field(tmp_path / "r.jsonl", "transform", "rope_tables", True, where=post_rope) == 0

@@ -119,7 +119,7 @@ def test_report_command_prints_the_tables(results, capsys):
     assert "| 2.7× | quantized cache | quantized quanto int4 | 2.70 | 85.0 | -5.0 [-5.0, -5.0] |" in out
     assert "≈4×: dense 90.0; best kvsvd xkv G2 4x pre_rope bf16 q2 → gram 89.5" in out
     assert ("Calibrated rows: × counts the calibration once per model, as every sequence shares it; held by one "
-            "sequence alone: transform G5 16x pre_rope calibrated basis int8 sinks 4 window 8 new blocks 32 11.0 MiB "
+            "sequence alone: transform G5 16x pre_rope calibrated basis int8 sinks 4 window 4 new blocks 16 11.0 MiB "
             "of calibration, 3.40× all in") in out
 
 

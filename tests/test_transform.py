@@ -289,10 +289,10 @@ def test_grid_label_says_what_was_asked():
 def test_the_default_window_is_small_where_the_large_ones_dense_parts_would_fill_the_budget(tiny_llama, tiny_gemma3):
     """Below 8x the defaults keep a 32-token window and new blocks of 512, unless those dense parts (sinks, window,
     reserved tokens) would hold more than DENSE_SHARE of the budget: then an 8-token window and new blocks of 32,
-    as from 8x. A window the caller names is kept."""
+    as from 8x; from 16x a 4-token window and new blocks of 16. A window the caller names is kept."""
     from kvsvd.accounting import dense16_bytes
     from kvsvd.budget import dense_bytes
-    from kvsvd.methods.transform import DENSE_SHARE, LARGE_WINDOW, SMALL_WINDOW
+    from kvsvd.methods.transform import DENSE_SHARE, LARGE_WINDOW, SMALL_WINDOW, TINY_WINDOW
 
     def share(model_config, tokens, reserve, ratio):  # the large window's dense parts against the budget
         layers = list(range(model_config.num_hidden_layers))
@@ -306,9 +306,10 @@ def test_the_default_window_is_small_where_the_large_ones_dense_parts_would_fill
     named = config_for_ratio(4, 400, tiny_gemma3.config, method="transform", reserve_tokens=20, residual_length=12)
     assert window(named) == {**SMALL_WINDOW, "residual_length": 12}
     # the dense model (512 positions): the large window is a small share of a 2x or 2.7x budget at 500 tokens, too
-    # large a share at 4x; from 8x (the low rate) the small window whatever its share
+    # large a share at 4x; from 8x (the low rate) the small window whatever its share, from 16x the tiny one
     assert share(tiny_llama.config, 500, 20, 2.7) < DENSE_SHARE < share(tiny_llama.config, 500, 20, 4)
-    for ratio, expect in ((2, LARGE_WINDOW), (2.7, LARGE_WINDOW), (4, SMALL_WINDOW), (8, SMALL_WINDOW)):
+    for ratio, expect in ((2, LARGE_WINDOW), (2.7, LARGE_WINDOW), (4, SMALL_WINDOW), (8, SMALL_WINDOW),
+                          (16, TINY_WINDOW)):
         cfg = config_for_ratio(ratio, 500, tiny_llama.config, method="transform", layer_group_size=2, reserve_tokens=20,
                                basis="prompt")
         assert window(cfg) == expect
