@@ -36,6 +36,8 @@ from .kernels import natural_text
 # prompt's own basis at 4x, the calibrated one at 8x)
 METHODS = ({"method": "none"}, {"method": "dense16"},
            {"method": "transform", "ratio": 4}, {"method": "transform", "ratio": 8},
+           {"method": "transform", "ratio": 4, "key_space": "post_rope"},
+           {"method": "transform", "ratio": 8, "key_space": "post_rope"},
            {"method": "xkv", "layer_group_size": 2, "ratio": 4, "key_space": "pre_rope"},
            {"method": "quantized", "backend": "quanto", "nbits": 4}, {"method": "quantized", "backend": "hqq", "nbits": 4},
            {"method": "turboquant", "nbits": 4},
