@@ -15,7 +15,7 @@ from kvsvd.evaluate import fan_out_prefill
 from kvsvd.peers.press import PRESSES
 
 BASE = {"name": "t", "model": "smollm2-135m", "tasks": ["niah_single_1"], "context_lengths": [384], "n_samples": 2,
-        "max_new_tokens": 12, "methods": [{"method": "xkv", "layer_group_size": 2, "ratio": 3},
+        "max_new_tokens": 4, "methods": [{"method": "xkv", "layer_group_size": 2, "ratio": 3},
                                           {"method": "press", "press": "knorm", "ratio": 3}]}
 
 
@@ -85,7 +85,7 @@ def test_methods_expand_as_a_product_with_dense_first(tmp_path):
     g = gridspec.load_grid(cfg(tmp_path, methods=[{"method": "xkv", "layer_group_size": [2, 5], "ratio": [4, 8]}]))
     assert g.methods[0] == {"method": "none"} and len(g.methods) == 5
     assert {(m["layer_group_size"], m["ratio"]) for m in g.methods[1:]} == {(2, 4), (2, 8), (5, 4), (5, 8)}
-    assert g.max_new_tokens == {"niah_single_1": 12}  # one budget for every task
+    assert g.max_new_tokens == {"niah_single_1": 4}  # one budget for every task
     assert gridspec.load_grid(cfg(tmp_path, max_new_tokens={"niah_single_1": 5})).max_new_tokens == {"niah_single_1": 5}
 
 
@@ -264,8 +264,8 @@ def test_grid_runs_resumes_and_loads_as_a_dataframe(smollm2, tmp_path, monkeypat
     grid.run(cfg(tmp_path, n_samples=3), model, tok)  # a grown grid runs only its new cells
     grown = out.read_text()
     assert grown.startswith(complete) and len(results.read_rows(out)) == 9
-    assert all(r["max_new_tokens"] == 12 for r in results.read_rows(out))
-    with pytest.raises(ValueError, match=r"max_new_tokens\[niah_single_1\]=5 but .* decoded with 12"):
+    assert all(r["max_new_tokens"] == 4 for r in results.read_rows(out))
+    with pytest.raises(ValueError, match=r"max_new_tokens\[niah_single_1\]=5 but .* decoded with 4"):
         grid.run(cfg(tmp_path, max_new_tokens=5), model, tok)
     with pytest.raises(ValueError, match="another grid config"):
         grid.run(cfg(tmp_path, seed=1), model, tok)
@@ -373,7 +373,7 @@ def test_cells_filled_from_the_recorded_prefill_equal_cells_with_their_own_forwa
     """Replaying the shared dense prefill (cache updates + press hooks) is the same computation."""
     from kvsvd.evaluate import record_prefill, split_prompt
     model, tok = smollm2
-    sample = grid.ruler.generate("niah_single_2", 1, 512, tok, seed=5)[0]
+    sample = grid.ruler.generate("niah_single_2", 1, 384, tok, seed=5)[0]
     prefill = record_prefill(model, split_prompt(tok, sample)[0])
     recorded_keys = [keys.clone() for _, keys, _, _ in prefill.calls]
     methods = [{"method": "none"}, {"method": "xkv", "layer_group_size": 2, "ratio": 4, "key_space": "pre_rope"},
@@ -381,8 +381,8 @@ def test_cells_filled_from_the_recorded_prefill_equal_cells_with_their_own_forwa
                {"method": "quantized", "nbits": 2, "residual_length": 32}]
     methods += [{"method": "press", "press": p, "ratio": 4} for p in PRESSES if p != "observed_attention"]
     for method in methods:
-        own = grid.run_cell(model, tok, sample, method, "niah_single_2", 10)
-        shared = grid.run_cell(model, tok, sample, method, "niah_single_2", 10, prefill)
+        own = grid.run_cell(model, tok, sample, method, "niah_single_2", 4)
+        shared = grid.run_cell(model, tok, sample, method, "niah_single_2", 4, prefill)
         assert shared["prefill_shared"] and not own["prefill_shared"] and shared["replay_ms"] > 0
         assert "replay_ms" not in own
         assert shared["prediction"] == own["prediction"], method
@@ -391,12 +391,12 @@ def test_cells_filled_from_the_recorded_prefill_equal_cells_with_their_own_forwa
     assert all(torch.equal(a, b) for a, b in zip(recorded_keys, (k for _, k, _, _ in prefill.calls)))  # untouched
     with pytest.raises(ValueError, match="needs its own forward"):
         grid.run_cell(model, tok, sample, {"method": "press", "press": "observed_attention", "ratio": 4},
-                      "niah_single_2", 10, prefill)
+                      "niah_single_2", 4, prefill)
     observed = [{"method": "press", "press": "observed_attention", "ratio": r} for r in (2, 4)]
     ctx = split_prompt(tok, sample)[0]
     for method, filled in zip(observed, grid.fan_out(model, observed, ctx)):  # one eager forward for both
-        own = grid.run_cell(model, tok, sample, method, "niah_single_2", 10)
-        fanned = grid.run_cell(model, tok, sample, method, "niah_single_2", 10, filled)
+        own = grid.run_cell(model, tok, sample, method, "niah_single_2", 4)
+        fanned = grid.run_cell(model, tok, sample, method, "niah_single_2", 4, filled)
         assert fanned["prefill_shared"] and fanned["prediction"] == own["prediction"], method
         assert fanned["kv_bytes_held"] == own["kv_bytes_held"], method
         assert fanned["gold_logprob"] == pytest.approx(own["gold_logprob"], abs=1e-3), method
