@@ -157,8 +157,8 @@ def test_config_for_ratio_names_a_bad_group_size_or_method(tiny_llama, kwargs, p
 
 
 def test_config_for_ratio_refuses_a_budget_the_dense_parts_fill(tiny_llama):
-    with pytest.raises(ValueError, match=r"ratio=20 is out of reach at 200 tokens: .* accepted: ratio < "):
-        config_for_ratio(20, 200, tiny_llama.config, method="transform", layer_group_size=2)
+    with pytest.raises(ValueError, match=r"ratio=30 is out of reach at 200 tokens: .* accepted: ratio < "):
+        config_for_ratio(30, 200, tiny_llama.config, method="transform", layer_group_size=2)
     cfg = config_for_ratio(3, 200, tiny_llama.config, method="transform", layer_group_size=2, sink_tokens=2,
                            basis_dtype="bf16", residual_length=8)
     assert cfg.params == TransformConfig(ratio=3, basis_dtype="bf16", sink_tokens=2)
