@@ -124,9 +124,10 @@ def test_pca_at_full_rank_reproduces_the_tiny_model(tiny_llama, tmp_path):
 @pytest.mark.parametrize("ratio", [8, 16])
 @pytest.mark.parametrize("basis", ["prompt", "calibrated"])
 def test_kvpress_pipeline_with_the_transform_defaults_at_8x_and_16x(smollm2, smollm2_calibration, ratio, basis):
-    """config_for_ratio's defaults from 8× on (an 8-token window and blocks of 32, from 16× 4 and 16) code the question and the answer
-    into blocks; the pipeline then crops them away: the coded blocks after the context are dropped, the
-    one that straddles it decoded, and the cache holds the context at its ratio. At 8× the answer is right."""
+    """config_for_ratio's defaults from 8× on (an 8-token window and blocks of 32, from 16× 4 and 16) code the
+    question and the answer into blocks; the pipeline then crops them away: the coded blocks after the context
+    are dropped, the one that straddles it decoded, and the cache holds the context at its ratio. At 8× the
+    answer is right."""
     import kvpress  # noqa: F401  (registers the pipeline)
     from kvsvd.config import config_for_ratio
     model, tok = smollm2
