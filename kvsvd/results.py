@@ -156,6 +156,7 @@ def rekey_methods(path: Path, change: Callable[[dict], dict | None]) -> int:
             r["key"] = cell_key(method, r["task"], r["context_length"], r["index"])
             if r["key"] in keys:
                 raise ValueError(f"{path}: a rewritten row's key is another row's: {r['key']}")
+            keys.add(r["key"])
             changed += 1
     _replace(path, "".join(json.dumps(r) + "\n" for r in rows))
     return changed

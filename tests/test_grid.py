@@ -133,7 +133,7 @@ def test_an_entrys_context_lengths_focus_its_methods_without_changing_their_cell
 def test_pinning_a_changed_default_keeps_earlier_rows_as_a_labelled_variant(tmp_path):
     """When the transform coder's default block scale changed, its earlier rows name the old value: they
     get new keys and labels, a grid naming the default runs its cells anew, other methods are untouched,
-    and a sealed part is pinned the same way."""
+    and a sealed part is pinned the same way. A variant that becomes the default folds back into its cells."""
     methods = [{"method": "transform", "layer_group_size": 2, "ratio": 4}, {"method": "press", "press": "knorm", "ratio": 3}]
     config = cfg(tmp_path, methods=methods)
     g = gridspec.load_grid(config)
@@ -161,6 +161,16 @@ def test_pinning_a_changed_default_keeps_earlier_rows_as_a_labelled_variant(tmp_
         results.pin_method_field(tmp_path / "c.jsonl", "transform", "block_scale", "std")
     post_rope = lambda m: m.get("key_space", "pre_rope") == "post_rope"  # noqa: E731
     assert results.pin_method_field(tmp_path / "r.jsonl", "transform", "rope_tables", True, where=post_rope) == 0
+    # a variant that becomes the default: its rows are the default's cells again, keyed as before pinning
+    assert results.fold_into_default(tmp_path / "r.jsonl", "transform", {"block_scale": "std"}) == 2
+    assert [r["key"] for r in results.read_rows(tmp_path / "r.jsonl")] == [r["key"] for r in rows]
+    assert results.fold_into_default(tmp_path / "r.jsonl", "transform", {"block_scale": "std"}) == 0
+    default = next(r for r in rows if r["method"]["method"] == "transform")
+    variant = {**default, "method": {**default["method"], "block_scale": "std"}}
+    variant["key"] = gridspec.cell_key(variant["method"], variant["task"], variant["context_length"], variant["index"])
+    (tmp_path / "c.jsonl").write_text(json.dumps(default) + "\n" + json.dumps(variant) + "\n")
+    with pytest.raises(ValueError, match="a rewritten row.s key is another row.s"):  # the default's cell exists
+        results.fold_into_default(tmp_path / "c.jsonl", "transform", {"block_scale": "std"})
 
 
 def test_dry_run_prints_the_cells_left_and_their_estimated_time(tmp_path, capsys):
