@@ -33,7 +33,8 @@ from .attention import decode_steps
 from .kernels import natural_text
 
 # every family at the ratios the frontier's focused set compares (config_for_ratio's transform defaults: each
-# prompt's own basis at 4x, the calibrated one at 8x)
+# prompt's own basis at 4x, the calibrated one at 8x; and post-RoPE keys, attended from their codes, on each
+# prompt's own basis)
 METHODS = ({"method": "none"}, {"method": "dense16"},
            {"method": "transform", "ratio": 4}, {"method": "transform", "ratio": 8},
            {"method": "transform", "ratio": 4, "key_space": "post_rope"},
