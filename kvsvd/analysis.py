@@ -265,8 +265,9 @@ def compressibility(sample: KVSample, *, kinds=KINDS, groups=(1, 2, 4, 8), ratio
 # ------------------------------------------------------------------ rate-distortion (notebook 03)
 
 RD_METHODS = ("truncation", "per-token int", "per-channel int", "transform, σ-scaled blocks", "transform",
-              "transform, calibrated basis", "transform, calibrated basis, prompt mean",
-              "transform, the prompt's own basis uncounted", "Gaussian bound")
+              "transform, vector codes", "transform, calibrated basis", "transform, calibrated basis, prompt mean",
+              "transform, calibrated basis, vector codes", "transform, the prompt's own basis uncounted",
+              "transform, the prompt's own basis uncounted, vector codes", "Gaussian bound")
 RD_BLOCK_SCALES = {"unclipped": "transform", "std": "transform, σ-scaled blocks"}  # the coder's block scale → method
 
 
@@ -295,6 +296,8 @@ def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | No
       coder on that text's basis and mean (held once per model, so not in the bits per entry; the int16
       index of the kept columns is), and ``transform, calibrated basis, prompt mean``: on that basis around the
       prompt's own mean (``mean="prompt"``: G·F bf16 in the bits per entry);
+    - ``..., vector codes``: the same coder with ``quantiser="vector"`` (below 3 bits per entry, one codebook
+      index per run of 4 or 8 tokens of a column: ``kvsvd.codebook``);
     - ``transform, the prompt's own basis uncounted``: the coder on the prompt's own principal directions and
       mean (bf16 rows) held as if they were free: an ideal that separates what the quantiser, the block
       statistics and the allocation lose from what a basis costs or misses;
@@ -328,14 +331,18 @@ def rate_distortion(sample: KVSample, *, kinds=("k_pre", "v"), group: range | No
                 u, w = U[:, :rank].to(torch.bfloat16), (S[:rank, None] * Vh[:rank]).to(torch.bfloat16)
                 add(kind, "truncation", accounting.report({"factors": [u, w]}, 0)["total_bytes"],
                     u.float() @ w.float(), X)
-            coders = [(method, scale, None, "basis") for scale, method in RD_BLOCK_SCALES.items()]
-            coders.append(("transform, the prompt's own basis uncounted", "unclipped", own[kind], "basis"))
+            coders = [(method, scale, None, "basis", "scalar") for scale, method in RD_BLOCK_SCALES.items()]
+            coders += [("transform, vector codes", "unclipped", None, "basis", "vector"),
+                       ("transform, the prompt's own basis uncounted", "unclipped", own[kind], "basis", "scalar"),
+                       ("transform, the prompt's own basis uncounted, vector codes", "unclipped", own[kind], "basis",
+                        "vector")]
             if calibration is not None:
-                coders += [("transform, calibrated basis", "unclipped", calibrated[kind], "basis"),
-                           ("transform, calibrated basis, prompt mean", "unclipped", calibrated[kind], "prompt")]
-            for method, scale, shared, mean in coders:
+                coders += [("transform, calibrated basis", "unclipped", calibrated[kind], "basis", "scalar"),
+                           ("transform, calibrated basis, prompt mean", "unclipped", calibrated[kind], "prompt", "scalar"),
+                           ("transform, calibrated basis, vector codes", "unclipped", calibrated[kind], "basis", "vector")]
+            for method, scale, shared, mean, quantiser in coders:
                 cfg = CompressionConfig(method="transform", layer_group_size=len(group), params=transform.TransformConfig(
-                    ratio=16 / b, sink_tokens=0, block_scale=scale, mean=mean))
+                    ratio=16 / b, sink_tokens=0, block_scale=scale, mean=mean, quantiser=quantiser))
                 (store,), _ = transform.compress([(x[None], n, kind[0], list(group), shared)], cfg, b / 8 * T * n)
                 rebuilt = torch.cat([store.layer(j, torch.float32)[0] for j in range(len(group))], -1)
                 add(kind, method, accounting.report(store.held(), 0)["total_bytes"], rebuilt, X)

@@ -426,12 +426,15 @@ def rate_distortion(R: Path):
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         d = df[df["kind"] == kind]
+        scalar = [m for m in RD_METHODS if not m.endswith(", vector codes")]
         for method in RD_METHODS:
             g = d[d["method"] == method].sort_values("bits_per_entry")
             if g.empty:  # e.g. no calibrated basis was measured
                 continue
-            ax.plot(g["bits_per_entry"], g["rel_error"], "-" if method == "Gaussian bound" else "-o", label=method,
-                    markersize=4)
+            base = method.removesuffix(", vector codes")  # vector codes: dashed, in their scalar coder's colour
+            style = "-" if method == "Gaussian bound" else "--o" if base != method else "-o"
+            color = "black" if method == "Gaussian bound" else plt.cm.tab10(scalar.index(base) % 10)
+            ax.plot(g["bits_per_entry"], g["rel_error"], style, color=color, label=method, markersize=4)
         ax.set(xscale="log", yscale="log", xlabel="bits per entry (a 16-bit cache holds 16)",
                ylabel="relative error ‖X̂−X‖/‖X‖", title=KIND_LABELS[kind], xlim=(0.3, 12))
         ax.set_xticks([0.5, 1, 2, 4, 8], ["0.5", "1", "2", "4", "8"])
@@ -439,16 +442,21 @@ def rate_distortion(R: Path):
     axes[0, -1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
     two = at_budget(df, 2)
 
-    def variants(k: str) -> str:  # the other bases' errors, where they were measured
+    def variants(k: str) -> str:  # the other bases' and codes' errors, where they were measured
         on = [f"{name} {two.at[method, k]:.3f}" for method, name in (
+            ("transform, vector codes", "vector codes"),
             ("transform, calibrated basis", "calibrated basis"),
             ("transform, calibrated basis, prompt mean", "calibrated basis around the prompt's mean"),
-            ("transform, the prompt's own basis uncounted", "the prompt's own basis uncounted"))
+            ("transform, calibrated basis, vector codes", "calibrated basis with vector codes"),
+            ("transform, the prompt's own basis uncounted", "the prompt's own basis uncounted"),
+            ("transform, the prompt's own basis uncounted, vector codes", "the same with vector codes"))
             if two.at[method, k] == two.at[method, k]]
         return f" ({', '.join(on)})" if on else ""
     cap = (f"One group of layers {df['layers'].iloc[0]} ({int(df['tokens'].iloc[0])} tokens of prose), K pre-RoPE and "
            "V each as one matrix; bits per entry from the bytes each code holds (a calibrated basis is held once per "
-           "model, outside them). Within 2 bits per entry (8× fewer bytes than 16-bit) the error is " + "; ".join(
+           "model, outside them); dashed: the same coder with vector codes below 3 bits per entry (one codebook "
+           "index per run of 4 or 8 tokens of a column). Within 2 bits per entry (8× fewer bytes than 16-bit) the "
+           "error is " + "; ".join(
                f"{KIND_LABELS[k]}: transform {two.at['transform', k]:.3f}" + variants(k)
                + f", truncation {two.at['truncation', k]:.3f}, Gaussian bound {two.at['Gaussian bound', k]:.3f}"
                for k in kinds)

@@ -51,9 +51,9 @@ def dequantize_rows(q: Tensor, scale: Tensor, bits: int, r: int, dtype: torch.dt
 @dataclass
 class CodedColumns:
     """Columns of a token factor held as integer codes, read without dequantising them: in each block
-    of ``block`` tokens, u = q·step + mean. q float32 (B, T, n) holds the codes centred on zero (integers
-    or half-integers, exact in float32); step and mean float32 (B, ⌈T/block⌉, n) the blocks' per-column
-    quantiser step and offset.
+    of ``block`` tokens, u = q·step + mean. q float32 (B, T, n) holds the codes' values in steps, centred on
+    zero (a scalar code's integers or half-integers, exact in float32, or a codebook's points); step and mean
+    float32 (B, ⌈T/block⌉, n) the blocks' per-column quantiser step and offset.
 
     Attention reads a·uᵀ and p·u with the quantiser folded into the small operand, block by block:
     a·uᵀ = q·(step ⊙ aᵀ) + mean·aᵀ, so u itself is never written out (when the other operand has more

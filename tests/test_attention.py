@@ -98,7 +98,9 @@ STORE_CONFIGS = [dict(method="xkv", layer_group_size=2, key_space="post_rope", *
                  dict(method="transform", layer_group_size=2, key_space="pre_rope",
                       ratio=3.0, block_tokens=16, **RANKS),
                  dict(method="transform", layer_group_size=3, key_space="post_rope",
-                      ratio=4.0, block_tokens=16, **RANKS)]
+                      ratio=4.0, block_tokens=16, **RANKS),
+                 dict(method="transform", layer_group_size=2, key_space="post_rope",
+                      ratio=4.0, block_tokens=16, quantiser="vector")]
 
 
 @pytest.mark.parametrize("kw", STORE_CONFIGS)
@@ -115,6 +117,8 @@ def test_every_store_meets_the_protocol_and_its_latent_form_is_its_layer(tiny_ll
     greedy(tiny_llama, torch.randint(3, 128, (2, 40), generator=torch.Generator().manual_seed(8)), cache, n=8)
     stores = [s for g in cache.groups for seg in g.segments for s in (seg.keys, seg.values)]
     assert stores and all(isinstance(s, Store) and s.path and s.held() for s in stores)
+    if kw.get("quantiser") == "vector":  # a codebook's columns among them
+        assert any(code.tokens > 1 for s in stores for code, _ in getattr(s, "widths", ()))
     latent = coded = 0
     for group in cache.groups:
         for seg in group.segments:

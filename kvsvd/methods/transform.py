@@ -2,14 +2,16 @@
 
 x (B, T, G, F) of one segment (keys pre-RoPE) is mean-centred per sequence and decorrelated by
 its top right singular vectors Vᵀ (B, r, G·F) (:func:`basis`): coefficients C = (x − μ)·V (B, T, r).
-Each latent column i gets bᵢ bits of :data:`BITS`: a midrise uniform quantiser per block of
-``block_tokens`` tokens whose step is Gaussian-optimal for the block's scale, with the block's
-mean as offset (both held in bf16, the bits bit-packed into uint8). The scale is the block's
-standard deviation; an 8-bit column's is raised where needed so that its code reaches the block's
-largest deviation (``block_scale="unclipped"``): a token unlike the rest of its block (a needle in
-its haystack) has coefficients of 10σ and more on some columns, which a σ-scaled quantiser clips at
-±3.9σ even at 8 bits (``block_scale="std"``). A column
-with 0 bits is dropped with its basis row. Rank truncation (0 or full bits) and uniform
+Each latent column i gets bᵢ bits per entry, one of its quantiser's :data:`CODES`: a midrise uniform
+quantiser per block of ``block_tokens`` tokens whose step is Gaussian-optimal for the block's scale, with
+the block's mean as offset (both held in bf16, the bits bit-packed into uint8); with
+``quantiser="vector"``, below 3 bits, one index per run of 4 or 8 tokens of the column standardised by
+its blocks' σ and mean, into a codebook trained on N(0, I) (:mod:`kvsvd.codebook`: 0.25 to 2 bits per
+entry). The scale is the block's standard deviation; an 8-bit column's is raised where needed so that
+its code reaches the block's largest deviation (``block_scale="unclipped"``): a token unlike the rest of
+its block (a needle in its haystack) has coefficients of 10σ and more on some columns, which a σ-scaled
+quantiser clips at ±3.9σ even at 8 bits (``block_scale="std"``). A column with 0 bits is dropped with
+its basis row. Rank truncation (0 or full bits) and uniform
 quantisation (equal bits) are special cases of the same code.
 
 Allocation is one Lagrangian over every matrix of a call (all groups, K and V): each column
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .. import accounting
+from .. import accounting, codebook
 from ..accounting import ENTRY_BYTES, SCALE_BYTES, ModelShape
 from ..budget import dense_bytes
 from ..store import CodedColumns, DenseStore, Factors, dequantize_rows, quantize_rows
@@ -42,16 +44,17 @@ if TYPE_CHECKING:
     from ..config import CompressionConfig
 
 Tensor = torch.Tensor
-BITS = (0, 1, 2, 3, 4, 8)
 # step, in standard deviations, of the MSE-optimal midrise uniform quantiser of a Gaussian, by bits
 # (Max 1960; tests/test_transform.py re-derives them by numerical integration)
-GAUSS_STEP = {1: 1.59577, 2: 0.99568, 3: 0.58602, 4: 0.33520, 8: 0.03076}
+GAUSS_STEP = {1: 1.59577, 2: 0.99568, 3: 0.58602, 4: 0.33520, 5: 0.18814, 6: 0.10406, 7: 0.05687, 8: 0.03076}
 # its MSE in σ² (at 8 bits the granular Δ²/12: the ±3.9σ overload is next to never reached)
-GAUSS_MSE = {1: 0.36338, 2: 0.11885, 3: 0.03744, 4: 0.01154, 8: GAUSS_STEP[8] ** 2 / 12}
+GAUSS_MSE = {1: 0.36338, 2: 0.11885, 3: 0.03744, 4: 0.01154, 5: 0.0034952, 6: 0.0010400, 7: 0.00030433,
+             8: GAUSS_STEP[8] ** 2 / 12}
 BASIS_DTYPES = ("bf16", "int8", "int4")
 BLOCK_SCALES = ("unclipped", "std")
 BASES = ("prompt", "calibrated")
 MEANS = ("basis", "prompt")
+QUANTISERS = ("scalar", "vector")
 WEIGHTINGS = ("mse", "output")
 INDEX_BYTES = 2  # a shared-basis store names each kept column's basis row in int16
 OVERLOAD_8 = (1 << 7) * GAUSS_STEP[8]  # an 8-bit code's reach, in steps of the Gaussian 8-bit quantiser: ±3.94 scales
@@ -112,6 +115,10 @@ class TransformConfig(SvdCall):
             ``output`` (each column's squared error weighted by what it costs downstream, calibrated once per
             model by ``kvsvd calibrate``: a key column by the queries' energy along it, a value column by
             o_proj's; needs ``calibration_path``, whatever the basis).
+        quantiser: the codes a column may take: ``scalar`` (the uniform scalar quantiser at 1, 2, 3, 4 or 8
+            bits per entry) or ``vector`` (below 3 bits one index per run of 8 tokens at 0.25, 0.5, 0.75 or
+            1 bit per entry, or of 4 tokens at 1.5 or 2, into a codebook trained on N(0, I): :mod:`kvsvd.codebook`;
+            the scalar quantiser at every width from 3 to 8 bits).
         calibration_path: the safetensors file of ``kvsvd calibrate`` that ``basis="calibrated"`` or
             ``weighting="output"`` reads (its grouping must be the config's); refused otherwise.
         reserve_tokens: tokens still to come after the prefill (a question and its answer): up to
@@ -130,6 +137,7 @@ class TransformConfig(SvdCall):
     basis: str = "prompt"
     mean: str = "basis"
     weighting: str = "mse"
+    quantiser: str = "scalar"
     calibration_path: str | None = None
 
     def __post_init__(self) -> None:
@@ -143,6 +151,7 @@ class TransformConfig(SvdCall):
         choice("basis", self.basis, BASES)
         choice("mean", self.mean, MEANS)
         choice("weighting", self.weighting, WEIGHTINGS)
+        choice("quantiser", self.quantiser, QUANTISERS)
         choice("block_scale", self.block_scale, BLOCK_SCALES)
         integer("sink_tokens", self.sink_tokens, 0)
         integer("block_tokens", self.block_tokens, 1)
@@ -163,16 +172,25 @@ class TransformConfig(SvdCall):
 
 
 # -- bit packing ------------------------------------------------------------------------------
+def planes(bits: int) -> list[int]:
+    """The byte-aligned planes a ``bits``-bit code is packed in, low bits first: 3 → [2, 1], 6 → [4, 2]."""
+    if bits not in range(1, 9):
+        raise ValueError(f"bits={bits} is not a code width; accepted: 1 to 8")
+    return [p for p in (8, 4, 2, 1) if bits & p]
+
+
 def pack_bits(q: Tensor, bits: int) -> Tensor:
     """q uint8 (B, N) with values < 2^bits → (B, bytes) uint8: 8/bits values per byte for 1, 2 and 4
-    bits, a 2-bit plane then a 1-bit plane for 3 bits (⌈N/4⌉ + ⌈N/8⌉ bytes), q itself for 8. Every
-    plane is byte-aligned, so unpacking is one shift-and-mask."""
-    if bits not in BITS[1:]:
-        raise ValueError(f"bits={bits} is not a code width; accepted: {', '.join(map(str, BITS[1:]))}")
+    bits, q itself for 8, and for 3, 5, 6, 7 bits one such plane per power of two of :func:`planes`
+    (3 bits: ⌈N/4⌉ + ⌈N/8⌉ bytes). Every plane is byte-aligned, so unpacking is one shift-and-mask."""
+    if len(planes(bits)) > 1:
+        out, shift = [], 0
+        for p in planes(bits):
+            out.append(pack_bits((q >> shift) & ((1 << p) - 1), p))
+            shift += p
+        return torch.cat(out, -1)
     if bits == 8:  # a copy: q may be a view of a larger (block-padded) buffer, which would stay held
         return q.clone(memory_format=torch.contiguous_format)
-    if bits == 3:
-        return torch.cat([pack_bits(q & 3, 2), pack_bits(q >> 2, 1)], -1)
     per = 8 // bits
     q = torch.nn.functional.pad(q, (0, -q.shape[1] % per)).reshape(q.shape[0], -1, per)
     out = q[..., 0].clone()
@@ -183,11 +201,15 @@ def pack_bits(q: Tensor, bits: int) -> Tensor:
 
 def unpack_bits(packed: Tensor, bits: int, n: int) -> Tensor:
     """Inverse of :func:`pack_bits`: (B, n) uint8."""
+    if len(planes(bits)) > 1:
+        out, shift, start = 0, 0, 0
+        for p in planes(bits):
+            size = -(-n * p // 8)  # bytes of this plane
+            out = out | (unpack_bits(packed[:, start:start + size], p, n) << shift)
+            shift, start = shift + p, start + size
+        return out
     if bits == 8:
         return packed[:, :n]
-    if bits == 3:
-        low = -(-n // 4)  # bytes of the 2-bit plane
-        return unpack_bits(packed[:, :low], 2, n) | (unpack_bits(packed[:, low:], 1, n) << 2)
     mask = (1 << bits) - 1  # scalar shifts: a broadcast uint8 shift tensor is ~40x slower on CPU
     return torch.stack([(packed >> i) & mask for i in range(0, 8, bits)], -1).reshape(packed.shape[0], -1)[:, :n]
 
@@ -236,13 +258,74 @@ def dequantize(q: Tensor, stats: Tensor, bits: int, block: int) -> Tensor:
     return coded_columns(q, stats, bits, block).dense()
 
 
+def vector_quantize(c: Tensor, stats: Tensor, tokens: int, index_bits: int, block: int) -> Tensor:
+    """Indices uint8 (B, ⌈T/tokens⌉, r) of c (B, T, r): each column's runs of ``tokens`` tokens (the last one
+    zero-padded), standardised by their blocks' ``stats`` (0 where a block's σ is 0), coded by the nearest
+    point of the 2^index_bits-point codebook (:func:`kvsvd.codebook.nearest`)."""
+    B, T, r = c.shape
+    std, mean = stats.float().unsqueeze(2).unbind(-1)                         # (B, blocks, 1, r)
+    z = torch.where(std > 0, (_blocks(c, block) - mean) / std, 0.0).flatten(1, 2)[:, :T]
+    z = torch.nn.functional.pad(z, (0, 0, 0, -T % tokens)).view(B, -1, tokens, r).transpose(2, 3)
+    index = codebook.nearest(z.reshape(-1, tokens), codebook.codebook(tokens, index_bits, c.device))
+    return index.view(B, -1, r).to(torch.uint8)
+
+
+def vector_columns(index: Tensor, stats: Tensor, tokens: int, index_bits: int, block: int, T: int) -> CodedColumns:
+    """Indices (B, ⌈T/tokens⌉, r) of :func:`vector_quantize` as :class:`CodedColumns`: Ĉ = z·σ + mean per
+    block, z the codebook's points (centred on zero, in σ) laid back token by token."""
+    B, runs, r = index.shape
+    z = codebook.codebook(tokens, index_bits, index.device)[index.long()]      # (B, runs, r, tokens)
+    std, mean = stats.float().unbind(-1)
+    return CodedColumns(z.transpose(2, 3).reshape(B, runs * tokens, r)[:, :T], std, mean, block)
+
+
+@dataclass(frozen=True)
+class Code:
+    """A width a latent column is coded at: ``bits`` per entry, as one code per token (``tokens`` = 1: the scalar
+    quantiser) or as one index of bits·tokens bits per run of ``tokens`` tokens (a codebook, :mod:`kvsvd.codebook`).
+    Both read a block's σ and mean (``stats`` (B, blocks, r, 2) bf16)."""
+    bits: float
+    tokens: int = 1
+
+    @property
+    def index_bits(self) -> int:
+        return round(self.bits * self.tokens)
+
+    def mse(self) -> float:
+        """Squared error per entry on N(0, 1): Max's quantiser's, or the codebook's on held-out points."""
+        return GAUSS_MSE[self.bits] if self.tokens == 1 else codebook.held_out_mse(self.tokens, self.index_bits)
+
+    def nbytes(self, T: int) -> float:
+        """Bytes of one column's codes over T tokens (packed, the last run padded)."""
+        return -(-T // self.tokens) * self.index_bits / 8
+
+    def quantize(self, c: Tensor, stats: Tensor, block: int) -> Tensor:
+        """Codes uint8 (B, ⌈T/tokens⌉, r) of c (B, T, r)."""
+        if self.tokens == 1:
+            return quantize(c, stats, self.index_bits, block)
+        return vector_quantize(c, stats, self.tokens, self.index_bits, block)
+
+    def columns(self, q: Tensor, stats: Tensor, block: int, T: int) -> CodedColumns:
+        """The codes q (B, ⌈T/tokens⌉, r) of :meth:`quantize` read as CodedColumns."""
+        if self.tokens == 1:
+            return coded_columns(q, stats, self.index_bits, block)
+        return vector_columns(q, stats, self.tokens, self.index_bits, block, T)
+
+
+# a quantiser's widths, narrowest first: ``scalar`` the uniform scalar quantiser at 1, 2, 3, 4 and 8 bits per entry;
+# ``vector`` the codebooks below 3 bits per entry (kvsvd.codebook.VECTOR_CODES) and the scalar one at 3 to 8 bits
+CODES = {"scalar": (Code(0), Code(1), Code(2), Code(3), Code(4), Code(8)),
+         "vector": (Code(0), *(Code(b, t) for b, (t, _) in codebook.VECTOR_CODES.items()), *map(Code, range(3, 9)))}
+
+
 # -- analysis, allocation, encoding -----------------------------------------------------------
 @dataclass
 class Latents:
     """One matrix before allocation: c (B, T, r) float32 coefficients on the basis vh (B, r, G·F),
     mean (B, 1, G·F) bf16, x (B, T, G·F) the original, stats (B, blocks, r, 2) bf16 (σ and mean; stats8
     those of 8-bit columns, the same tensor unless ``block_scale="unclipped"``), distortion
-    (r, len(BITS)) the Gaussian model's squared error per width and cost (r, len(BITS)) its bytes."""
+    (r, widths) the Gaussian model's squared error at each of the quantiser's :data:`CODES` and cost (r, widths) its
+    bytes."""
     kind: str
     layers: list[int]
     x: Tensor
@@ -310,18 +393,19 @@ def analyse(x: Tensor, rank: int, config, *, kind: str, layers: list[int], timer
         lengths = torch.tensor([min(tc.block_tokens, T - i) for i in range(0, T, tc.block_tokens)])
         energy, energy8 = ((st[..., 0].float().square() * lengths[:, None]).sum((0, 1)).double()   # (r,)
                            for st in (stats, stats8))
+        codes = CODES[tc.quantiser]
         distortion = torch.stack([c.square().sum((0, 1)).double()]
-                                 + [(energy8 if b == 8 else energy) * GAUSS_MSE[b] for b in BITS[1:]], -1)
+                                 + [(energy8 if code.bits == 8 else energy) * code.mse() for code in codes[1:]], -1)
         if weight is not None:
             distortion *= (vh.square() @ weight.to(vh)).mean(0).double()[:, None]
-        per_bit = torch.tensor([B * T * b / 8 + (row + B * stats.shape[1] * STAT_BYTES if b else 0) for b in BITS],
-                               dtype=torch.float64)
+        per_bit = torch.tensor([B * code.nbytes(T) + (row + B * stats.shape[1] * STAT_BYTES if code.bits else 0)
+                                for code in codes], dtype=torch.float64)
     return Latents(kind, layers, xf, c, vh, mean, stats, stats8, distortion, per_bit.expand(c.shape[-1], -1), path,
                    shared)
 
 
 def allocate(latents: list[Latents], budget: float, config) -> tuple[list[Tensor], float]:
-    """Bits per column (index into BITS) for every matrix, the largest allocation whose bytes
+    """Width per column (an index into the quantiser's CODES) for every matrix, the largest allocation whose bytes
     (plus each new mean) fit ``budget``, values' errors weighted by ``value_weight``; returns
     (choices, λ)."""
     fixed = sum(lt.mean.numel() * lt.mean.element_size() for lt in latents if lt.owns_mean)
@@ -353,14 +437,14 @@ def allocate(latents: list[Latents], budget: float, config) -> tuple[list[Tensor
 @dataclass
 class TransformStore:
     """x ≈ Ĉ·Vᵀ + μ for one segment of a group, K or V. Kept columns are ordered by width:
-    ``widths`` ((bits, columns), ...) widest first; ``codes`` one packed uint8 tensor (B, bytes)
+    ``widths`` ((:class:`Code`, columns), ...) widest first; ``codes`` one packed uint8 tensor (B, bytes)
     per width; ``stats`` (B, blocks, kept, 2) bf16 std and mean; ``basis`` (B, rows, G·F) bf16,
     or int8 / packed int4 (uint8) with ``basis_scale`` (B, rows, 1) bf16; ``mean`` (B, 1, G·F) bf16. A store coded on an
     earlier store's basis shares its ``basis``, ``basis_scale`` and ``mean`` tensors and names its
     kept columns' rows in ``rows`` (kept,) int16; one on a calibrated basis with its prompt's own mean holds
     that mean (``owns_mean``). A ``calibration`` store (:func:`calibration_store`) holds
     no codes: the basis and mean of a calibrated group, batch 1, held once per model."""
-    widths: tuple[tuple[int, int], ...]
+    widths: tuple[tuple[Code, int], ...]
     codes: list[Tensor]
     stats: Tensor
     basis: Tensor
@@ -379,9 +463,10 @@ class TransformStore:
     def columns(self) -> list[CodedColumns]:
         """Ĉ's columns by width, unpacked from the codes but not dequantised."""
         out, col = [], 0
-        for (bits, n), packed in zip(self.widths, self.codes):
-            q = unpack_bits(packed, bits, self.tokens * n).reshape(-1, self.tokens, n)
-            out.append(coded_columns(q, self.stats[:, :, col:col + n], bits, self.block))
+        for (code, n), packed in zip(self.widths, self.codes):
+            runs = -(-self.tokens // code.tokens)
+            q = unpack_bits(packed, code.index_bits, runs * n).reshape(-1, runs, n)
+            out.append(code.columns(q, self.stats[:, :, col:col + n], self.block, self.tokens))
             col += n
         return out
 
@@ -466,18 +551,19 @@ def calibration_store(mean: Tensor, basis: Tensor, features: int, basis_dtype: s
 
 
 def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
-    """The store of one matrix with ``choice`` (r,) indices into BITS."""
+    """The store of one matrix with ``choice`` (r,) indices into the quantiser's CODES."""
     tc = config.params
-    bits = torch.tensor(BITS)[choice]
+    table = CODES[tc.quantiser]
+    bits = torch.tensor([code.bits for code in table], dtype=torch.float64)[choice]
     order = torch.argsort(-bits, stable=True)[:int((bits > 0).sum())]   # kept columns, widest first
     widths, codes, stats = [], [], []
     B, T = lt.c.shape[:2]
-    for b, cols in zip(*(t.tolist() for t in torch.unique_consecutive(bits[order], return_counts=True))):
-        cols = order[sum(n for _, n in widths):][:cols]
-        widths.append((b, len(cols)))
-        stats.append((lt.stats8 if b == 8 else lt.stats)[:, :, cols])
-        q = quantize(lt.c[..., cols], stats[-1], b, tc.block_tokens)
-        codes.append(pack_bits(q.reshape(B, -1), b))
+    for i, cols in zip(*(t.tolist() for t in torch.unique_consecutive(choice[order], return_counts=True))):
+        code, cols = table[i], order[sum(n for _, n in widths):][:cols]
+        widths.append((code, len(cols)))
+        stats.append((lt.stats8 if code.bits == 8 else lt.stats)[:, :, cols])
+        q = code.quantize(lt.c[..., cols], stats[-1], tc.block_tokens)
+        codes.append(pack_bits(q.reshape(B, -1), code.index_bits))
     rows = None
     if lt.shared is not None:  # the earlier store's rows, named by index
         basis, basis_scale, rows = lt.shared.basis, lt.shared.basis_scale, order.to(torch.int16)
@@ -486,7 +572,7 @@ def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
     else:
         basis, basis_scale = lt.vh[:, order].to(torch.bfloat16), None
     G_F = lt.x.shape[-1]
-    counts = {str(b): int((bits == b).sum()) for b in BITS}
+    counts = {f"{code.bits:g}": int((choice == i).sum()) for i, code in enumerate(table)}
     predicted = float(lt.distortion.gather(1, choice[:, None]).sum()) / float(lt.x.square().sum())
     stats = torch.cat(stats, 2) if stats else lt.stats[:, :, :0].clone()
     store = TransformStore(tuple(widths), codes, stats, basis, basis_scale, lt.mean, T,
@@ -496,7 +582,7 @@ def encode(lt: Latents, choice: Tensor, config) -> TransformStore:
     rebuilt = store.coefficients()[:, sample] @ store.basis_rows(slice(None)) + lt.mean.float()
     x = lt.x[:, sample]
     store.allocation = {"kind": lt.kind, "layers": lt.layers, "bits": counts, "kept": len(order),
-                        "bits_per_entry": sum(b * n for b, n in widths) / G_F,
+                        "bits_per_entry": sum(code.bits * n for code, n in widths) / G_F,
                         "predicted_error": predicted,
                         "measured_error": float((rebuilt - x).square().sum() / x.square().sum())}
     return store
@@ -762,6 +848,8 @@ class Transform(Method):
             parts.append("prompt mean")
         if field("weighting") != TransformConfig.weighting:
             parts.append(f"{field('weighting')}-weighted")
+        if field("quantiser") != TransformConfig.quantiser:
+            parts.append(f"{field('quantiser')} codes")
         return parts
 
 
