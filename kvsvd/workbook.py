@@ -7,6 +7,7 @@ function to :func:`kvsvd.widgets.controls`, which calls it with the slider value
 
 from __future__ import annotations
 
+import fcntl
 import json
 import shutil
 import time
@@ -114,21 +115,26 @@ def results_folder(notebook: str, profile: str, results_dir: str | Path | None =
                 for path in source.glob(pattern):
                     (out / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
                     (shutil.copytree if path.is_dir() else shutil.copy2)(path, out / path.relative_to(source))
-    recorded = _manifest(out)
-    larger = {pattern: sorted(out.glob(pattern)) for pattern in OUTPUTS[notebook]
-              if PROFILE_SIZE.get(recorded.get(pattern), -1) > PROFILE_SIZE[profile]}
-    clashes = {pattern: found for pattern, found in larger.items() if found}
-    if clashes:
-        files = sorted(str(f) for found in clashes.values() for f in found)
-        made_with = sorted({recorded[pattern] for pattern in clashes})
-        raise FileExistsError(f"profile={profile!r} would replace results made with profile "
-                              f"{' and '.join(map(repr, made_with))} in {out}: {', '.join(files[:8])}"
-                              f"{' …' if len(files) > 8 else ''}; run with that profile, or set results_dir to "
-                              "another folder")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "analysis").mkdir(exist_ok=True)
-    (out / MANIFEST).write_text(json.dumps({**recorded, **dict.fromkeys(OUTPUTS[notebook], profile)}, indent=1,
-                                           sort_keys=True) + "\n")
+    with open(out / MANIFEST, "a+") as manifest:  # locked: notebooks may start side by side on one folder
+        fcntl.flock(manifest, fcntl.LOCK_EX)
+        manifest.seek(0)
+        recorded = json.loads(manifest.read() or "{}")
+        larger = {pattern: sorted(out.glob(pattern)) for pattern in OUTPUTS[notebook]
+                  if PROFILE_SIZE.get(recorded.get(pattern), -1) > PROFILE_SIZE[profile]}
+        clashes = {pattern: found for pattern, found in larger.items() if found}
+        if clashes:
+            files = sorted(str(f) for found in clashes.values() for f in found)
+            made_with = sorted({recorded[pattern] for pattern in clashes})
+            raise FileExistsError(f"profile={profile!r} would replace results made with profile "
+                                  f"{' and '.join(map(repr, made_with))} in {out}: {', '.join(files[:8])}"
+                                  f"{' …' if len(files) > 8 else ''}; run with that profile, or set results_dir to "
+                                  "another folder")
+        (out / "analysis").mkdir(exist_ok=True)
+        manifest.seek(0)
+        manifest.truncate()
+        manifest.write(json.dumps({**recorded, **dict.fromkeys(OUTPUTS[notebook], profile)}, indent=1,
+                                  sort_keys=True) + "\n")
     return out
 
 

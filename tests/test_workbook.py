@@ -4,6 +4,7 @@ are saved from JupyterLab (without outputs), and what the explore widgets draw."
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,6 +60,17 @@ def test_a_smaller_profile_refuses_to_replace_results_of_a_larger_one(tmp_path):
     assert (other / "analysis").is_dir()
     with pytest.raises(ValueError, match="profile='tpu' is unknown"):
         workbook.results_folder(NB, "tpu")
+
+
+def test_notebooks_started_side_by_side_record_every_output_in_one_manifest(tmp_path):
+    """The manifest is read, checked and written under a lock: four notebooks starting at once on one folder (as
+    the notebook tests run them), twenty times over, lose no entry."""
+    for i in range(20):
+        out = tmp_path / str(i)
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda nb: workbook.results_folder(nb, "smoke", results_dir=out), workbook.OUTPUTS))
+        manifest = json.loads((out / workbook.MANIFEST).read_text())
+        assert manifest == dict.fromkeys([p for ps in workbook.OUTPUTS.values() for p in ps], "smoke")
 
 
 def test_the_committed_results_record_their_profile():
