@@ -68,7 +68,7 @@ def test_notebooks_started_side_by_side_record_every_output_in_one_manifest(tmp_
     for i in range(20):
         out = tmp_path / str(i)
         with ThreadPoolExecutor(4) as pool:
-            list(pool.map(lambda nb: workbook.results_folder(nb, "smoke", results_dir=out), workbook.OUTPUTS))
+            list(pool.map(workbook.results_folder, workbook.OUTPUTS, ["smoke"] * 4, [out] * 4))
         manifest = json.loads((out / workbook.MANIFEST).read_text())
         assert manifest == dict.fromkeys([p for ps in workbook.OUTPUTS.values() for p in ps], "smoke")
 
