@@ -33,12 +33,13 @@ def _name(tokens: int, index_bits: int) -> str:
     return f"tokens{tokens}_bits{index_bits}"
 
 
-def nearest(z: Tensor, codebook: Tensor, chunk: int = 1 << 15) -> Tensor:
+def nearest(z: Tensor, codebook: Tensor, chunk: int = 1 << 12) -> Tensor:
     """Index of the nearest codeword of ``codebook`` (K, d) float32 for each row of z (N, d): (N,) int64.
-    argmin over codewords c of ½‖c‖² − z·c (‖z‖² is the same for every c)."""
+    argmin over codewords c of ½‖c‖² − z·c (‖z‖² is the same for every c), in chunks of rows whose (chunk, K)
+    distances stay in cache."""
     half = 0.5 * codebook.square().sum(1)
-    return torch.cat([(half - x @ codebook.mT).argmin(1) for x in z.split(chunk)]) if len(z) else \
-        torch.zeros(0, dtype=torch.long, device=z.device)
+    return torch.cat([torch.addmm(half, x, codebook.mT, alpha=-1).argmin(1) for x in z.split(chunk)]) if len(z) \
+        else torch.zeros(0, dtype=torch.long, device=z.device)
 
 
 def train(tokens: int, index_bits: int, *, samples: int = SAMPLES, iterations: int = ITERATIONS,
