@@ -7,7 +7,6 @@ import json
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,22 +40,14 @@ def test_four_numbered_notebooks_stored_without_outputs():
 
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory) -> tuple[Path, Path]:
-    """Run every notebook once with profile="smoke" into one results folder, in two lanes side by side (notebook
-    04, the longest, beside the other three in turn: their imports and model loads overlap); returns (results
-    folder, executed folder)."""
+    """Run every notebook once with profile="smoke"; returns (results folder, executed folder)."""
     import papermill as pm
     results = tmp_path_factory.mktemp("results")
     executed = tmp_path_factory.mktemp("executed")
-
-    def lane(paths: list[Path]) -> None:
-        for path in paths:
-            pm.execute_notebook(str(path), str(executed / path.name), kernel_name="python3", cwd=str(path.parent),
-                                parameters={"profile": "smoke", "results_dir": str(results), "interactive": False},
-                                progress_bar=False)
-
-    with ThreadPoolExecutor(2) as pool:
-        for done in [pool.submit(lane, NOTEBOOKS[-1:]), pool.submit(lane, NOTEBOOKS[:-1])]:
-            done.result()
+    for path in NOTEBOOKS:
+        pm.execute_notebook(str(path), str(executed / path.name), kernel_name="python3", cwd=str(path.parent),
+                            parameters={"profile": "smoke", "results_dir": str(results), "interactive": False},
+                            progress_bar=False)
     return results, executed
 
 
