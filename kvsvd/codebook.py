@@ -38,8 +38,7 @@ def nearest(z: Tensor, codebook: Tensor, chunk: int = 1 << 12) -> Tensor:
     argmin over codewords c of ½‖c‖² − z·c (‖z‖² is the same for every c), in chunks of rows whose (chunk, K)
     distances stay in cache."""
     half = 0.5 * codebook.square().sum(1)
-    return torch.cat([torch.addmm(half, x, codebook.mT, alpha=-1).argmin(1) for x in z.split(chunk)]) if len(z) \
-        else torch.zeros(0, dtype=torch.long, device=z.device)
+    return torch.cat([torch.addmm(half, x, codebook.mT, alpha=-1).argmin(1) for x in z.split(chunk)])
 
 
 def train(tokens: int, index_bits: int, *, samples: int = SAMPLES, iterations: int = ITERATIONS,

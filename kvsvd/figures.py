@@ -424,9 +424,9 @@ def rate_distortion(R: Path):
     df = pd.read_csv(R / "analysis/rate_distortion.csv")
     kinds = list(dict.fromkeys(df["kind"]))
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
+    scalar = [m for m in RD_METHODS if not m.endswith(", vector codes")]
     for ax, kind in zip(axes[0], kinds):
         d = df[df["kind"] == kind]
-        scalar = [m for m in RD_METHODS if not m.endswith(", vector codes")]
         for method in RD_METHODS:
             g = d[d["method"] == method].sort_values("bits_per_entry")
             if g.empty:  # e.g. no calibrated basis was measured
